@@ -1,0 +1,778 @@
+#!/usr/bin/env python3
+"""export.py: turn a MiniMind checkpoint into one minimind.c model file (layout: model.h).
+
+    python3 export.py CHECKPOINT OUT.bin --tokenizer PATH [--dtype f32|f16|bf16|q8_0]
+                      [--lora FILE] [--config FILE] [--n-heads N]
+
+CHECKPOINT is one of
+  - a native MiniMind .pth (torch.save zip of the state dict, fp16/bf16/fp32),
+  - a *_resume.pth training checkpoint (state dict under the key "model"),
+  - a transformers folder (config.json + model.safetensors or pytorch_model.bin),
+  - a single .safetensors file.
+Python standard library only: no torch, no numpy. A .pth is read with a restricted unpickler
+that admits only the few globals a state dict needs, so a malicious file cannot run code.
+"""
+import argparse
+import array
+import collections
+import io
+import json
+import math
+import os
+import pickle
+import re
+import struct
+import sys
+import tempfile
+import zipfile
+
+# ----------------------------------------------------------------------------------------------
+# The file format: these numbers mirror model.h
+
+MM_MAGIC, MM_VERSION, MM_ALIGN, MM_NAME_LEN, MM_Q8_GROUP = 0x444E4D4D, 1, 64, 64, 32
+HEADER_SIZE, ENTRY_SIZE = 256, 104
+GEN_MINIMIND2, GEN_MINIMIND3 = 2, 3
+FLAG_QK_NORM, FLAG_TIED_EMBED, FLAG_MOE = 1, 2, 4
+MOE_NORM_NEVER, MOE_NORM_IF_K_GT_1, MOE_NORM_ALWAYS = 0, 1, 2
+ROPE_NONE, ROPE_LINEAR, ROPE_YARN = 0, 1, 2
+CHAT_NONE, CHAT_CHATML, CHAT_MINIMIND2, CHAT_MINIMIND3 = 0, 1, 2, 3
+DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3}
+TOKEN_NORMAL, TOKEN_ADDED, TOKEN_SPECIAL = 0, 1, 2
+
+# mm_header, field by field (see model.h); 128 bytes of uint32/float, 4 uint64, 96 reserved
+HEADER_FIELDS = [
+    ("magic", "I"), ("version", "I"), ("header_size", "I"), ("generation", "I"), ("flags", "I"),
+    ("dim", "I"), ("n_layers", "I"), ("n_heads", "I"), ("n_kv_heads", "I"), ("head_dim", "I"),
+    ("hidden_dim", "I"), ("vocab_size", "I"), ("max_seq_len", "I"), ("rms_eps", "f"),
+    ("rope_theta", "f"), ("n_experts", "I"), ("n_experts_per_tok", "I"),
+    ("n_shared_experts", "I"), ("moe_hidden_dim", "I"), ("moe_norm", "I"), ("rope_scaling", "I"),
+    ("rope_factor", "f"), ("yarn_orig_ctx", "I"), ("yarn_beta_fast", "f"),
+    ("yarn_beta_slow", "f"), ("yarn_attn_factor", "f"), ("bos_id", "I"), ("eos_id", "I"),
+    ("pad_id", "I"), ("chat_template", "I"), ("n_tensors", "I"), ("reserved0", "I"),
+    ("tokenizer_offset", "Q"), ("tokenizer_size", "Q"), ("tensor_table_offset", "Q"),
+    ("file_size", "Q"),
+]
+HEADER_STRUCT = "<" + "".join(t for _, t in HEADER_FIELDS) + "96x"
+assert struct.calcsize(HEADER_STRUCT) == HEADER_SIZE
+
+
+class ExportError(Exception):
+    """A problem with the user's input: printed as one line, exit status 1."""
+
+
+def fail(msg):
+    raise ExportError(msg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors as read from a checkpoint: raw little-endian bytes of a contiguous array
+
+ELEM_SIZE = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8, "i64": 8, "i32": 4, "i16": 2, "i8": 1,
+             "u8": 1, "bool": 1}
+
+
+class Tensor:
+    def __init__(self, dtype, shape, data, source):
+        self.dtype, self.shape, self.data, self.source = dtype, tuple(shape), data, source
+        if len(data) != numel(self.shape) * ELEM_SIZE[dtype]:
+            fail(f"{source}: tensor data has {len(data)} bytes, shape {list(shape)} of {dtype} "
+                 f"needs {numel(self.shape) * ELEM_SIZE[dtype]}")
+
+    def floats(self):
+        """The values as array('f') (float32)."""
+        if self.dtype == "f32":
+            out = array.array("f")
+            out.frombytes(self.data)
+        elif self.dtype == "f16":
+            out = array.array("f", struct.unpack("<%de" % (len(self.data) // 2), self.data))
+        elif self.dtype == "bf16":  # bf16 is the top half of an f32: put its 2 bytes on top
+            wide = bytearray(2 * len(self.data))
+            wide[2::4], wide[3::4] = self.data[0::2], self.data[1::2]
+            out = array.array("f")
+            out.frombytes(bytes(wide))
+        else:
+            fail(f"{self.source}: dtype {self.dtype} is not a floating-point weight type "
+                 f"(expected f16, bf16 or f32)")
+        return out
+
+
+def numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.save zip files (.pth, pytorch_model.bin), read with a restricted unpickler
+
+class _StorageRef:
+    def __init__(self, dtype, key):
+        self.dtype, self.key = dtype, key
+
+
+class _TensorRef:
+    def __init__(self, storage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
+                       backward_hooks=None, metadata=None):
+    if not isinstance(storage, _StorageRef):
+        fail("checkpoint: a tensor refers to something that is not a storage")
+    return _TensorRef(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    return data
+
+
+_STORAGE_TYPES = {"HalfStorage": "f16", "FloatStorage": "f32", "BFloat16Storage": "bf16",
+                  "DoubleStorage": "f64", "LongStorage": "i64", "IntStorage": "i32",
+                  "ShortStorage": "i16", "CharStorage": "i8", "ByteStorage": "u8",
+                  "BoolStorage": "bool"}
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, f, source):
+        super().__init__(f)
+        self.source = source
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[(module, name)]
+        if module == "torch" and name in _STORAGE_TYPES:
+            return _STORAGE_TYPES[name]
+        fail(f"{self.source}: the pickle names the global {module}.{name}, which a state dict "
+             f"does not need; refusing to load it")
+
+    def persistent_load(self, pid):
+        # ('storage', storage_type, key, location, numel)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and pid[1] in ELEM_SIZE and isinstance(pid[2], str)):
+            fail(f"{self.source}: unexpected persistent id in the pickle")
+        return _StorageRef(pid[1], pid[2])
+
+
+def _contiguous_strides(size):
+    strides, acc = [], 1
+    for s in reversed(size):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
+def read_torch_zip(path):
+    """The state dict of a torch.save zip file: {name: Tensor}, or the whole object for resume files."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        fail(f"{path}: not a torch.save zip archive (truncated, corrupt, or the legacy pre-1.6 "
+             f"format, which is not supported)")
+    with zf:
+        pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pkls) != 1:
+            fail(f"{path}: expected exactly one */data.pkl in the archive, found {len(pkls)}")
+        prefix = pkls[0][: -len("data.pkl")]
+        try:
+            obj = _RestrictedUnpickler(io.BytesIO(zf.read(pkls[0])), path).load()
+        except ExportError:
+            raise
+        except Exception as e:  # any malformed pickle is the file's fault, not ours
+            fail(f"{path}: corrupt pickle in {pkls[0]} ({type(e).__name__}: {e})")
+        storages = {}
+
+        def materialize(ref, name):
+            st = ref.storage
+            es = ELEM_SIZE[st.dtype]
+            if st.key not in storages:
+                try:
+                    storages[st.key] = zf.read(prefix + "data/" + st.key)
+                except KeyError:
+                    fail(f"{path}: tensor {name} refers to storage {st.key}, missing from the archive")
+                except (zipfile.BadZipFile, OSError, EOFError, zlib_error()) as e:
+                    fail(f"{path}: cannot read storage {st.key} ({e})")
+            buf = storages[st.key]
+            size, stride = ref.size, ref.stride
+            n = numel(size)
+            if not all(isinstance(v, int) and v >= 0 for v in size + stride + (ref.offset,)):
+                fail(f"{path}: tensor {name} has an invalid size, stride or offset")
+            if n == 0:
+                return Tensor(st.dtype, size, b"", f"{path}:{name}")
+            last = ref.offset + sum((s - 1) * d for s, d in zip(size, stride))
+            if (last + 1) * es > len(buf):
+                fail(f"{path}: tensor {name} reaches past the end of its storage "
+                     f"({(last + 1) * es} > {len(buf)} bytes)")
+            dims = [(s, d) for s, d in zip(size, stride) if s != 1]
+            if [d for _, d in dims] == [d for s, d in zip(size, _contiguous_strides(size)) if s != 1]:
+                data = buf[ref.offset * es: (ref.offset + n) * es]
+            else:  # a strided view (rare in state dicts): gather element by element
+                out = bytearray()
+                for flat in range(n):
+                    off, rem = ref.offset, flat
+                    for s, d in reversed(list(zip(size, stride))):
+                        off += (rem % s) * d
+                        rem //= s
+                    out += buf[off * es: (off + 1) * es]
+                data = bytes(out)
+            return Tensor(st.dtype, size, data, f"{path}:{name}")
+
+        def convert(o, name=""):
+            if isinstance(o, _TensorRef):
+                return materialize(o, name)
+            if isinstance(o, dict):
+                return {k: convert(v, k if isinstance(k, str) else name) for k, v in o.items()}
+            return o
+
+        if not isinstance(obj, dict):
+            fail(f"{path}: the pickle holds a {type(obj).__name__}, not a state dict")
+        if "model" in obj and isinstance(obj["model"], dict):  # *_resume.pth training checkpoint
+            obj = obj["model"]
+        state = {}
+        for k, v in obj.items():
+            if not isinstance(k, str) or not isinstance(v, _TensorRef):
+                fail(f"{path}: entry {k!r} of the state dict is not a named tensor")
+            state[k] = convert(v, k)
+        return state
+
+
+def zlib_error():
+    import zlib
+    return zlib.error
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors
+
+_ST_DTYPES = {"F16": "f16", "BF16": "bf16", "F32": "f32"}
+
+
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 8:
+        fail(f"{path}: too short for a safetensors file ({len(raw)} bytes)")
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    if hlen > len(raw) - 8:
+        fail(f"{path}: safetensors header length {hlen} exceeds the file ({len(raw)} bytes)")
+    try:
+        header = json.loads(raw[8: 8 + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"{path}: safetensors header is not valid JSON ({e})")
+    if not isinstance(header, dict):
+        fail(f"{path}: safetensors header is not a JSON object")
+    body = memoryview(raw)[8 + hlen:]
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            fail(f"{path}: tensor {name}: header entry lacks dtype, shape or data_offsets")
+        if info["dtype"] not in _ST_DTYPES:
+            fail(f"{path}: tensor {name} has dtype {info['dtype']}; supported: F16, BF16, F32")
+        shape, offs = info["shape"], info["data_offsets"]
+        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
+                or not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) for o in offs) or not 0 <= offs[0] <= offs[1] <= len(body)):
+            fail(f"{path}: tensor {name}: shape {shape} or data_offsets {offs} invalid for a "
+                 f"{len(body)}-byte data section")
+        state[name] = Tensor(_ST_DTYPES[info["dtype"]], shape, bytes(body[offs[0]:offs[1]]),
+                             f"{path}:{name}")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the checkpoint's files and config
+
+def read_json(path, what):
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        fail(f"{path}: cannot read {what} ({e.strerror})")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"{path}: {what} is not valid JSON ({e})")
+
+
+def read_state_file(path):
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04":
+        return read_torch_zip(path)
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    fail(f"{path}: neither a torch.save zip archive nor a .safetensors file")
+
+
+def load_checkpoint(path, config_path):
+    """Returns (state dict {name: Tensor}, config dict or None)."""
+    if not os.path.exists(path):
+        fail(f"{path}: no such file or folder")
+    config = None
+    if os.path.isdir(path):
+        folder = path
+        files = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
+        index = os.path.join(path, "model.safetensors.index.json")
+        state = {}
+        if os.path.exists(index):  # sharded safetensors
+            shards = sorted(set(read_json(index, "safetensors index").get("weight_map", {}).values()))
+            for shard in shards:
+                if os.path.basename(shard) != shard:
+                    fail(f"{index}: shard name {shard!r} is not a plain file name")
+                state.update(read_safetensors(os.path.join(path, shard)))
+        else:
+            found = [p for p in files if os.path.exists(p)]
+            if not found:
+                fail(f"{path}: folder has neither model.safetensors nor pytorch_model.bin")
+            state = read_state_file(found[0])
+    else:
+        folder = os.path.dirname(os.path.abspath(path))
+        state = read_state_file(path)
+    if config_path is None and os.path.exists(os.path.join(folder, "config.json")):
+        config_path = os.path.join(folder, "config.json")
+    if config_path is not None:
+        config = read_json(config_path, "config")
+        if not isinstance(config, dict):
+            fail(f"{config_path}: config is not a JSON object")
+    clean = {}
+    for name, t in state.items():
+        short = name
+        while True:  # torch.compile and DDP wrappers
+            for p in ("_orig_mod.", "module."):
+                if short.startswith(p):
+                    short = short[len(p):]
+                    break
+            else:
+                break
+        if short in clean:
+            fail(f"{path}: tensor {short} appears twice (as {name} and another prefixed name)")
+        clean[short] = t
+    return clean, config
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: merged weight = W + B @ A for every module the LoRA file names
+
+def merge_lora(weights, lora_path):
+    lora, _ = load_checkpoint(lora_path, None)
+    pairs = {}
+    for name, t in lora.items():
+        m = re.fullmatch(r"(.+)\.lora\.(A|B)\.weight", name)
+        if not m:
+            fail(f"{lora_path}: unexpected tensor {name} (a LoRA file holds <module>.lora.A/B.weight)")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    for module, ab in sorted(pairs.items()):
+        target = module + ".weight"
+        if set(ab) != {"A", "B"}:
+            fail(f"{lora_path}: module {module} has lora.{next(iter(ab))} but not its partner")
+        if target not in weights:
+            fail(f"{lora_path}: LoRA for {module}, but the checkpoint has no tensor {target}")
+        out_f, in_f = weights[target]["shape"]
+        A, B = ab["A"], ab["B"]
+        if len(A.shape) != 2 or len(B.shape) != 2 or A.shape[1] != in_f or B.shape[0] != out_f \
+                or A.shape[0] != B.shape[1]:
+            fail(f"{lora_path}: {module}: A {list(A.shape)} and B {list(B.shape)} do not fit "
+                 f"weight [{out_f}, {in_f}]")
+        rank = A.shape[0]
+        a, b, w = A.floats(), B.floats(), weights[target]["values"]
+        a_rows = [a[k * in_f:(k + 1) * in_f] for k in range(rank)]
+        for o in range(out_f):
+            row = w[o * in_f:(o + 1) * in_f].tolist()
+            for k in range(rank):
+                c = b[o * rank + k]
+                if c != 0.0:
+                    row = [x + c * y for x, y in zip(row, a_rows[k])]
+            w[o * in_f:(o + 1) * in_f] = array.array("f", row)
+    return len(pairs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The architecture, from tensor names and shapes (and config.json when there is one)
+
+LAYER_TENSOR = re.compile(
+    r"model\.layers\.(\d+)\.("
+    r"input_layernorm|post_attention_layernorm|self_attn\.[qkvo]_proj|self_attn\.[qk]_norm|"
+    r"mlp\.(?:gate|up|down)_proj|mlp\.gate|mlp\.experts\.(\d+)\.(?:gate|up|down)_proj|"
+    r"mlp\.shared_experts\.(\d+)\.(?:gate|up|down)_proj)\.weight")
+GLOBAL_TENSORS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+
+
+def cfg_get(config, key, default):
+    v = config.get(key) if config else None
+    return default if v is None else v
+
+
+def infer_config(state, config, n_heads_flag, path):
+    unknown = sorted(n for n in state if n not in GLOBAL_TENSORS and not LAYER_TENSOR.fullmatch(n))
+    if unknown:
+        fail(f"{path}: unknown tensors (not a MiniMind checkpoint?): {', '.join(unknown[:5])}"
+             + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+    for req in ("model.embed_tokens.weight", "model.norm.weight"):
+        if req not in state:
+            fail(f"{path}: missing tensor {req}")
+
+    def shape(name):
+        if name not in state:
+            fail(f"{path}: missing tensor {name}")
+        return state[name].shape
+
+    vocab, dim = shape("model.embed_tokens.weight") if len(shape("model.embed_tokens.weight")) == 2 \
+        else fail(f"{path}: model.embed_tokens.weight has shape {list(shape('model.embed_tokens.weight'))}, expected [vocab, hidden]")
+    layers, experts, shared = set(), set(), set()
+    for n in state:
+        m = LAYER_TENSOR.fullmatch(n)
+        if m:
+            layers.add(int(m.group(1)))
+            if m.group(3) is not None:
+                experts.add(int(m.group(3)))
+            if m.group(4) is not None:
+                shared.add(int(m.group(4)))
+    n_layers = len(layers)
+    if n_layers == 0 or layers != set(range(n_layers)):
+        fail(f"{path}: layer indices {sorted(layers)[:8]} are not 0..L-1")
+    for what, s in (("experts", experts), ("shared_experts", shared)):
+        if s != set(range(len(s))):
+            fail(f"{path}: mlp.{what} indices {sorted(s)} are not 0..N-1")
+
+    qk_norm = "model.layers.0.self_attn.q_norm.weight" in state
+    gen = GEN_MINIMIND3 if qk_norm else GEN_MINIMIND2
+    moe = "model.layers.0.mlp.gate.weight" in state
+    n_heads = n_heads_flag or cfg_get(config, "num_attention_heads", 8)
+    q_out = shape("model.layers.0.self_attn.q_proj.weight")[0]
+    if qk_norm:
+        head_dim = shape("model.layers.0.self_attn.q_norm.weight")[0]
+    else:
+        head_dim = cfg_get(config, "head_dim", dim // n_heads if n_heads else 0)
+    if not isinstance(n_heads, int) or n_heads <= 0 or head_dim <= 0 or q_out != n_heads * head_dim:
+        fail(f"{path}: q_proj has {q_out} outputs, not n_heads {n_heads} x head_dim {head_dim} "
+             f"(pass --n-heads or --config)")
+    if head_dim % 2:
+        fail(f"{path}: head_dim {head_dim} is odd; RoPE needs pairs")
+    k_out = shape("model.layers.0.self_attn.k_proj.weight")[0]
+    n_kv_heads = k_out // head_dim
+    if k_out % head_dim or n_kv_heads == 0 or n_heads % n_kv_heads:
+        fail(f"{path}: k_proj has {k_out} outputs: not a divisor of {n_heads} heads of {head_dim}")
+
+    c = dict(generation=gen, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+             head_dim=head_dim, vocab_size=vocab, hidden_dim=0, n_experts=0, n_experts_per_tok=0,
+             n_shared_experts=0, moe_hidden_dim=0, moe_norm=MOE_NORM_NEVER)
+    if moe:
+        n_exp = shape("model.layers.0.mlp.gate.weight")[0]
+        if n_exp != len(experts):
+            fail(f"{path}: router mlp.gate.weight routes to {n_exp} experts, checkpoint has {len(experts)}")
+        k = cfg_get(config, "num_experts_per_tok", 2 if gen == GEN_MINIMIND2 else 1)
+        if not isinstance(k, int) or not 1 <= k <= n_exp:
+            fail(f"{path}: num_experts_per_tok {k} is not between 1 and {n_exp}")
+        norm = bool(cfg_get(config, "norm_topk_prob", True))
+        c.update(n_experts=n_exp, n_experts_per_tok=k, n_shared_experts=len(shared),
+                 moe_hidden_dim=shape("model.layers.0.mlp.experts.0.gate_proj.weight")[0],
+                 moe_norm=(MOE_NORM_NEVER if not norm else
+                           MOE_NORM_IF_K_GT_1 if gen == GEN_MINIMIND2 else MOE_NORM_ALWAYS))
+    else:
+        c["hidden_dim"] = shape("model.layers.0.mlp.gate_proj.weight")[0]
+
+    eps_default = 1e-5 if gen == GEN_MINIMIND2 else 1e-6
+    c.update(rms_eps=float(cfg_get(config, "rms_norm_eps", eps_default)),
+             rope_theta=float(cfg_get(config, "rope_theta", 1e6)),
+             max_seq_len=int(cfg_get(config, "max_position_embeddings", 32768)))
+    c.update(rope_scaling_from_config(config))
+    return c
+
+
+def rope_scaling_from_config(config):
+    """MiniMind's own config: only inference_rope_scaling switches YaRN on, with its fixed values.
+    A Qwen3/Llama-format config is read the way transformers reads its rope_scaling block."""
+    off = dict(rope_scaling=ROPE_NONE, rope_factor=1.0, yarn_orig_ctx=2048, yarn_beta_fast=32.0,
+               yarn_beta_slow=1.0, yarn_attn_factor=1.0)
+    if not config:
+        return off
+    if config.get("model_type", "minimind") == "minimind":
+        if config.get("inference_rope_scaling"):
+            off.update(rope_scaling=ROPE_YARN, rope_factor=16.0)
+        return off
+    rs = config.get("rope_scaling")
+    if not isinstance(rs, dict):
+        return off
+    kind = rs.get("rope_type", rs.get("type"))
+    factor = float(rs.get("factor", 1.0))
+    if kind == "linear":
+        off.update(rope_scaling=ROPE_LINEAR, rope_factor=factor)
+    elif kind == "yarn":
+        attn = rs.get("attention_factor")
+        off.update(rope_scaling=ROPE_YARN, rope_factor=factor,
+                   yarn_orig_ctx=int(rs.get("original_max_position_embeddings",
+                                            config.get("max_position_embeddings", 2048))),
+                   yarn_beta_fast=float(rs.get("beta_fast", 32.0)),
+                   yarn_beta_slow=float(rs.get("beta_slow", 1.0)),
+                   yarn_attn_factor=float(attn) if attn is not None else
+                   (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0))
+    elif kind not in (None, "default"):
+        fail(f"config.json: rope_scaling type {kind!r} is not supported (none, linear, yarn)")
+    return off
+
+
+def expected_tensors(c):
+    """Every tensor the model needs, with its shape, in file order: the loader's table."""
+    d, hd, L = c["dim"], c["head_dim"], c["n_layers"]
+    out = [("model.embed_tokens.weight", (c["vocab_size"], d))]
+    for l in range(L):
+        p = f"model.layers.{l}."
+        out += [(p + "input_layernorm.weight", (d,)),
+                (p + "self_attn.q_proj.weight", (c["n_heads"] * hd, d)),
+                (p + "self_attn.k_proj.weight", (c["n_kv_heads"] * hd, d)),
+                (p + "self_attn.v_proj.weight", (c["n_kv_heads"] * hd, d)),
+                (p + "self_attn.o_proj.weight", (d, c["n_heads"] * hd))]
+        if c["generation"] == GEN_MINIMIND3:
+            out += [(p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,))]
+        out.append((p + "post_attention_layernorm.weight", (d,)))
+        ffns = []
+        if c["n_experts"]:
+            out.append((p + "mlp.gate.weight", (c["n_experts"], d)))
+            ffns += [(f"{p}mlp.experts.{e}.", c["moe_hidden_dim"]) for e in range(c["n_experts"])]
+            ffns += [(f"{p}mlp.shared_experts.{e}.", c["moe_hidden_dim"])
+                     for e in range(c["n_shared_experts"])]
+        else:
+            ffns.append((p + "mlp.", c["hidden_dim"]))
+        for q, h in ffns:
+            out += [(q + "gate_proj.weight", (h, d)), (q + "up_proj.weight", (h, d)),
+                    (q + "down_proj.weight", (d, h))]
+    out.append(("model.norm.weight", (d,)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight encodings (the matrices; norms and the MoE router stay f32)
+
+def encode(values, dtype, shape, name):
+    if dtype == "f32":
+        return values.tobytes()
+    if dtype == "f16":
+        try:
+            return struct.pack("<%de" % len(values), *values)
+        except (OverflowError, struct.error):
+            fail(f"{name}: a value exceeds the f16 range (65504); export as bf16 or f32")
+    if dtype == "bf16":  # round to nearest even on the f32 bit pattern
+        bits = array.array("I")
+        bits.frombytes(values.tobytes())
+        return array.array("H", [((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+                                 if (b & 0x7F800000) != 0x7F800000 else b >> 16
+                                 for b in bits]).tobytes()
+    # q8_0: per group of 32 along a row, scale = max|x| / 127, q = round(x / scale)
+    rows, cols = shape
+    q = bytearray(len(values))
+    scales = array.array("f", [0.0]) * (len(values) // MM_Q8_GROUP)
+    for g in range(len(scales)):
+        grp = values[g * MM_Q8_GROUP:(g + 1) * MM_Q8_GROUP]
+        amax = max(max(grp), -min(grp))
+        if not math.isfinite(amax):
+            fail(f"{name}: a weight is not finite; cannot quantise to q8_0")
+        d = amax / 127.0
+        scales[g] = d
+        inv = 1.0 / d if d else 0.0
+        q[g * MM_Q8_GROUP:(g + 1) * MM_Q8_GROUP] = bytes(
+            int(math.floor(v * inv + 0.5)) & 0xFF for v in grp)
+    return bytes(q) + scales.tobytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer: tokenizer.json (+ tokenizer_config.json) -> the tokenizer block
+
+def byte_level_decoder():
+    """GPT-2's map from the 256 printable byte-level characters back to bytes."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def load_tokenizer(path, vocab_size):
+    tok_path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    cfg_path = os.path.join(os.path.dirname(tok_path), "tokenizer_config.json")
+    tok = read_json(tok_path, "tokenizer")
+    tcfg = read_json(cfg_path, "tokenizer config") if os.path.exists(cfg_path) else {}
+    model = tok.get("model") if isinstance(tok, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        fail(f"{tok_path}: expected a BPE tokenizer.json (model.type \"BPE\" with a vocab)")
+    dec = byte_level_decoder()
+    tokens = {}  # id -> (kind, bytes)
+    for s, i in model["vocab"].items():
+        if not isinstance(i, int) or not 0 <= i < vocab_size:
+            fail(f"{tok_path}: token {s!r} has id {i}, outside the model's vocab of {vocab_size}")
+        try:
+            tokens[i] = (TOKEN_NORMAL, bytes(dec[ch] for ch in s))
+        except KeyError as e:
+            fail(f"{tok_path}: token {s!r} has character {e.args[0]!r}, not byte-level BPE")
+    for a in tok.get("added_tokens") or []:
+        i = a.get("id")
+        if not isinstance(i, int) or not 0 <= i < vocab_size or not isinstance(a.get("content"), str):
+            fail(f"{tok_path}: added token {a!r} has no valid id or content")
+        tokens[i] = (TOKEN_SPECIAL if a.get("special") else TOKEN_ADDED, a["content"].encode("utf-8"))
+    ids_of = {s: i for s, i in model["vocab"].items()}
+    merges = []
+    for rank, m in enumerate(model.get("merges") or []):
+        pair = m.split(" ") if isinstance(m, str) else m
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+            fail(f"{tok_path}: merge {rank} ({m!r}) is not a pair of tokens")
+        left, right = pair
+        if left not in ids_of or right not in ids_of or left + right not in ids_of:
+            fail(f"{tok_path}: merge {rank} ({left!r} {right!r}) uses tokens missing from the vocab")
+        merges.append((ids_of[left], ids_of[right], ids_of[left + right]))
+
+    def token_id(key, default):
+        v = tcfg.get(key)
+        if isinstance(v, dict):
+            v = v.get("content")
+        for i, (kind, b) in tokens.items():
+            if kind != TOKEN_NORMAL and v is not None and b == v.encode("utf-8"):
+                return i
+        return default
+
+    template = tcfg.get("chat_template") or ""
+    if isinstance(template, list):  # list of named templates: take the default one
+        template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
+    chat = (CHAT_NONE if "<|im_start|>" not in template else
+            CHAT_MINIMIND3 if "<think>" in template else
+            CHAT_MINIMIND2 if "You are a helpful assistant" in template else CHAT_CHATML)
+    block = bytearray(struct.pack("<II", vocab_size, len(merges)))
+    for i in range(vocab_size):
+        kind, b = tokens.get(i, (TOKEN_NORMAL, b""))
+        block += struct.pack("<BI", kind, len(b)) + b
+    for m in merges:
+        block += struct.pack("<III", *m)
+    info = dict(bos_id=token_id("bos_token", 1), eos_id=token_id("eos_token", 2),
+                pad_id=token_id("pad_token", 0), chat_template=chat)
+    return bytes(block), info, len(tokens), len(merges)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the file
+
+def align(n):
+    return (n + MM_ALIGN - 1) // MM_ALIGN * MM_ALIGN
+
+
+def export(args):
+    state, config = load_checkpoint(args.checkpoint, args.config)
+    c = infer_config(state, config, args.n_heads, args.checkpoint)
+    table = expected_tensors(c)
+    expected_names = {n for n, _ in table}
+    for name, want in table:
+        if name not in state:
+            fail(f"{args.checkpoint}: missing tensor {name} (expected shape {list(want)})")
+        if state[name].shape != want:
+            fail(f"{args.checkpoint}: tensor {name} has shape {list(state[name].shape)}, "
+                 f"expected {list(want)}")
+    extra = sorted(set(state) - expected_names - {"lm_head.weight"})
+    if extra:
+        fail(f"{args.checkpoint}: unexpected tensors for this architecture: {', '.join(extra[:5])}")
+
+    # everything as f32 values first: LoRA merges in f32, then one encoding for all matrices
+    weights = {n: {"shape": state[n].shape, "values": state[n].floats()} for n, _ in table}
+    tied = True
+    if "lm_head.weight" in state:
+        head = state["lm_head.weight"]
+        if head.shape != (c["vocab_size"], c["dim"]):
+            fail(f"{args.checkpoint}: lm_head.weight has shape {list(head.shape)}, "
+                 f"expected {[c['vocab_size'], c['dim']]}")
+        if head.floats() != weights["model.embed_tokens.weight"]["values"]:
+            tied = False
+            weights["lm_head.weight"] = {"shape": head.shape, "values": head.floats()}
+            table.append(("lm_head.weight", head.shape))
+    n_lora = merge_lora(weights, args.lora) if args.lora else 0
+
+    tok_block, tok_info, n_tok, n_merges = load_tokenizer(args.tokenizer, c["vocab_size"])
+    c.update(tok_info)
+    flags = (FLAG_QK_NORM if c["generation"] == GEN_MINIMIND3 else 0) | \
+        (FLAG_TIED_EMBED if tied else 0) | (FLAG_MOE if c["n_experts"] else 0)
+
+    entries, blobs, notes = [], [], []
+    table_offset = (HEADER_SIZE + len(tok_block) + 7) // 8 * 8  # the table's uint64s stay aligned
+    offset = align(table_offset + ENTRY_SIZE * len(table))
+    for name, shape in table:
+        dtype = args.dtype
+        if len(shape) == 1 or name.endswith("mlp.gate.weight"):
+            dtype = "f32"  # norms and the MoE router stay exact
+        elif dtype == "q8_0" and shape[1] % MM_Q8_GROUP:
+            notes.append(f"{name}: {shape[1]} columns is not a multiple of {MM_Q8_GROUP}, kept f32")
+            dtype = "f32"
+        data = encode(weights[name]["values"], dtype, shape, name)
+        entries.append((name, DTYPES[dtype], shape, offset, len(data)))
+        blobs.append((offset, data))
+        offset = align(offset + len(data))
+    file_size = blobs[-1][0] + len(blobs[-1][1])
+
+    hdr = dict(c, magic=MM_MAGIC, version=MM_VERSION, header_size=HEADER_SIZE, flags=flags,
+               n_tensors=len(table), reserved0=0, tokenizer_offset=HEADER_SIZE,
+               tokenizer_size=len(tok_block), tensor_table_offset=table_offset,
+               file_size=file_size)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    fd, tmp = tempfile.mkstemp(prefix=".export-", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack(HEADER_STRUCT, *[hdr[k] for k, _ in HEADER_FIELDS]))
+            f.write(tok_block)
+            f.write(b"\0" * (table_offset - f.tell()))
+            for name, dt, shape, off, size in entries:
+                dims = list(shape) + [0] * (4 - len(shape))
+                f.write(struct.pack("<64sII4IQQ", name.encode(), dt, len(shape), *dims, off, size))
+            for off, data in blobs:
+                f.write(b"\0" * (off - f.tell()))
+                f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
+        os.replace(tmp, args.out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+    n_params = sum(numel(s) for _, s in table)
+    gen = {GEN_MINIMIND2: "MiniMind2", GEN_MINIMIND3: "minimind-3"}[c["generation"]]
+    kind = (f"MoE {c['n_experts']} experts top-{c['n_experts_per_tok']}"
+            + (f" + {c['n_shared_experts']} shared" if c["n_shared_experts"] else "")
+            + f", expert ffn {c['moe_hidden_dim']}") if c["n_experts"] else f"dense, ffn {c['hidden_dim']}"
+    for n in notes:
+        print("note: " + n)
+    print(f"{gen}, {n_params / 1e6:.2f}M parameters: hidden {c['dim']}, {c['n_layers']} layers, "
+          f"{c['n_heads']}/{c['n_kv_heads']} heads of {c['head_dim']}, {kind}, vocab {c['vocab_size']}"
+          + ("" if tied else ", untied lm_head")
+          + (f", LoRA merged into {n_lora} matrices" if n_lora else ""))
+    print(f"tokenizer: {n_tok} tokens, {n_merges} merges; wrote {args.out} "
+          f"({args.dtype}, {file_size / 1e6:.2f} MB)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Convert a MiniMind checkpoint to a minimind.c model file.")
+    ap.add_argument("checkpoint", help=".pth, *_resume.pth, .safetensors, or a transformers folder")
+    ap.add_argument("out", help="output model file")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder holding it")
+    ap.add_argument("--dtype", default="f32", choices=sorted(DTYPES), help="matrix weight type (default f32)")
+    ap.add_argument("--lora", help="MiniMind LoRA file to merge into the weights")
+    ap.add_argument("--config", help="config.json (default: the one beside the checkpoint, if any)")
+    ap.add_argument("--n-heads", type=int, help="query heads when no config.json says (default 8)")
+    args = ap.parse_args(argv)
+    if sys.byteorder != "little":
+        fail("this exporter assumes a little-endian machine")
+    try:
+        export(args)
+    except ExportError as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"export.py: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
