@@ -5,6 +5,9 @@ WARN     = -std=c11 -Wall -Wextra
 OMP     ?= -fopenmp
 SANITIZE = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 PYTHON  ?= python3
+ifeq ($(strip $(OMP)),)
+WARN    += -Wno-unknown-pragmas   # built without OpenMP (make OMP=): its pragmas are ignored
+endif
 
 .PHONY: all test fixtures clean
 

@@ -419,10 +419,14 @@ def infer_config(state, config, n_heads_flag, path):
     def shape(name):
         if name not in state:
             fail(f"{path}: missing tensor {name}")
+        if not 1 <= len(state[name].shape) <= 2:
+            fail(f"{path}: tensor {name} has shape {list(state[name].shape)}, expected 1 or 2 dims")
         return state[name].shape
 
-    vocab, dim = shape("model.embed_tokens.weight") if len(shape("model.embed_tokens.weight")) == 2 \
-        else fail(f"{path}: model.embed_tokens.weight has shape {list(shape('model.embed_tokens.weight'))}, expected [vocab, hidden]")
+    if len(shape("model.embed_tokens.weight")) != 2:
+        fail(f"{path}: model.embed_tokens.weight has shape {list(shape('model.embed_tokens.weight'))}, "
+             f"expected [vocab, hidden]")
+    vocab, dim = shape("model.embed_tokens.weight")
     layers, experts, shared = set(), set(), set()
     for n in state:
         m = LAYER_TENSOR.fullmatch(n)
@@ -442,12 +446,13 @@ def infer_config(state, config, n_heads_flag, path):
     qk_norm = "model.layers.0.self_attn.q_norm.weight" in state
     gen = GEN_MINIMIND3 if qk_norm else GEN_MINIMIND2
     moe = "model.layers.0.mlp.gate.weight" in state
-    n_heads = n_heads_flag or cfg_get(config, "num_attention_heads", 8)
     q_out = shape("model.layers.0.self_attn.q_proj.weight")[0]
-    if qk_norm:
+    if qk_norm:  # minimind-3: q_norm's length is head_dim, so the shapes give the head count
         head_dim = shape("model.layers.0.self_attn.q_norm.weight")[0]
-    else:
-        head_dim = cfg_get(config, "head_dim", dim // n_heads if n_heads else 0)
+        n_heads = n_heads_flag or cfg_get(config, "num_attention_heads", q_out // max(head_dim, 1))
+    else:  # MiniMind2: head_dim = hidden / heads, and heads are not in any shape (releases use 8)
+        n_heads = n_heads_flag or cfg_get(config, "num_attention_heads", 8)
+        head_dim = cfg_get(config, "head_dim", dim // n_heads if isinstance(n_heads, int) and n_heads > 0 else 0)
     if not isinstance(n_heads, int) or n_heads <= 0 or head_dim <= 0 or q_out != n_heads * head_dim:
         fail(f"{path}: q_proj has {q_out} outputs, not n_heads {n_heads} x head_dim {head_dim} "
              f"(pass --n-heads or --config)")

@@ -1,0 +1,571 @@
+#!/usr/bin/env python3
+"""The minimind.c test suite (Python standard library only; no torch).
+
+    python3 tests/run_tests.py ./run [./run-asan ...]
+
+Runs every engine test against each binary given (make test passes the normal build and the
+AddressSanitizer/UBSan build). Fixtures come from tests/gen_fixtures.py (make fixtures);
+the MiniMind conformance cases in ../shared/conformance run when that folder exists.
+The last line is "N passed, M failed, K skipped".
+"""
+import array
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+TMP = os.path.join(ROOT, "tests", "tmp")
+SHARED = os.path.join(ROOT, "..", "shared")
+EXPORT = [sys.executable, os.path.join(ROOT, "export.py")]
+ENV = dict(os.environ, ASAN_OPTIONS="exitcode=99:detect_leaks=1",
+           UBSAN_OPTIONS="halt_on_error=1:exitcode=98:print_stacktrace=1", OMP_WAIT_POLICY="passive")
+TOL = {"f32": 1e-4, "f16": 5e-3, "bf16": 5e-3}
+
+results = {"passed": 0, "failed": 0, "skipped": 0}
+
+
+def report(name, ok, detail=""):
+    if ok is None:
+        results["skipped"] += 1
+        print(f"SKIP {name}: {detail}")
+    elif ok:
+        results["passed"] += 1
+        print(f"PASS {name}" + (f"  ({detail})" if detail else ""))
+    else:
+        results["failed"] += 1
+        print(f"FAIL {name}: {detail}")
+
+
+def test(name):
+    """Decorator-free helper: run fn, turn exceptions into failures."""
+    def wrap(fn):
+        try:
+            ok, detail = fn()
+        except Exception as e:  # a broken test is a failed test, not a crashed suite
+            ok, detail = False, f"{type(e).__name__}: {e}"
+        report(name, ok, detail)
+    return wrap
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, **kw)
+
+
+def read_f32(path):
+    a = array.array("f")
+    with open(path, "rb") as f:
+        a.frombytes(f.read())
+    return a
+
+
+def rel_diff(out, ref, rows, vocab):
+    """max |out - ref| / max |ref| over the stored rows (out has every row)."""
+    worst = 0.0
+    for i, r in enumerate(rows):
+        o, e = out[r * vocab:(r + 1) * vocab], ref[i * vocab:(i + 1) * vocab]
+        worst = max(worst, max(abs(a - b) for a, b in zip(o, e)))
+    return worst / max(abs(x) for x in ref)
+
+
+def argmax(v):
+    return max(range(len(v)), key=v.__getitem__)
+
+
+def sanitizer_clean(p):
+    bad = ("Sanitizer", "runtime error:", "Segmentation", "core dumped")
+    return p.returncode >= 0 and p.returncode not in (98, 99) and not any(b in p.stderr for b in bad)
+
+
+def expect_error(p, *words):
+    """A clean failure: exit 1, one 'error' line on stderr naming the problem, no sanitizer report."""
+    lines = [l for l in p.stderr.strip().splitlines() if l]
+    if not sanitizer_clean(p):
+        return False, f"crash or sanitizer report (exit {p.returncode}): {p.stderr[-400:]}"
+    if p.returncode != 1:
+        return False, f"exit {p.returncode}, expected 1; stderr: {p.stderr[-300:]}"
+    if not lines or "error" not in lines[-1]:
+        return False, f"no error line: {p.stderr[-300:]}"
+    if "Traceback" in p.stderr:
+        return False, "Python traceback: " + p.stderr[-300:]
+    missing = [w for w in words if w.lower() not in lines[-1].lower()]
+    if missing:
+        return False, f"error line lacks {missing}: {lines[-1]}"
+    return True, lines[-1][:110]
+
+
+def ids_arg(ids):
+    return ",".join(map(str, ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model files, exported once per (checkpoint, dtype, args) for all binaries
+
+_exports = {}
+
+
+def export(checkpoint, out_name, dtype="f32", args=(), tokenizer=None, cwd=FIX):
+    key = (checkpoint, dtype, tuple(args), tokenizer)
+    if key not in _exports:
+        out = os.path.join(TMP, out_name)
+        p = subprocess.run(EXPORT + [checkpoint, out, "--tokenizer", tokenizer or
+                                     os.path.join(FIX, "tokenizer"), "--dtype", dtype] + list(args),
+                           capture_output=True, text=True, cwd=cwd)
+        if p.returncode != 0:
+            raise RuntimeError(f"export of {checkpoint} failed: {p.stderr.strip()}")
+        _exports[key] = out
+    return _exports[key]
+
+
+def logits(binary, model, ids, flags=(), name="out"):
+    out = os.path.join(TMP, f"{name}.{os.path.basename(binary)}.f32")
+    args = ["--ids", ids_arg(ids)] if len(ids) < 4000 else ["--ids", "@" + write_ids(ids)]
+    p = run([binary, model, "-m", "logits", "-o", out] + args + list(flags))
+    if p.returncode != 0 or not sanitizer_clean(p):
+        raise RuntimeError(f"run exited {p.returncode}: {p.stderr[-500:]}")
+    return read_f32(out)
+
+
+def write_ids(ids):
+    path = os.path.join(TMP, "ids.txt")
+    with open(path, "w") as f:
+        f.write(ids_arg(ids))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with the reference: fixtures, every dtype; batched vs token-by-token; threads; ppl
+
+def parity_tests(binary, cases):
+    tag = os.path.basename(binary)
+    for c in cases:
+        ref = read_f32(os.path.join(FIX, c["logits"]))
+        for dtype in c["dtypes"]:
+            name = f"{tag}: parity {c['name']} {dtype}"
+
+            @test(name)
+            def _():
+                model = export(c["checkpoint"], f"{c['name']}.{dtype}.bin", dtype, c["export_args"])
+                out = logits(binary, model, c["ids"], c["flags"], c["name"])
+                if dtype == "q8_0":
+                    V = c["vocab"]
+                    agree = sum(argmax(out[r * V:(r + 1) * V]) == argmax(ref[i * V:(i + 1) * V])
+                                for i, r in enumerate(c["rows"]))
+                    return agree == len(c["rows"]), f"top-1 agrees on {agree}/{len(c['rows'])} rows"
+                d = rel_diff(out, ref, c["rows"], c["vocab"])
+                return d < TOL[dtype], f"rel {d:.2e} < {TOL[dtype]:g}"
+
+
+def consistency_tests(binary, cases):
+    tag = os.path.basename(binary)
+    for cname in ("m2_moe", "m3_dense", "m3_moe", "m3_untied"):
+        c = next(x for x in cases if x["name"] == cname)
+
+        @test(f"{tag}: batched prefill == token-by-token decode, {cname}")
+        def _():
+            model = export(c["checkpoint"], f"{c['name']}.f32.bin", "f32", c["export_args"])
+            ref = logits(binary, model, c["ids"], ["--no-batch"], "ref")
+            worst = 0.0
+            for b in ("64", "5", "1"):  # one block, blocks that split the prompt, pure decode
+                out = logits(binary, model, c["ids"], ["--batch", b], "b" + b)
+                worst = max(worst, rel_diff(out, ref, range(len(c["ids"])), c["vocab"]))
+            return worst < 1e-5, f"rel {worst:.1e} over --batch 64/5/1"
+
+        @test(f"{tag}: threads 1 and 2 give identical logits, {cname}")
+        def _():
+            model = export(c["checkpoint"], f"{c['name']}.q8_0.bin", "q8_0", c["export_args"])
+            a = logits(binary, model, c["ids"], ["--threads", "1", "--batch", "7"], "t1")
+            b = logits(binary, model, c["ids"], ["--threads", "2", "--batch", "7"], "t2")
+            return a == b, "bit-identical" if a == b else "outputs differ"
+
+    c = next(x for x in cases if x["name"] == "m2_moe")
+
+    @test(f"{tag}: ppl mode equals the reference perplexity")
+    def _():
+        model = export(c["checkpoint"], "m2_moe.f32.bin", "f32")
+        p = run([binary, model, "-m", "ppl", "--ids", ids_arg(c["ids"])])
+        line = p.stdout.strip().splitlines()[-1]
+        got = float(line.split()[2])
+        ok = line.endswith(f"over {len(c['ids']) - 1} tokens") and abs(got / c["ppl"] - 1) < 1e-4
+        return ok, f"{line} vs reference {c['ppl']:.6f}"
+
+    @test(f"{tag}: ppl windows (-c) equal separate runs of each window")
+    def _():
+        model = export(c["checkpoint"], "m2_moe.f32.bin", "f32")
+        ids, W = c["ids"], 16
+        whole = run([binary, model, "-m", "ppl", "-c", str(W), "--ids", ids_arg(ids)])
+        nll, n = 0.0, 0
+        import math
+        for s in range(0, len(ids), W):
+            win = ids[s:s + W]
+            if len(win) < 2:
+                continue
+            p = run([binary, model, "-m", "ppl", "--ids", ids_arg(win)])
+            fields = p.stdout.split()
+            k = int(fields[4])
+            nll += math.log(float(fields[2])) * k
+            n += k
+        got = whole.stdout.split()
+        ok = int(got[4]) == n and abs(float(got[2]) / math.exp(nll / n) - 1) < 1e-5
+        return ok, f"{whole.stdout.strip()} vs {math.exp(nll / n):.6f} over {n}"
+
+
+def conformance_tests(binary):
+    tag = os.path.basename(binary)
+    conf = os.path.join(SHARED, "conformance")
+    if not os.path.isdir(conf):
+        report(f"{tag}: MiniMind conformance cases", None, "../shared/conformance is absent")
+        return
+    for case in sorted(os.listdir(conf)):
+        folder = os.path.join(conf, case)
+        if not os.path.isfile(os.path.join(folder, "expected.json")):
+            continue
+
+        @test(f"{tag}: conformance {case}")
+        def _():
+            with open(os.path.join(folder, "expected.json")) as f:
+                exp = json.load(f)
+            tok = os.path.normpath(os.path.join(folder, exp["tokenizer"]))
+            if not os.path.isdir(tok):
+                return None, f"tokenizer {tok} absent"
+            model = export(os.path.normpath(os.path.join(folder, exp["checkpoint"])),
+                           f"conf_{case}.bin", exp["export_dtype"], tokenizer=tok)
+            with open(os.path.join(folder, "ids.txt")) as f:
+                ids = [int(x) for x in f.read().replace(",", " ").split()]
+            flags = open(os.path.join(folder, "flags.txt")).read().split()
+            out = logits(binary, model, ids, flags, "conf")
+            V = exp["shape"][1]
+            rows = list(range(len(ids)))
+            if exp.get("positions"):
+                with open(os.path.join(folder, exp["positions"])) as f:
+                    rows = [int(x) for x in f.read().replace(",", " ").split()]
+            if len(out) != len(ids) * V:
+                return False, f"{len(out) // V} rows, expected {len(ids)}"
+            d = rel_diff(out, read_f32(os.path.join(folder, "logits.f32")), rows, V)
+            return d < exp["tolerance"], f"rel {d:.2e} < {exp['tolerance']:g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile model files: every mutation is a clean one-line error, never a crash
+
+HDR = struct.Struct("<32I4Q")   # mm_header's first 160 bytes: 32 uint32/float fields, 4 uint64
+F = {n: i for i, n in enumerate(
+    "magic version header_size generation flags dim n_layers n_heads n_kv_heads head_dim "
+    "hidden_dim vocab_size max_seq_len rms_eps rope_theta n_experts n_experts_per_tok "
+    "n_shared_experts moe_hidden_dim moe_norm rope_scaling rope_factor yarn_orig_ctx "
+    "yarn_beta_fast yarn_beta_slow yarn_attn_factor bos_id eos_id pad_id chat_template "
+    "n_tensors reserved0 tokenizer_offset tokenizer_size tensor_table_offset file_size".split())}
+ENTRY = struct.Struct("<64sII4IQQ")
+
+
+def mutate_header(data, **fields):
+    vals = list(HDR.unpack_from(data, 0))
+    for k, v in fields.items():
+        if isinstance(v, float):
+            v = struct.unpack("<I", struct.pack("<f", v))[0]
+        vals[F[k]] = v
+    out = bytearray(data)
+    HDR.pack_into(out, 0, *vals)
+    return bytes(out)
+
+
+def mutate_entry(data, index, **fields):
+    vals = list(HDR.unpack_from(data, 0))
+    at = vals[F["tensor_table_offset"]] + index * ENTRY.size
+    name, dtype, ndims, s0, s1, s2, s3, off, size = ENTRY.unpack_from(data, at)
+    e = dict(name=name, dtype=dtype, n_dims=ndims, shape0=s0, shape1=s1, offset=off, size=size)
+    e.update(fields)
+    out = bytearray(data)
+    ENTRY.pack_into(out, at, e["name"], e["dtype"], e["n_dims"], e["shape0"], e["shape1"], s2, s3,
+                    e["offset"], e["size"])
+    return bytes(out)
+
+
+def hostile_tests(binary):
+    tag = os.path.basename(binary)
+    good_path = export(os.path.join(FIX, "m3_moe.pth"), "m3_moe.f32.bin", "f32")
+    with open(good_path, "rb") as f:
+        good = f.read()
+    size = len(good)
+    untied = open(export(os.path.join(FIX, "m3_untied.safetensors"), "m3_untied.f32.bin", "f32"), "rb").read()
+    cases = [
+        ("empty file", b"", ["too short"]),
+        ("truncated header", good[:100], ["too short"]),
+        ("truncated tensor data", good[:size - 1000], ["truncated"]),
+        ("truncated to the header", good[:256], ["truncated"]),
+        ("one byte appended", good + b"\0", ["header says"]),
+        ("wrong magic", b"GGUF" + good[4:], ["not a minimind.c model file"]),
+        ("wrong version", mutate_header(good, version=99), ["version 99"]),
+        ("wrong header size", mutate_header(good, header_size=300), ["header_size"]),
+        ("n_tensors overflows", mutate_header(good, n_tensors=0xFFFFFFFF), ["tensor table"]),
+        ("tensor table offset overflows", mutate_header(good, tensor_table_offset=2**64 - 8), ["tensor table"]),
+        ("tokenizer block past the end", mutate_header(good, tokenizer_size=2**63), ["tokenizer block"]),
+        ("dim 0", mutate_header(good, dim=0), ["dim"]),
+        ("n_kv_heads not dividing n_heads", mutate_header(good, n_kv_heads=3), ["n_kv_heads"]),
+        ("odd head_dim", mutate_header(good, head_dim=15), ["head_dim"]),
+        ("huge vocab", mutate_header(good, vocab_size=2**31), ["vocab_size"]),
+        ("huge n_layers", mutate_header(good, n_layers=10**6), ["n_layers"]),
+        ("more layers than tensors", mutate_header(good, n_layers=3), ["missing tensor model.layers.2."]),
+        ("NaN rms_eps", mutate_header(good, rms_eps=float("nan")), ["rms_eps"]),
+        ("rope_theta 0", mutate_header(good, rope_theta=0.0), ["rope_theta"]),
+        ("unknown generation", mutate_header(good, generation=7), ["generation"]),
+        ("unknown flag bit", mutate_header(good, flags=0xFF), ["flags"]),
+        ("top-k above expert count", mutate_header(good, n_experts_per_tok=9), ["n_experts_per_tok"]),
+        ("bos id outside vocab", mutate_header(good, bos_id=10**6), ["outside the vocab"]),
+        ("tensor shape mismatch", mutate_entry(good, 0, shape1=65), ["model.embed_tokens.weight", "expected"]),
+        ("unsupported dtype", mutate_entry(good, 1, dtype=9), ["dtype"]),
+        ("norm weight not f32", mutate_entry(good, 1, dtype=1, size=128), ["f32"]),
+        ("tensor size mismatch", mutate_entry(good, 0, size=12), ["bytes"]),
+        ("tensor offset past the end", mutate_entry(good, 2, offset=(size + 64) // 64 * 64), ["outside"]),
+        ("tensor offset overflows", mutate_entry(good, 2, offset=2**64 - 64), ["outside"]),
+        ("tensor offset misaligned", mutate_entry(good, 2, offset=64 * 3 + 4), ["aligned"]),
+        ("duplicate tensor name", mutate_entry(good, 2, name=b"model.embed_tokens.weight"), ["twice"]),
+        ("tensor renamed", mutate_entry(good, 2, name=b"model.layers.0.bogus.weight"), ["missing tensor"]),
+        ("name without NUL", mutate_entry(good, 2, name=b"x" * 64), ["missing tensor"]),
+        ("unknown tensor", mutate_header(untied, flags=struct.unpack_from("<I", untied, 16)[0] | 2),
+         ["unknown tensor lm_head.weight"]),
+    ]
+    for label, data, words in cases:
+        @test(f"{tag}: hostile model file: {label}")
+        def _():
+            path = os.path.join(TMP, "hostile.bin")
+            with open(path, "wb") as f:
+                f.write(data)
+            return expect_error(run([binary, path, "-m", "logits", "--ids", "1,2,3", "-o",
+                                     os.path.join(TMP, "h.f32")]), *words)
+
+    @test(f"{tag}: 150 random byte mutations of header and table: no crash")
+    def _():
+        rng = random.Random(1234)
+        table_end = struct.unpack_from("<Q", good, 144)[0] + 104 * struct.unpack_from("<I", good, 120)[0]
+        bad = []
+        for i in range(150):
+            data = bytearray(good)
+            for _ in range(rng.randint(1, 4)):
+                at = rng.randrange(table_end if rng.random() < 0.5 else 256)
+                data[at] = rng.randrange(256)
+            path = os.path.join(TMP, "fuzz.bin")
+            with open(path, "wb") as f:
+                f.write(data)
+            p = run([binary, path, "-m", "logits", "--ids", "1,2,3", "-o", os.path.join(TMP, "f.f32")])
+            if not sanitizer_clean(p) or p.returncode not in (0, 1) or \
+                    (p.returncode == 1 and "error" not in p.stderr):
+                bad.append((i, p.returncode, p.stderr[-200:]))
+        return not bad, f"{len(bad)} bad: {bad[:1]}" if bad else "all clean"
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line errors
+
+def cli_tests(binary, cases):
+    tag = os.path.basename(binary)
+    model = export(os.path.join(FIX, "m3_moe.pth"), "m3_moe.f32.bin", "f32")
+    out = os.path.join(TMP, "cli.f32")
+    ok_args = [model, "-m", "logits", "-o", out, "--ids", "1,2,3"]
+
+    @test(f"{tag}: --help lists every flag with its default")
+    def _():
+        p = run([binary, "--help"])
+        flags = ["-m", "--ids", "-o", "--ctx", "--threads", "--batch", "--no-batch", "--rope-base",
+                 "--rope-scaling", "--rope-scale", "--yarn-orig-ctx", "--yarn-beta-fast",
+                 "--yarn-beta-slow", "--yarn-attn-factor", "--verbose", "--help"]
+        missing = [f for f in flags if f not in p.stdout]
+        return p.returncode == 0 and not missing, f"missing {missing}" if missing else "all listed"
+
+    bad = [
+        ("no arguments", [], ["no model file"]),
+        ("missing model file", [os.path.join(TMP, "nope.bin"), "--ids", "1"], ["nope.bin", "cannot open"]),
+        ("unknown flag", ok_args + ["--frobnicate", "1"], ["unknown option", "--frobnicate"]),
+        ("flag without value", ok_args + ["-c"], ["needs a value"]),
+        ("unknown mode", [model, "-m", "dance", "--ids", "1"], ["-m", "dance"]),
+        ("ctx 0", ok_args + ["-c", "0"], ["-c", "'0'"]),
+        ("ctx not a number", ok_args + ["--ctx", "12x"], ["--ctx", "12x"]),
+        ("threads 0", ok_args + ["--threads", "0"], ["--threads"]),
+        ("negative rope base", ok_args + ["--rope-base", "-5"], ["--rope-base"]),
+        ("NaN rope scale", ok_args + ["--rope-scale", "nan"], ["--rope-scale"]),
+        ("unknown rope scaling", ok_args + ["--rope-scaling", "ntk"], ["--rope-scaling", "ntk"]),
+        ("linear scaling without a factor", ok_args + ["--rope-scaling", "linear"], ["--rope-scale"]),
+        ("id not a number", [model, "-o", out, "--ids", "1,two,3"], ["--ids", "two"]),
+        ("id outside the vocab", [model, "-o", out, "--ids", "1,320"], ["320", "vocab"]),
+        ("negative id", [model, "-o", out, "--ids", "1,-4"], ["--ids"]),
+        ("no ids", [model, "-o", out, "--ids", " , "], ["no token ids"]),
+        ("ids file missing", [model, "-o", out, "--ids", "@" + os.path.join(TMP, "none.txt")], ["none.txt"]),
+        ("prompt longer than the context", [model, "-o", out, "--ids", "1,2,3,4,5", "-c", "4"],
+         ["5 tokens", "context of 4"]),
+        ("logits without -o", [model, "--ids", "1,2"], ["-o"]),
+        ("output file not writable", [model, "-o", "/nonexistent/dir/x.f32", "--ids", "1"], ["/nonexistent/dir/x.f32"]),
+        ("ppl with one token", [model, "-m", "ppl", "--ids", "5"], ["ppl needs at least 2 tokens"]),
+    ]
+    for label, args, words in bad:
+        @test(f"{tag}: bad command line: {label}")
+        def _():
+            return expect_error(run([binary] + args), *words)
+
+
+# ----------------------------------------------------------------------------------------------
+# export.py on hostile or wrong input: a clear error, no traceback, no code run, no output left
+
+def write_safetensors(path, tensors):
+    header, blobs, off = {}, [], 0
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    h = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def read_safetensors_raw(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    n = struct.unpack_from("<Q", data)[0]
+    header = json.loads(data[8:8 + n])
+    body = data[8 + n:]
+    return {k: (v["dtype"], v["shape"], body[v["data_offsets"][0]:v["data_offsets"][1]])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def unicode_op(s):
+    """pickle's BINUNICODE opcode for the string s"""
+    b = s.encode()
+    return b"X" + struct.pack("<I", len(b)) + b
+
+
+def export_tests():
+    good = read_safetensors_raw(os.path.join(FIX, "m3_untied.safetensors"))
+    out = os.path.join(TMP, "export_out.bin")
+    marker = os.path.join(TMP, "pwned")
+
+    def zip_pickle(path, pkl):
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", pkl)
+            z.writestr("archive/version", "3\n")
+
+    def st(name, change):
+        t = dict(good)
+        change(t)
+        path = os.path.join(TMP, name + ".safetensors")
+        write_safetensors(path, t)
+        return path
+
+    pth = open(os.path.join(FIX, "m2_dense.pth"), "rb").read()
+    cases = [
+        ("pickle calls os.system", lambda p: zip_pickle(p, b"\x80\x02cos\nsystem\n" + unicode_op(
+            "touch " + marker) + b"\x85R."), ["os.system"]),
+        ("pickle calls builtins.eval", lambda p: zip_pickle(p, b"\x80\x02cbuiltins\neval\nX\x04\x00\x00\x001+1\x85R."),
+         ["builtins.eval"]),
+        ("pickle is garbage", lambda p: zip_pickle(p, b"\x80\x02\xff\xfe garbage"), ["corrupt pickle"]),
+        ("truncated .pth", lambda p: open(p, "wb").write(pth[:len(pth) // 2]), ["not a torch.save zip"]),
+        ("not a checkpoint at all", lambda p: open(p, "wb").write(b"hello world"), ["neither"]),
+    ]
+    for label, make, words in cases:
+        @test(f"export.py: {label}")
+        def _():
+            path = os.path.join(TMP, "bad.pth")
+            make(path)
+            for leftover in (out, marker):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+            p = subprocess.run(EXPORT + [path, out, "--tokenizer", os.path.join(FIX, "tokenizer")],
+                               capture_output=True, text=True)
+            if os.path.exists(marker):
+                return False, "the pickle ran code"
+            if os.path.exists(out):
+                return False, "an output file was left behind"
+            return expect_error(p, *words)
+
+    st_cases = [
+        ("unknown tensor", lambda t: t.update({"model.layers.0.mlp.bias": ("F32", [4], b"\0" * 16)}),
+         ["unknown tensors", "model.layers.0.mlp.bias"]),
+        ("missing tensor", lambda t: t.pop("model.layers.1.self_attn.v_proj.weight"),
+         ["missing tensor model.layers.1.self_attn.v_proj.weight"]),
+        ("wrong shape", lambda t: t.update({"model.layers.1.mlp.up_proj.weight":
+                                            ("BF16", [95, 64], b"\0" * 95 * 64 * 2)}),
+         ["model.layers.1.mlp.up_proj.weight", "[95, 64]"]),
+        ("unsupported dtype", lambda t: t.update({"model.norm.weight": ("I64", [64], b"\0" * 512)}),
+         ["I64"]),
+        ("data shorter than its shape", lambda t: t.update({"model.norm.weight": ("F32", [64], b"\0" * 12)}),
+         ["model.norm.weight", "bytes"]),
+    ]
+    for label, change, words in st_cases:
+        @test(f"export.py: safetensors with {label}")
+        def _():
+            path = st(label.replace(" ", "_"), change)
+            if os.path.exists(out):
+                os.unlink(out)
+            p = subprocess.run(EXPORT + [path, out, "--tokenizer", os.path.join(FIX, "tokenizer")],
+                               capture_output=True, text=True)
+            if os.path.exists(out):
+                return False, "an output file was left behind"
+            return expect_error(p, *words)
+
+    @test("export.py: safetensors header length past the end of the file")
+    def _():
+        path = os.path.join(TMP, "bad_header.safetensors")
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", 2**40) + b"{}")
+        p = subprocess.run(EXPORT + [path, out, "--tokenizer", os.path.join(FIX, "tokenizer")],
+                           capture_output=True, text=True)
+        return expect_error(p, "header length")
+
+    @test("export.py: missing tokenizer")
+    def _():
+        p = subprocess.run(EXPORT + [os.path.join(FIX, "m3_moe.pth"), out, "--tokenizer",
+                                     os.path.join(TMP, "no_tokenizer")], capture_output=True, text=True)
+        return expect_error(p, "no_tokenizer")
+
+    @test("export.py: leaves no temporary files behind")
+    def _():
+        left = [n for n in os.listdir(TMP) if n.startswith(".export-")]
+        return not left, f"left: {left}" if left else "none"
+
+    @test("export.py: the tokenizer block holds the vocab, merges and special ids")
+    def _():
+        path = export(os.path.join(FIX, "m3_moe.pth"), "m3_moe.f32.bin", "f32")
+        data = open(path, "rb").read()
+        hdr = HDR.unpack_from(data, 0)
+        at = hdr[F["tokenizer_offset"]]
+        n_vocab, n_merges = struct.unpack_from("<II", data, at)
+        tok = json.load(open(os.path.join(FIX, "tokenizer", "tokenizer.json")))
+        at += 8
+        kinds = []
+        for _ in range(n_vocab):
+            kind, n = struct.unpack_from("<BI", data, at)
+            kinds.append((kind, data[at + 5:at + 5 + n]))
+            at += 5 + n
+        ok = (n_vocab == 320 and n_merges == len(tok["model"]["merges"]) and
+              kinds[1] == (2, b"<|im_start|>") and kinds[3 + ord("a")] == (0, b"a") and
+              hdr[F["bos_id"]] == 1 and hdr[F["eos_id"]] == 2 and hdr[F["chat_template"]] == 2)
+        return ok, f"{n_vocab} tokens, {n_merges} merges, bos {hdr[F['bos_id']]}, template {hdr[F['chat_template']]}"
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main():
+    binaries = sys.argv[1:] or [os.path.join(ROOT, "run")]
+    shutil.rmtree(TMP, ignore_errors=True)
+    os.makedirs(TMP)
+    with open(os.path.join(FIX, "cases.json")) as f:
+        cases = json.load(f)["cases"]
+    for c in cases:  # checkpoints and LoRA paths are relative to the fixtures folder
+        c["checkpoint"] = os.path.join(FIX, c["checkpoint"])
+        c["export_args"] = [os.path.join(FIX, a) if a.endswith(".pth") else a for a in c["export_args"]]
+    export_tests()
+    for binary in binaries:
+        parity_tests(binary, cases)
+        consistency_tests(binary, cases)
+        conformance_tests(binary)
+        hostile_tests(binary)
+        cli_tests(binary, cases)
+    print(f"{results['passed']} passed, {results['failed']} failed, {results['skipped']} skipped")
+    return 1 if results["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
