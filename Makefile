@@ -1,7 +1,7 @@
 # minimind.c: `make` builds ./run, `make test` runs the test suite (normal and ASan/UBSan builds).
 CC      ?= gcc
 CFLAGS  ?= -O3 -march=native
-WARN     = -std=c11 -Wall -Wextra
+WARN     = -std=c11 -Wall -Wextra -fopenmp-simd
 OMP     ?= -fopenmp
 SANITIZE = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 PYTHON  ?= python3

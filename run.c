@@ -473,13 +473,9 @@ static const float *matrix_row(const Matrix *w, int r, float *buf) {
 }
 
 static float dot(const float *a, const float *b, int n) {
-    float acc[8] = {0};         /* eight independent sums: the compiler vectorises this */
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
     float sum = 0;
-    for (; i < n; i++) sum += a[i] * b[i];
-    for (int j = 0; j < 8; j++) sum += acc[j];
+    #pragma omp simd reduction(+:sum)  /* vector lanes of partial sums (-fopenmp-simd) */
+    for (int i = 0; i < n; i++) sum += a[i] * b[i];
     return sum;
 }
 
