@@ -25,6 +25,7 @@ import struct
 import sys
 import tempfile
 import zipfile
+import zlib
 
 # ----------------------------------------------------------------------------------------------
 # The file format: these numbers mirror model.h
@@ -195,7 +196,7 @@ def read_torch_zip(path):
                     storages[st.key] = zf.read(prefix + "data/" + st.key)
                 except KeyError:
                     fail(f"{path}: tensor {name} refers to storage {st.key}, missing from the archive")
-                except (zipfile.BadZipFile, OSError, EOFError, zlib_error()) as e:
+                except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
                     fail(f"{path}: cannot read storage {st.key} ({e})")
             buf = storages[st.key]
             size, stride = ref.size, ref.stride
@@ -239,11 +240,6 @@ def read_torch_zip(path):
                 fail(f"{path}: entry {k!r} of the state dict is not a named tensor")
             state[k] = convert(v, k)
         return state
-
-
-def zlib_error():
-    import zlib
-    return zlib.error
 
 
 # ----------------------------------------------------------------------------------------------

@@ -198,7 +198,8 @@ static void check_config(const Model *m) {
     REQUIRE(h->max_seq_len >= 1 && h->max_seq_len <= (1u << 24), "%s: header field max_seq_len = %u, expected 1..16777216", p, h->max_seq_len);
     REQUIRE(h->generation == MM_GEN_MINIMIND2 || h->generation == MM_GEN_MINIMIND3,
             "%s: header field generation = %u, expected 2 (MiniMind2) or 3 (minimind-3)", p, h->generation);
-    REQUIRE((h->flags & ~7u) == 0, "%s: header field flags = 0x%x has unknown bits", p, h->flags);
+    REQUIRE((h->flags & ~(uint32_t)(MM_FLAG_QK_NORM | MM_FLAG_TIED_EMBED | MM_FLAG_MOE)) == 0,
+            "%s: header field flags = 0x%x has unknown bits", p, h->flags);
     REQUIRE(isfinite(h->rms_eps) && h->rms_eps > 0 && h->rms_eps < 1, "%s: header field rms_eps = %g, expected 0 < eps < 1", p, h->rms_eps);
     REQUIRE(isfinite(h->rope_theta) && h->rope_theta > 1, "%s: header field rope_theta = %g, expected > 1", p, h->rope_theta);
     if (h->flags & MM_FLAG_MOE) {
@@ -620,6 +621,7 @@ static void ffn_block(const Model *m, const Layer *L, State *s, int n) {
  * below must agree with it (tests/run_tests.py checks). Returns the logits [vocab]. */
 static float *forward_token(const Model *m, State *s, int token, int pos) {
     const mm_header *h = &m->cfg;
+    if (pos < 0 || pos >= s->ctx) die("internal: position %d outside the context of %d", pos, s->ctx);
     int dim = (int)h->dim, hd = (int)h->head_dim, half = hd / 2;
     int kv_dim = (int)(h->n_kv_heads * h->head_dim), group = (int)(h->n_heads / h->n_kv_heads);
     float *x = s->x, *xb = s->xb, *buf = s->row_buf;
@@ -684,6 +686,9 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
     int dim = (int)h->dim, hd = (int)h->head_dim, half = hd / 2, n_heads = (int)h->n_heads;
     int kv_dim = (int)(h->n_kv_heads * h->head_dim), q_dim = n_heads * hd;
     int group = (int)(h->n_heads / h->n_kv_heads);
+    if (n < 1 || n > s->max_tokens || pos0 < 0 || pos0 + n > s->ctx)
+        die("internal: forward of %d tokens at position %d (block %d, context %d)", n, pos0,
+            s->max_tokens, s->ctx);
 
     for (int t = 0; t < n; t++) {
         float *xt = s->x + (size_t)t * dim;
@@ -768,7 +773,7 @@ static void write_logits(const float *logits, int t, void *ctx) {
 }
 
 /* -m ppl: the negative log-likelihood of each next token, -log softmax(logits)[next] */
-typedef struct { const int *tokens; int n, vocab; double nll; long count; } PplSum;
+typedef struct { const int *tokens; int n, vocab; double nll; long count, total; } PplSum;
 
 static void add_nll(const float *logits, int t, void *ctx) {
     PplSum *p = ctx;
@@ -779,6 +784,8 @@ static void add_nll(const float *logits, int t, void *ctx) {
     for (int i = 0; i < p->vocab; i++) sum += exp((double)logits[i] - max);
     p->nll += log(sum) + max - logits[p->tokens[t + 1]];
     p->count++;
+    if (p->total >= 8192 && p->count % 4096 == 0)  /* long runs: progress on stderr */
+        fprintf(stderr, "ppl %.4f after %ld of %ld tokens\n", exp(p->nll / p->count), p->count, p->total);
 }
 
 /* ============================================================================================
@@ -998,17 +1005,16 @@ int main(int argc, char **argv) {
         run_sequence(&m, &s, ids, n_ids, !o.no_batch, write_logits, &out);
         if (fclose(out.out) != 0) die("%s: write failed (%s)", o.out_path, strerror(errno));
     } else {
-        PplSum sum = {.vocab = (int)h->vocab_size};
         int n_windows = (n_ids + ctx - 1) / ctx;
+        PplSum sum = {.vocab = (int)h->vocab_size, .total = n_ids - n_windows};
         for (int w = 0; w < n_windows; w++) {
             sum.tokens = ids + (size_t)w * ctx;
             sum.n = n_ids - w * ctx < ctx ? n_ids - w * ctx : ctx;
             run_sequence(&m, &s, sum.tokens, sum.n, !o.no_batch, add_nll, &sum);
             if (n_windows > 1)
-                fprintf(stderr, "\rwindow %d/%d: ppl %.4f over %ld tokens", w + 1, n_windows,
+                fprintf(stderr, "window %d/%d: ppl %.4f over %ld tokens\n", w + 1, n_windows,
                         sum.count ? exp(sum.nll / sum.count) : NAN, sum.count);
         }
-        if (n_windows > 1) fputc('\n', stderr);
         if (sum.count == 0) die("ppl needs at least 2 tokens in a window (got %d ids, -c %d)", n_ids, ctx);
         printf("ppl = %.6f over %ld tokens\n", exp(sum.nll / sum.count), sum.count);
     }
