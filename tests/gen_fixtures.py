@@ -201,7 +201,8 @@ def write_tokenizer(folder):
               "and the birds sing their songs in the trees near the river bank ") * 4
     words = [[byte_char[b] for b in (" " + w if i else w).encode()] for i, w in enumerate(sample.split())]
     merges = []
-    while len(vocab) < VOCAB:
+    added = ["<think>", "</think>"]  # added tokens that are not special, as minimind-3 has
+    while len(vocab) < VOCAB - len(added):
         counts = {}
         for w in words:
             for a, b in zip(w, w[1:]):
@@ -218,7 +219,10 @@ def write_tokenizer(folder):
     tok = {"version": "1.0", "truncation": None, "padding": None,
            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False,
                              "rstrip": False, "normalized": False, "special": True}
-                            for i, s in enumerate(SPECIALS)],
+                            for i, s in enumerate(SPECIALS)] +
+                           [{"id": VOCAB - len(added) + i, "content": s, "single_word": False,
+                             "lstrip": False, "rstrip": False, "normalized": False, "special": False}
+                            for i, s in enumerate(added)],
            "normalizer": None,
            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                              "use_regex": True},
