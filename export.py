@@ -609,6 +609,8 @@ def load_tokenizer(path, vocab_size):
     for s, i in model["vocab"].items():
         if not isinstance(i, int) or not 0 <= i < vocab_size:
             fail(f"{tok_path}: token {s!r} has id {i}, outside the model's vocab of {vocab_size}")
+        if i in tokens:
+            fail(f"{tok_path}: token id {i} is given to two tokens ({s!r} and another)")
         try:
             tokens[i] = (TOKEN_NORMAL, bytes(dec[ch] for ch in s))
         except KeyError as e:
@@ -641,9 +643,11 @@ def load_tokenizer(path, vocab_size):
     template = tcfg.get("chat_template") or ""
     if isinstance(template, list):  # list of named templates: take the default one
         template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
+    # MiniMind2's template has a default system prompt (and a <think> only for
+    # enable_thinking=false); minimind-3's renders reasoning_content in <think> blocks
     chat = (CHAT_NONE if "<|im_start|>" not in template else
-            CHAT_MINIMIND3 if "<think>" in template else
-            CHAT_MINIMIND2 if "You are a helpful assistant" in template else CHAT_CHATML)
+            CHAT_MINIMIND2 if "You are a helpful assistant" in template else
+            CHAT_MINIMIND3 if "reasoning_content" in template or "<think>" in template else CHAT_CHATML)
     block = bytearray(struct.pack("<II", vocab_size, len(merges)))
     for i in range(vocab_size):
         kind, b = tokens.get(i, (TOKEN_NORMAL, b""))

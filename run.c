@@ -26,6 +26,7 @@
 #endif
 
 #include "model.h"
+#include "tokenizer.c"  /* one translation unit: tokenizer.c exports tokenizer_*, utf8_*, chat_* */
 
 _Static_assert(sizeof(mm_header) == 256, "mm_header must be 256 bytes");
 _Static_assert(offsetof(mm_header, tokenizer_offset) == 128, "mm_header layout");
@@ -53,6 +54,12 @@ static int n_threads(void) {
 #else
     return 1;
 #endif
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 static int thread_id(void) {
@@ -789,13 +796,268 @@ static void add_nll(const float *logits, int t, void *ctx) {
 }
 
 /* ============================================================================================
+ * Sampling, in MiniMind's order: temperature, repetition penalty, top-k, top-p
+ * ============================================================================================ */
+
+typedef struct { float logit; int id; } Candidate_;
+
+typedef struct {
+    int vocab;
+    float temperature;          /* 0: greedy */
+    float top_p;                /* nucleus: smallest set of best tokens with mass >= top_p */
+    int top_k;                  /* 0: off */
+    float repeat_penalty;       /* 1: off */
+    uint64_t rng;               /* xorshift64* state */
+    Candidate_ *cand;           /* [vocab] */
+    float *kth;                 /* [top_k] the k largest logits, for the top-k threshold */
+} Sampler;
+
+static float random_f32(uint64_t *state) {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (float)((*state * 0x2545F4914F6CDD1Dull) >> 40) / 16777216.0f;
+}
+
+static int by_logit_desc(const void *a, const void *b) {
+    const Candidate_ *x = a, *y = b;
+    if (x->logit != y->logit) return x->logit > y->logit ? -1 : 1;
+    return x->id - y->id;
+}
+
+/* the next token from logits [vocab] (modified in place); seen[i]: token i is in the context */
+static int sample(Sampler *sp, float *logits, const uint8_t *seen) {
+    int V = sp->vocab;
+    if (sp->temperature > 0)
+        for (int i = 0; i < V; i++) logits[i] /= sp->temperature;
+    if (sp->repeat_penalty != 1.0f)  /* MiniMind: positive logits divided, negative multiplied */
+        for (int i = 0; i < V; i++)
+            if (seen[i]) logits[i] = logits[i] > 0 ? logits[i] / sp->repeat_penalty : logits[i] * sp->repeat_penalty;
+    if (sp->temperature <= 0) {
+        int best = 0;
+        for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
+        return best;
+    }
+    /* top-k: keep the logits >= the k-th largest (ties at the threshold stay, as in PyTorch) */
+    float threshold = -INFINITY;
+    if (sp->top_k > 0 && sp->top_k < V) {
+        int k = sp->top_k, n = 0;
+        for (int i = 0; i < V; i++) {   /* kth[] holds the k largest so far, descending */
+            if (n == k && logits[i] <= sp->kth[k - 1]) continue;
+            int j = n < k ? n++ : k - 1;
+            for (; j > 0 && sp->kth[j - 1] < logits[i]; j--) sp->kth[j] = sp->kth[j - 1];
+            sp->kth[j] = logits[i];
+        }
+        threshold = sp->kth[k - 1];
+    }
+    int n = 0;
+    for (int i = 0; i < V; i++)
+        if (logits[i] >= threshold) sp->cand[n++] = (Candidate_){logits[i], i};
+    qsort(sp->cand, (size_t)n, sizeof *sp->cand, by_logit_desc);
+    /* softmax over the candidates, then top-p: a token stays while the mass before it is <= p */
+    float max = sp->cand[0].logit, sum = 0;
+    for (int i = 0; i < n; i++) { sp->cand[i].logit = expf(sp->cand[i].logit - max); sum += sp->cand[i].logit; }
+    int keep = n;
+    float cum = 0;
+    for (int i = 0; i < n; i++) {
+        if (i > 0 && cum / sum > sp->top_p) { keep = i; break; }
+        cum += sp->cand[i].logit;
+    }
+    float mass = 0;
+    for (int i = 0; i < keep; i++) mass += sp->cand[i].logit;
+    float r = random_f32(&sp->rng) * mass, acc = 0;
+    for (int i = 0; i < keep; i++) {
+        acc += sp->cand[i].logit;
+        if (r < acc) return sp->cand[i].id;
+    }
+    return sp->cand[keep - 1].id;
+}
+
+/* ============================================================================================
+ * Generation and chat
+ * ============================================================================================ */
+
+typedef struct {
+    int *tokens;                /* [ctx] the conversation so far */
+    int n;                      /* tokens held */
+    int n_cached;               /* of which the first n_cached are in the KV cache */
+    uint8_t *seen;              /* [vocab] tokens present, for the repetition penalty */
+} Context;
+
+typedef struct { long prompt, generated; double prefill_s, decode_s; } Stats;
+
+/* Process tokens[n_cached..n) in prompt-sized blocks; the logits of the last one. */
+static float *prefill(const Model *m, State *s, Context *c) {
+    float *logits = NULL;
+    while (c->n_cached < c->n) {
+        int len = c->n - c->n_cached < s->max_tokens ? c->n - c->n_cached : s->max_tokens;
+        logits = forward(m, s, c->tokens + c->n_cached, len, c->n_cached, false);
+        c->n_cached += len;
+    }
+    return logits;
+}
+
+/* Print a token's text unless it is special; append its bytes to reply when given. */
+static void emit_token(const Tokenizer *tok, int id, Utf8Stream *out, Str *reply) {
+    if (tok->token_kind[id] == MM_TOKEN_SPECIAL) return;
+    size_t len;
+    const uint8_t *bytes = tokenizer_decode(tok, id, &len);
+    utf8_stream_put(out, bytes, len, stdout);
+    fflush(stdout);
+    if (reply) str_add(reply, (const char *)bytes, len);
+}
+
+/* Run the prompt (the uncached tail of c), then sample up to max_new tokens, streaming their text.
+ * Stops at end-of-sequence or when the context is full (said on stderr). */
+static void generate(const Model *m, State *s, const Tokenizer *tok, Sampler *sp, Context *c,
+                     int max_new, Str *reply, Stats *st) {
+    double t0 = now_seconds();
+    st->prompt += c->n - c->n_cached;
+    memset(c->seen, 0, m->cfg.vocab_size);
+    for (int i = 0; i < c->n; i++) c->seen[c->tokens[i]] = 1;
+    float *logits = prefill(m, s, c);
+    double t1 = now_seconds();
+    st->prefill_s += t1 - t0;
+    Utf8Stream out = {0};
+    for (int i = 0; i < max_new; i++) {
+        int next = sample(sp, logits, c->seen);
+        if (next == (int)m->cfg.eos_id) {
+            if (c->n < s->ctx) c->tokens[c->n++] = next;  /* kept for the next turn, not yet run */
+            break;
+        }
+        if (c->n >= s->ctx) {
+            utf8_stream_flush(&out, stdout);
+            fprintf(stderr, "\n[stopped: the context of %d tokens is full (-c)]\n", s->ctx);
+            break;
+        }
+        c->tokens[c->n++] = next;
+        c->seen[next] = 1;
+        st->generated++;
+        emit_token(tok, next, &out, reply);
+        if (i + 1 < max_new && c->n < s->ctx) {
+            logits = forward(m, s, &next, 1, c->n_cached, false);
+            c->n_cached++;
+        }
+    }
+    utf8_stream_flush(&out, stdout);
+    st->decode_s += now_seconds() - t1;
+}
+
+static void print_stats(const Stats *st) {
+    fprintf(stderr, "prompt %ld tokens, generated %ld tokens; prefill %.1f tokens/s, decode %.1f tokens/s\n",
+            st->prompt, st->generated, st->prompt / (st->prefill_s > 0 ? st->prefill_s : 1e-9),
+            st->generated / (st->decode_s > 0 ? st->decode_s : 1e-9));
+}
+
+/* Tokens of text, as a freshly allocated array; *n their count. */
+static int *encode_text(const Tokenizer *tok, const uint8_t *text, size_t len, int *n) {
+    int *ids = xcalloc(len + 1, sizeof(int), "token ids");
+    size_t count = tokenizer_encode(tok, text, len, ids);
+    if (count == (size_t)-1) die("out of memory tokenizing %zu bytes", len);
+    if (count > INT_MAX) die("text of %zu tokens is too long", count);
+    *n = (int)count;
+    return ids;
+}
+
+/* -m chat: one user turn per line of stdin. The KV cache keeps the conversation: each turn's
+ * prompt is rendered whole by the chat template, and only the tokens after the part already
+ * cached are run. When a turn does not fit, the oldest turns are dropped (said on stderr). */
+static void chat(const Model *m, State *s, const Tokenizer *tok, Sampler *sp, Context *c,
+                 const char *system, bool think, int max_new, bool verbose) {
+    int template = (int)m->cfg.chat_template;
+    if (template == MM_CHAT_NONE)
+        die("%s: this model has no chat template (a pretrained checkpoint?); use -m generate", m->path);
+    int cap = 16, n_msgs = 0;
+    ChatMessage *msgs = xcalloc((size_t)cap, sizeof *msgs, "conversation");
+    if (system) msgs[n_msgs++] = (ChatMessage){"system", strdup(system)};
+    int first_turn = n_msgs;
+    bool tty = isatty(0);
+    char *line = NULL;
+    size_t line_cap = 0;
+    Stats total = {0};
+    for (;;) {
+        if (tty) { fputs("> ", stdout); fflush(stdout); }
+        ssize_t got = getline(&line, &line_cap, stdin);
+        if (got < 0) break;
+        while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
+        if (got == 0) continue;
+        if (n_msgs + 2 > cap) {
+            ChatMessage *bigger = realloc(msgs, sizeof *msgs * (size_t)(cap *= 2));
+            if (!bigger) die("out of memory growing the conversation");
+            msgs = bigger;
+        }
+        msgs[n_msgs++] = (ChatMessage){"user", strdup(line)};
+        int n_ids, *ids;
+        for (;;) {  /* render; drop the oldest user/assistant pair while it does not fit */
+            char *prompt = chat_render(template, msgs, n_msgs, true, think);
+            if (!prompt) die("out of memory rendering the chat prompt");
+            ids = encode_text(tok, (const uint8_t *)prompt, strlen(prompt), &n_ids);
+            free(prompt);
+            if (n_ids < s->ctx || n_msgs - first_turn <= 1) break;
+            free(ids);
+            fprintf(stderr, "[context of %d tokens is full: dropping the oldest turn]\n", s->ctx);
+            free((char *)msgs[first_turn].content);
+            free((char *)msgs[first_turn + 1].content);
+            memmove(msgs + first_turn, msgs + first_turn + 2, sizeof *msgs * (size_t)(n_msgs - first_turn - 2));
+            n_msgs -= 2;
+        }
+        if (n_ids >= s->ctx) {
+            fprintf(stderr, "[this message is %d tokens with the template; the context holds %d (-c)]\n", n_ids, s->ctx);
+            free(ids);
+            free((char *)msgs[--n_msgs].content);
+            continue;
+        }
+        /* keep the cached prefix that the new prompt shares, run the rest */
+        int common = 0;
+        while (common < c->n_cached && common < n_ids - 1 && c->tokens[common] == ids[common]) common++;
+        memcpy(c->tokens, ids, sizeof(int) * (size_t)n_ids);
+        c->n = n_ids;
+        c->n_cached = common;
+        free(ids);
+        Str reply = {0};
+        str_cat(&reply, "");
+        Stats st = {0};
+        generate(m, s, tok, sp, c, max_new, &reply, &st);
+        fputc('\n', stdout);
+        fflush(stdout);
+        if (reply.oom) die("out of memory keeping the reply");
+        msgs[n_msgs++] = (ChatMessage){"assistant", reply.s};
+        if (verbose) print_stats(&st);
+        total.prompt += st.prompt; total.generated += st.generated;
+        total.prefill_s += st.prefill_s; total.decode_s += st.decode_s;
+    }
+    free(line);
+    for (int i = 0; i < n_msgs; i++) free((char *)msgs[i].content);
+    free(msgs);
+    if (verbose) print_stats(&total);
+}
+
+/* -m tokenize --show-tokens: a token's bytes, escaped where they are not printable text */
+static void print_token_text(const uint8_t *b, size_t n) {
+    for (size_t i = 0; i < n;) {
+        bool complete;
+        uint32_t cp;
+        size_t k = utf8_prefix(b + i, n - i, &complete, &cp);
+        if (complete && cp >= 0x20 && cp != 0x7F && cp != '\\') { fwrite(b + i, 1, k, stdout); i += k; continue; }
+        if (b[i] == '\n') fputs("\\n", stdout);
+        else if (b[i] == '\t') fputs("\\t", stdout);
+        else if (b[i] == '\\') fputs("\\\\", stdout);
+        else printf("\\x%02x", b[i]);
+        i++;
+    }
+}
+
+/* ============================================================================================
  * Command line
  * ============================================================================================ */
 
 typedef struct {
-    const char *model_path, *mode, *ids_arg, *out_path;
-    int ctx, threads, batch;
-    bool no_batch, verbose;
+    const char *model_path, *mode, *ids_arg, *out_path, *text, *text_file, *system;
+    int ctx, threads, batch, steps, top_k;
+    bool no_batch, verbose, think, show_tokens;
+    float temperature, top_p, repeat_penalty;
+    unsigned long long seed;
+    bool seed_given;
     const char *rope_scaling;   /* NULL: as the model file says */
     float rope_base, rope_scale, yarn_beta_fast, yarn_beta_slow, yarn_attn_factor;
     int yarn_orig_ctx;          /* 0 / NAN above: not given */
@@ -804,15 +1066,28 @@ typedef struct {
 static void usage(FILE *f) {
     fputs(
 "usage: run MODEL.bin [options]\n"
-"  -m MODE                logits | ppl  [logits]\n"
-"  --ids LIST             token ids, separated by commas or spaces; @FILE reads them from FILE\n"
+"  -m MODE                generate | chat | tokenize | decode | logits | ppl  [generate]\n"
+"  -i TEXT                input text: the prompt (generate), the text (tokenize, logits, ppl)\n"
+"  -f FILE                input text read from FILE, byte for byte\n"
+"  --ids LIST             token ids instead of text, separated by commas or spaces;\n"
+"                         @FILE reads them from FILE (logits, ppl, decode)\n"
 "  -o FILE                logits mode: write float32 little-endian logits, one row of vocab\n"
 "                         values per input position  [required in logits mode]\n"
+"  -n N                   generate at most N tokens (per chat reply)  [256]\n"
+"  -t F                   temperature; 0 = greedy  [0.85]\n"
+"  -p F                   top-p (nucleus) sampling  [0.95]\n"
+"  -k N                   top-k sampling; 0 = off  [50]\n"
+"  --repeat-penalty F     divide positive / multiply negative logits of tokens in the context\n"
+"                         by F; 1 = off  [1.0]\n"
+"  -s N                   random seed  [from the clock]\n"
+"  -y TEXT                chat: system prompt  [the template's default]\n"
+"  --think                chat: open minimind-3's thinking block\n"
+"  --show-tokens          tokenize: one token per line with its text\n"
 "  -c, --ctx N            context length (KV cache positions); ppl: window length\n"
 "                         [the model's max positions]\n"
 "  --threads N            worker threads (OpenMP builds)  [number of cores]\n"
 "  --batch N              prompt tokens per forward pass  [64]\n"
-"  --no-batch             run prompts token by token through the reference path\n"
+"  --no-batch             run logits/ppl token by token through the reference path\n"
 "  --rope-base F          RoPE theta  [the model's rope_theta]\n"
 "  --rope-scaling S       none | linear | yarn  [the model's config.json, else none]\n"
 "  --rope-scale F         scaling factor  [yarn: 16; linear: required]\n"
@@ -822,8 +1097,10 @@ static void usage(FILE *f) {
 "  --yarn-attn-factor F   YaRN factor on cos and sin  [1.0]\n"
 "  -v, --verbose          print the model's config and timings on stderr\n"
 "  -h, --help             this text\n"
-"YaRN defaults are MiniMind's inference_rope_scaling=True; values from the checkpoint's\n"
-"config.json (stored at export) come next; explicit flags win.\n", f);
+"generate feeds <|im_start|> + the text, as MiniMind does for pretrained checkpoints; chat\n"
+"renders each turn with the checkpoint's chat template. YaRN defaults are MiniMind's\n"
+"inference_rope_scaling=True; values from the checkpoint's config.json (stored at export)\n"
+"come next; explicit flags win.\n", f);
 }
 
 static long parse_int(const char *flag, const char *v, long lo, long hi) {
@@ -844,15 +1121,20 @@ static float parse_float(const char *flag, const char *v, float lo, float hi) {
     return x;
 }
 
+static const char *MODES[] = {"generate", "chat", "tokenize", "decode", "logits", "ppl"};
+
 static void parse_args(Options *o, int argc, char **argv) {
-    *o = (Options){.mode = "logits", .batch = 64, .rope_base = NAN, .rope_scale = NAN,
+    *o = (Options){.mode = "generate", .batch = 64, .steps = 256, .top_k = 50, .temperature = 0.85f,
+                   .top_p = 0.95f, .repeat_penalty = 1.0f, .rope_base = NAN, .rope_scale = NAN,
                    .yarn_beta_fast = NAN, .yarn_beta_slow = NAN, .yarn_attn_factor = NAN};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
         if (!strcmp(a, "--no-batch")) { o->no_batch = true; continue; }
         if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) { o->verbose = true; continue; }
-        if (a[0] != '-') {
+        if (!strcmp(a, "--think")) { o->think = true; continue; }
+        if (!strcmp(a, "--show-tokens")) { o->show_tokens = true; continue; }
+        if (a[0] != '-' || a[1] == 0) {
             if (o->model_path) die("unexpected argument '%s' (the model file is '%s')", a, o->model_path);
             o->model_path = a;
             continue;
@@ -860,8 +1142,17 @@ static void parse_args(Options *o, int argc, char **argv) {
         if (i + 1 >= argc) die("%s needs a value (see --help)", a);
         const char *v = argv[++i];
         if (!strcmp(a, "-m")) o->mode = v;
+        else if (!strcmp(a, "-i")) o->text = v;
+        else if (!strcmp(a, "-f")) o->text_file = v;
         else if (!strcmp(a, "--ids")) o->ids_arg = v;
         else if (!strcmp(a, "-o")) o->out_path = v;
+        else if (!strcmp(a, "-n")) o->steps = (int)parse_int(a, v, 0, 1 << 24);
+        else if (!strcmp(a, "-t")) o->temperature = parse_float(a, v, 0, 100);
+        else if (!strcmp(a, "-p")) o->top_p = parse_float(a, v, 0, 1);
+        else if (!strcmp(a, "-k")) o->top_k = (int)parse_int(a, v, 0, 1 << 24);
+        else if (!strcmp(a, "--repeat-penalty")) o->repeat_penalty = parse_float(a, v, 1e-3f, 1e3f);
+        else if (!strcmp(a, "-s")) { o->seed = (unsigned long long)parse_int(a, v, 0, LONG_MAX); o->seed_given = true; }
+        else if (!strcmp(a, "-y")) o->system = v;
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) o->ctx = (int)parse_int(a, v, 1, 1 << 24);
         else if (!strcmp(a, "--threads")) o->threads = (int)parse_int(a, v, 1, 1024);
         else if (!strcmp(a, "--batch")) o->batch = (int)parse_int(a, v, 1, 4096);
@@ -879,8 +1170,10 @@ static void parse_args(Options *o, int argc, char **argv) {
         else die("unknown option '%s' (see --help)", a);
     }
     if (!o->model_path) { usage(stderr); die("no model file given"); }
-    if (strcmp(o->mode, "logits") && strcmp(o->mode, "ppl"))
-        die("-m expects logits or ppl, got '%s'", o->mode);
+    bool known = false;
+    for (size_t i = 0; i < sizeof MODES / sizeof MODES[0]; i++) known |= !strcmp(o->mode, MODES[i]);
+    if (!known) die("-m expects generate, chat, tokenize, decode, logits or ppl, got '%s'", o->mode);
+    if (o->text && o->text_file) die("give the input text with -i or -f, not both");
 }
 
 /* RoPE: the model file's settings, then MiniMind's YaRN defaults when YaRN is newly asked for,
@@ -913,27 +1206,32 @@ static Rope rope_from(const mm_header *h, const Options *o) {
     return r;
 }
 
+/* the whole of a file, NUL-terminated; *len its size */
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("%s: cannot open (%s)", path, strerror(errno));
+    size_t cap = 1 << 16, n = 0, got;
+    char *buf = xcalloc(cap, 1, "file contents");
+    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
+        n += got;
+        if (n + 1 == cap) {
+            char *bigger = realloc(buf, cap *= 2);
+            if (!bigger) die("%s: out of memory reading it", path);
+            buf = bigger;
+        }
+    }
+    if (ferror(f)) die("%s: read failed", path);
+    fclose(f);
+    buf[n] = 0;
+    *len = n;
+    return buf;
+}
+
 /* --ids "1,2,3" or --ids @FILE */
 static int *parse_ids(const char *arg, int *n_out, uint32_t vocab) {
-    char *text = NULL;
-    if (arg[0] == '@') {
-        FILE *f = fopen(arg + 1, "rb");
-        if (!f) die("%s: cannot open ids file (%s)", arg + 1, strerror(errno));
-        size_t cap = 1 << 16, len = 0;
-        text = xcalloc(cap, 1, "ids file");
-        size_t got;
-        while ((got = fread(text + len, 1, cap - len - 1, f)) > 0) {
-            len += got;
-            if (len + 1 == cap) {
-                char *bigger = realloc(text, cap *= 2);
-                if (!bigger) die("out of memory reading %s", arg + 1);
-                text = bigger;
-            }
-        }
-        fclose(f);
-        text[len] = 0;
-        if (strlen(text) != len) die("%s: ids file contains a NUL byte", arg + 1);
-    }
+    size_t file_len = 0;
+    char *text = arg[0] == '@' ? read_file(arg + 1, &file_len) : NULL;
+    if (text && strlen(text) != file_len) die("%s: ids file contains a NUL byte", arg + 1);
     const char *p = text ? text : arg;
     int n = 0, cap = 256;
     int *ids = xcalloc((size_t)cap, sizeof(int), "ids");
@@ -959,12 +1257,6 @@ static int *parse_ids(const char *arg, int *n_out, uint32_t vocab) {
     return ids;
 }
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 int main(int argc, char **argv) {
     Options o;
     parse_args(&o, argc, argv);
@@ -974,15 +1266,66 @@ int main(int argc, char **argv) {
     Model m;
     model_load(&m, o.model_path);
     const mm_header *h = &m.cfg;
+    Tokenizer tok;
+    const char *tok_err = tokenizer_load(&tok, m.tokenizer, h->tokenizer_size, h->vocab_size);
+    if (tok_err) die("%s: %s", o.model_path, tok_err);
     Rope rope = rope_from(h, &o);
     int ctx = o.ctx ? o.ctx : (int)h->max_seq_len;
-    if (!o.ids_arg) die("-m %s needs --ids (token ids)", o.mode);
-    int n_ids;
-    int *ids = parse_ids(o.ids_arg, &n_ids, h->vocab_size);
+    bool generating = !strcmp(o.mode, "generate"), chatting = !strcmp(o.mode, "chat");
+
+    /* the input: token ids, or text (which generate, logits and ppl start with BOS) */
+    size_t text_len = 0;
+    char *text = o.text_file ? read_file(o.text_file, &text_len) : NULL;
+    if (o.text) text_len = strlen(o.text);
+    const char *input = text ? text : o.text;
+    if (!strcmp(o.mode, "tokenize")) {
+        if (!input) die("-m tokenize needs -i TEXT or -f FILE");
+        int n;
+        int *ids = encode_text(&tok, (const uint8_t *)input, text_len, &n);
+        for (int i = 0; i < n; i++) {
+            if (!o.show_tokens) { printf(i ? " %d" : "%d", ids[i]); continue; }
+            size_t len;
+            const uint8_t *b = tokenizer_decode(&tok, ids[i], &len);
+            printf("%d\t", ids[i]);
+            print_token_text(b, len);
+            putchar('\n');
+        }
+        if (!o.show_tokens) putchar('\n');
+        free(ids); free(text); tokenizer_free(&tok); model_free(&m);
+        return 0;
+    }
+    int n_ids = 0, *ids = NULL;
+    if (o.ids_arg && input) die("give token ids (--ids) or text (-i/-f), not both");
+    if (o.ids_arg) {
+        ids = parse_ids(o.ids_arg, &n_ids, h->vocab_size);
+    } else if (input) {
+        int n;
+        int *body = encode_text(&tok, (const uint8_t *)input, text_len, &n);
+        ids = xcalloc((size_t)n + 1, sizeof(int), "token ids");
+        ids[0] = (int)h->bos_id;  /* MiniMind feeds <|im_start|> + text */
+        memcpy(ids + 1, body, sizeof(int) * (size_t)n);
+        n_ids = n + 1;
+        free(body);
+    } else if (!chatting) {
+        die("-m %s needs %s", o.mode, generating ? "a prompt (-i TEXT or -f FILE)"
+                                                 : "token ids (--ids) or text (-i / -f)");
+    }
+    free(text);
+    if (!strcmp(o.mode, "decode")) {
+        Utf8Stream out = {0};
+        for (int i = 0; i < n_ids; i++) {
+            size_t len;
+            const uint8_t *b = tokenizer_decode(&tok, ids[i], &len);
+            utf8_stream_put(&out, b, len, stdout);
+        }
+        utf8_stream_flush(&out, stdout);
+        free(ids); tokenizer_free(&tok); model_free(&m);
+        return 0;
+    }
     bool ppl = !strcmp(o.mode, "ppl");
     if (!ppl && n_ids > ctx)
-        die("%d tokens do not fit the context of %d positions (-c)", n_ids, ctx);
-    if (!ppl && !o.out_path) die("-m logits needs -o FILE for the logits");
+        die("the prompt is %d tokens; it does not fit the context of %d positions (-c)", n_ids, ctx);
+    if (!strcmp(o.mode, "logits") && !o.out_path) die("-m logits needs -o FILE for the logits");
     int batch = o.batch < ctx ? o.batch : ctx;
     State s;
     state_init(&s, &m, batch, ctx, &rope);
@@ -999,7 +1342,27 @@ int main(int argc, char **argv) {
                 rope.orig_ctx, rope.beta_fast, rope.beta_slow, rope.attn_factor, ctx, batch, n_threads());
     }
     double t0 = now_seconds();
-    if (!ppl) {
+    if (generating || chatting) {
+        Sampler sp = {.vocab = (int)h->vocab_size, .temperature = o.temperature, .top_p = o.top_p,
+                      .top_k = o.top_k, .repeat_penalty = o.repeat_penalty,
+                      .rng = o.seed_given ? o.seed : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32)};
+        if (sp.rng == 0) sp.rng = 0x9E3779B97F4A7C15ull;  /* xorshift must not start at 0 */
+        sp.cand = xcalloc(h->vocab_size, sizeof *sp.cand, "sampler");
+        sp.kth = xcalloc((size_t)(o.top_k > 0 ? o.top_k : 1), sizeof(float), "sampler");
+        Context c = {.tokens = xcalloc((size_t)ctx, sizeof(int), "context"),
+                     .seen = xcalloc(h->vocab_size, 1, "context")};
+        if (generating) {
+            memcpy(c.tokens, ids, sizeof(int) * (size_t)n_ids);
+            c.n = n_ids;
+            Stats st = {0};
+            generate(&m, &s, &tok, &sp, &c, o.steps, NULL, &st);
+            fputc('\n', stdout);
+            print_stats(&st);
+        } else {
+            chat(&m, &s, &tok, &sp, &c, o.system, o.think, o.steps, o.verbose);
+        }
+        free(c.tokens); free(c.seen); free(sp.cand); free(sp.kth);
+    } else if (!ppl) {
         LogitsOut out = {.out = fopen(o.out_path, "wb"), .path = o.out_path, .vocab = (int)h->vocab_size};
         if (!out.out) die("%s: cannot open for writing (%s)", o.out_path, strerror(errno));
         run_sequence(&m, &s, ids, n_ids, !o.no_batch, write_logits, &out);
@@ -1018,11 +1381,12 @@ int main(int argc, char **argv) {
         if (sum.count == 0) die("ppl needs at least 2 tokens in a window (got %d ids, -c %d)", n_ids, ctx);
         printf("ppl = %.6f over %ld tokens\n", exp(sum.nll / sum.count), sum.count);
     }
-    if (o.verbose)
+    if (o.verbose && !generating && !chatting)
         fprintf(stderr, "%d tokens in %.3f s (%.1f tokens/s)\n", n_ids, now_seconds() - t0,
                 n_ids / (now_seconds() - t0));
     free(ids);
     state_free(&s);
+    tokenizer_free(&tok);
     model_free(&m);
     return 0;
 }

@@ -113,12 +113,12 @@ def check_spec_vectors():
 # ----------------------------------------------------------------------------------------------
 # Random weights, as MiniMind's shapes; norm weights not all ones
 
-def make_state(cfg, seed):
+def make_state(cfg, seed, vocab=VOCAB):
     g = torch.Generator().manual_seed(seed)
     d, hd, L = cfg["dim"], cfg["head_dim"], cfg["n_layers"]
     lin = lambda o, i: torch.randn(o, i, generator=g) / math.sqrt(i)
     norm = lambda n: torch.rand(n, generator=g) + 0.5
-    sd = {"model.embed_tokens.weight": torch.randn(VOCAB, d, generator=g)}
+    sd = {"model.embed_tokens.weight": torch.randn(vocab, d, generator=g)}
     for l in range(L):
         p = f"model.layers.{l}."
         sd[p + "input_layernorm.weight"] = norm(d)
@@ -209,7 +209,8 @@ def write_tokenizer(folder):
                 counts[(a, b)] = counts.get((a, b), 0) + 1
         (a, b), _ = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
         merges.append([a, b])
-        vocab[a + b] = len(vocab)
+        if a + b not in vocab:  # two splits of one string can merge to the same token
+            vocab[a + b] = len(vocab)
         for w in words:
             i = 0
             while i < len(w) - 1:
@@ -232,11 +233,15 @@ def write_tokenizer(folder):
            "model": {"type": "BPE", "dropout": None, "unk_token": None,
                      "continuing_subword_prefix": None, "end_of_word_suffix": None,
                      "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                     "vocab": {s: i for s, i in vocab.items() if s not in SPECIALS}, "merges": merges}}
+                     # like MiniMind's, the vocab lists the special and added tokens with their ids
+                     "vocab": dict(vocab, **{s: VOCAB - len(added) + i for i, s in enumerate(added)}),
+                     "merges": merges}}
+    # MiniMind2's chat template, less its tool-calling branches
     template = ("{%- if messages[0]['role'] == 'system' -%}{{- '<|im_start|>system\\n' + "
                 "messages[0]['content'] + '<|im_end|>\\n' }}{%- else -%}{{- '<|im_start|>system\\n"
-                "You are a helpful assistant<|im_end|>\\n' }}{%- endif %}{%- for message in messages "
-                "%}{%- if message.role != 'system' %}{{- '<|im_start|>' + message.role + '\\n' + "
+                "You are a helpful assistant<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}"
+                "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
+                "message.role == 'assistant' %}{{- '<|im_start|>' + message.role + '\\n' + "
                 "message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}{%- if "
                 "add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
     cfg = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
@@ -354,6 +359,12 @@ def main():
     sd = make_state(M3_MOE, 5)
     torch.save({"_orig_mod." + k: v for k, v in sd.items()}, os.path.join(OUT, "m3_moe.pth"))
     case("m3_moe", "m3_moe.pth", M3_MOE, sd, 40, dtypes=("f32", "f16", "q8_0"))
+
+    # a minimal model with MiniMind's vocab of 6400, to carry the real tokenizers into a model
+    # file for the tokenizer tests (its weights do not matter)
+    tiny = dict(M2_DENSE, dim=16, n_layers=1, head_dim=2, ffn=64)
+    torch.save({k: v.half() for k, v in make_state(tiny, 6, vocab=6400).items()},
+               os.path.join(OUT, "vocab6400.pth"))
 
     with open(os.path.join(OUT, "cases.json"), "w") as f:
         json.dump({"generator": "tests/gen_fixtures.py", "torch": torch.__version__,

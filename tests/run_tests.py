@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The minimind.c test suite (Python standard library only; no torch).
 
-    python3 tests/run_tests.py ./run [./run-asan ...]
+    python3 tests/run_tests.py ./run:tests/tokenizer_test [./run-asan:tests/tokenizer_test-asan ...]
 
 Runs every engine test against each binary given (make test passes the normal build and the
 AddressSanitizer/UBSan build). Fixtures come from tests/gen_fixtures.py (make fixtures);
@@ -31,6 +31,7 @@ results = {"passed": 0, "failed": 0, "skipped": 0}
 
 
 def report(name, ok, detail=""):
+    detail = " | ".join(str(detail).splitlines())
     if ok is None:
         results["skipped"] += 1
         print(f"SKIP {name}: {detail}")
@@ -371,7 +372,8 @@ def cli_tests(binary, cases):
     @test(f"{tag}: --help lists every flag with its default")
     def _():
         p = run([binary, "--help"])
-        flags = ["-m", "--ids", "-o", "--ctx", "--threads", "--batch", "--no-batch", "--rope-base",
+        flags = ["-m", "-i", "-f", "-n", "-t", "-p", "-k", "--repeat-penalty", "-s", "-y", "--think",
+                 "--show-tokens", "--ids", "-o", "--ctx", "--threads", "--batch", "--no-batch", "--rope-base",
                  "--rope-scaling", "--rope-scale", "--yarn-orig-ctx", "--yarn-beta-fast",
                  "--yarn-beta-slow", "--yarn-attn-factor", "--verbose", "--help"]
         missing = [f for f in flags if f not in p.stdout]
@@ -395,13 +397,211 @@ def cli_tests(binary, cases):
         ("negative id", [model, "-o", out, "--ids", "1,-4"], ["--ids"]),
         ("no ids", [model, "-o", out, "--ids", " , "], ["no token ids"]),
         ("ids file missing", [model, "-o", out, "--ids", "@" + os.path.join(TMP, "none.txt")], ["none.txt"]),
-        ("prompt longer than the context", [model, "-o", out, "--ids", "1,2,3,4,5", "-c", "4"],
+        ("prompt longer than the context", [model, "-m", "logits", "-o", out, "--ids", "1,2,3,4,5", "-c", "4"],
          ["5 tokens", "context of 4"]),
-        ("logits without -o", [model, "--ids", "1,2"], ["-o"]),
-        ("output file not writable", [model, "-o", "/nonexistent/dir/x.f32", "--ids", "1"], ["/nonexistent/dir/x.f32"]),
+        ("logits without -o", [model, "-m", "logits", "--ids", "1,2"], ["-o"]),
+        ("output file not writable", [model, "-m", "logits", "-o", "/nonexistent/dir/x.f32", "--ids", "1"],
+         ["/nonexistent/dir/x.f32"]),
         ("ppl with one token", [model, "-m", "ppl", "--ids", "5"], ["ppl needs at least 2 tokens"]),
     ]
     for label, args, words in bad:
+        @test(f"{tag}: bad command line: {label}")
+        def _():
+            return expect_error(run([binary] + args), *words)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text in and out: tokenizer parity with Hugging Face tokenizers, chat templates, round trips,
+# streaming, sampling, generation and chat
+
+def token_table(model_path):
+    """[(kind, bytes)] of every token, read from a model file's tokenizer block"""
+    data = open(model_path, "rb").read()
+    at = HDR.unpack_from(data, 0)[F["tokenizer_offset"]]
+    n_vocab, _ = struct.unpack_from("<II", data, at)
+    at += 8
+    out = []
+    for _ in range(n_vocab):
+        kind, n = struct.unpack_from("<BI", data, at)
+        out.append((kind, data[at + 5:at + 5 + n]))
+        at += 5 + n
+    return out
+
+
+def tokenizer_models():
+    """{name: model file} for each tokenizer of tokenizer_expected.json that is available here"""
+    models = {"fixture": export(os.path.join(FIX, "m3_moe.pth"), "m3_moe.f32.bin", "f32")}
+    for name in ("minimind2", "minimind-3"):
+        folder = os.path.join(SHARED, "minimind", name)
+        if os.path.isdir(folder):
+            models[name] = export(os.path.join(FIX, "vocab6400.pth"), f"vocab6400_{name}.bin",
+                                  "f32", tokenizer=folder)
+    return models
+
+
+def write_cases(path, chunks):
+    with open(path, "wb") as f:
+        f.write(struct.pack("<I", len(chunks)) + b"".join(chunks))
+
+
+def blob(b):
+    return struct.pack("<I", len(b)) + b
+
+
+def tokenizer_tests(binary, driver, models, expected):
+    tag = os.path.basename(binary)
+    corpus = json.load(open(os.path.join(ROOT, "tests", "reference", "corpus.json"), encoding="utf-8"))
+    chats = json.load(open(os.path.join(ROOT, "tests", "reference", "chats.json"), encoding="utf-8"))
+    enc_cases = os.path.join(TMP, "corpus.cases")
+    write_cases(enc_cases, [blob(t.encode("utf-8")) for t in corpus])
+    chat_cases = os.path.join(TMP, "chat.cases")
+    write_cases(chat_cases, [struct.pack("<BBI", bool(c.get("add_generation_prompt")), bool(c.get("open_thinking")),
+                                         len(c["messages"])) +
+                             b"".join(blob(m["role"].encode()) + blob(m["content"].encode()) for m in c["messages"])
+                             for c in chats])
+    for name in ("fixture", "minimind2", "minimind-3"):
+        if name not in models:
+            report(f"{tag}: tokenizer {name}", None, "../shared/minimind is absent")
+            continue
+        model, exp = models[name], expected["tokenizers"][name]
+
+        @test(f"{tag}: tokenizer {name}: ids equal Hugging Face tokenizers on {len(corpus)} texts")
+        def _():
+            p = run([driver, model, "encode", enc_cases])
+            got = [[int(x) for x in line.split()] for line in p.stdout.split("\n")[:len(corpus)]]
+            bad = [i for i, (g, e) in enumerate(zip(got, exp["encode"])) if g != e]
+            if p.returncode != 0 or not sanitizer_clean(p) or len(got) != len(corpus):
+                return False, f"driver exit {p.returncode}: {p.stderr[-300:]}"
+            if bad:
+                i = bad[0]
+                return False, f"{len(bad)} differ; first {corpus[i][:40]!r}: {got[i][:12]} vs {exp['encode'][i][:12]}"
+            return True, f"{sum(map(len, got))} ids"
+
+        @test(f"{tag}: tokenizer {name}: chat template renders as Jinja does, {len(chats)} conversations")
+        def _():
+            p = subprocess.run([driver, model, "chat", chat_cases], capture_output=True, env=ENV, timeout=60)
+            out, at, texts = p.stdout, 0, []
+            while at + 4 <= len(out):
+                n = struct.unpack_from("<I", out, at)[0]
+                texts.append(out[at + 4:at + 4 + n].decode("utf-8"))
+                at += 4 + n
+            bad = [i for i, (g, e) in enumerate(zip(texts, exp["chat"])) if g != e["text"]]
+            if p.returncode != 0 or len(texts) != len(chats):
+                return False, f"driver exit {p.returncode}, {len(texts)} renders"
+            if bad:
+                return False, f"{len(bad)} differ; first {chats[bad[0]]['name']}: {texts[bad[0]][-80:]!r} vs {exp['chat'][bad[0]]['text'][-80:]!r}"
+            # and the rendered prompts tokenize to the reference's ids
+            rc = os.path.join(TMP, "rendered.cases")
+            write_cases(rc, [blob(t.encode("utf-8")) for t in texts])
+            q = run([driver, model, "encode", rc])
+            ids = [[int(x) for x in line.split()] for line in q.stdout.split("\n")[:len(texts)]]
+            bad_ids = [i for i, e in enumerate(exp["chat"]) if ids[i] != e["ids"]]
+            return not bad_ids, f"texts and ids equal" if not bad_ids else f"ids differ for {len(bad_ids)}"
+
+        @test(f"{tag}: tokenizer {name}: decode(encode(bytes)) == bytes on 1500 random byte strings, streaming == lossy decode")
+        def _():
+            p = run([driver, model, "roundtrip", "1500", "11"])
+            return p.returncode == 0 and sanitizer_clean(p) and p.stdout.startswith("ok"), (p.stdout + p.stderr).strip()[-200:]
+
+    model = models["fixture"]
+    table = token_table(model)
+
+    @test(f"{tag}: -m tokenize equals the reference, and --show-tokens escapes bytes")
+    def _():
+        i = next(k for k, t in enumerate(corpus) if "\n" in t and len(t) > 10)
+        path = os.path.join(TMP, "text.txt")
+        with open(path, "wb") as f:
+            f.write(corpus[i].encode())
+        p = run([binary, model, "-m", "tokenize", "-f", path])
+        got = [int(x) for x in p.stdout.split()]
+        q = run([binary, model, "-m", "tokenize", "-i", "a\nb", "--show-tokens"])
+        return got == expected["tokenizers"]["fixture"]["encode"][i] and "\\n" in q.stdout, f"{len(got)} ids; {q.stdout.split()!r}"
+
+    @test(f"{tag}: -m decode streams UTF-8 safely (random ids, split characters)")
+    def _():
+        rng = random.Random(5)
+        ids = [rng.randrange(len(table)) for _ in range(400)]
+        p = subprocess.run([binary, model, "-m", "decode", "--ids", ids_arg(ids)], capture_output=True, env=ENV)
+        want = b"".join(table[i][1] for i in ids).decode("utf-8", "replace").encode()
+        return p.returncode == 0 and p.stdout == want, f"{len(p.stdout)} bytes"
+
+    gen = [binary, model, "-i", "the quick brown fox", "-n", "24"]
+
+    @test(f"{tag}: generate: the same seed gives the same text, another seed another")
+    def _():
+        flat = ["-t", "4", "-k", "0", "-p", "1"]  # random weights are peaked: flatten them
+        a = run(gen + flat + ["-s", "42"]).stdout
+        b = run(gen + flat + ["-s", "42"]).stdout
+        c = run(gen + flat + ["-s", "43"]).stdout
+        return a == b and a != c and len(a) > 1, f"{a[:30]!r}"
+
+    @test(f"{tag}: generate: 1 and 2 threads give the same text")
+    def _():
+        a = run(gen + ["-s", "7", "--threads", "1"]).stdout
+        b = run(gen + ["-s", "7", "--threads", "2"]).stdout
+        return a == b, "identical" if a == b else f"{a!r} vs {b!r}"
+
+    @test(f"{tag}: generate: greedy equals the argmax chain of -m logits; -k 1 and -p 0 are greedy too")
+    def _():
+        prompt = [1] + [int(x) for x in run([binary, model, "-m", "tokenize", "-i", "the quick brown fox"]).stdout.split()]
+        seq, V = list(prompt), len(table)
+        for step in range(6):
+            out = logits(binary, model, seq, (), "chain")
+            nxt = argmax(out[(len(seq) - 1) * V:len(seq) * V])
+            if nxt == 2:
+                break
+            seq.append(nxt)
+        want = b"".join(table[i][1] for i in seq[len(prompt):] if table[i][0] != 2).decode("utf-8", "replace")
+        greedy = run(gen[:4] + ["-n", str(len(seq) - len(prompt)), "-t", "0"])
+        topk1 = run(gen[:4] + ["-n", str(len(seq) - len(prompt)), "-k", "1", "-s", "3"])
+        topp0 = run(gen[:4] + ["-n", str(len(seq) - len(prompt)), "-p", "0", "-s", "3"])
+        ok = greedy.stdout == want + "\n" == topk1.stdout == topp0.stdout
+        return ok, f"{want!r} vs {greedy.stdout!r} / {topk1.stdout!r} / {topp0.stdout!r}"
+
+    @test(f"{tag}: generate: stats on stderr, and a full context stops generation out loud")
+    def _():
+        p = run([binary, model, "-i", "the", "-n", "100", "-c", "12", "-s", "1", "-k", "0", "-p", "1"])
+        prompt = 1 + len(run([binary, model, "-m", "tokenize", "-i", "the"]).stdout.split())
+        ok = p.returncode == 0 and "context of 12 tokens is full" in p.stderr and \
+            f"prompt {prompt} tokens, generated {12 - prompt} tokens" in p.stderr
+        return ok, p.stderr.strip().replace("\n", " | ")[-160:]
+
+    @test(f"{tag}: chat: piped turns reuse the KV cache (only new tokens run)")
+    def _():
+        p = run([binary, model, "-m", "chat", "-n", "5", "-s", "1", "-v"], input="hello there\nand again\n")
+        turns = [l for l in p.stderr.splitlines() if l.startswith("prompt ")]
+        first, second = (int(t.split()[1]) for t in turns[:2])
+        rendered = "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
+        full = len(run([binary, model, "-m", "tokenize", "-i", rendered]).stdout.split())
+        ok = p.returncode == 0 and len(turns) == 3 and first == full and 0 < second < first + 5
+        return ok, f"turn prompts {first} (full render {full}), {second}"
+
+    @test(f"{tag}: chat: a full context drops the oldest turn and says so")
+    def _():
+        p = run([binary, model, "-m", "chat", "-n", "4", "-s", "1", "-c", "90"],
+                input="one two three\n" * 5)
+        return p.returncode == 0 and "dropping the oldest turn" in p.stderr and sanitizer_clean(p), p.stderr.strip()[-120:]
+
+    if "minimind-3" in models:
+        @test(f"{tag}: chat: --think opens minimind-3's thinking block")
+        def _():
+            p = run([binary, models["minimind-3"], "-m", "chat", "--think", "-n", "3", "-t", "0", "-v"], input="hi\n")
+            rendered = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+            full = len(run([binary, models["minimind-3"], "-m", "tokenize", "-i", rendered]).stdout.split())
+            turns = [l for l in p.stderr.splitlines() if l.startswith("prompt ")]
+            return p.returncode == 0 and turns and int(turns[0].split()[1]) == full, f"{turns[:1]} vs {full}"
+
+    for label, args, words in [
+        ("generate without a prompt", [model], ["-i TEXT or -f FILE"]),
+        ("tokenize without text", [model, "-m", "tokenize"], ["-m tokenize needs"]),
+        ("both -i and -f", [model, "-i", "x", "-f", "y"], ["not both"]),
+        ("ids and text", [model, "-m", "logits", "-o", "x", "--ids", "1", "-i", "x"], ["not both"]),
+        ("negative temperature", [model, "-i", "x", "-t", "-1"], ["-t"]),
+        ("top-p above 1", [model, "-i", "x", "-p", "1.5"], ["-p"]),
+        ("prompt file missing", [model, "-f", os.path.join(TMP, "missing.txt")], ["missing.txt"]),
+        ("text longer than the context", [model, "-i", "the quick brown fox jumps", "-c", "3"],
+         ["does not fit the context of 3"]),
+    ]:
         @test(f"{tag}: bad command line: {label}")
         def _():
             return expect_error(run([binary] + args), *words)
@@ -548,7 +748,7 @@ def export_tests():
 # ----------------------------------------------------------------------------------------------
 
 def main():
-    binaries = sys.argv[1:] or [os.path.join(ROOT, "run")]
+    binaries = sys.argv[1:] or [os.path.join(ROOT, "run") + ":" + os.path.join(ROOT, "tests", "tokenizer_test")]
     shutil.rmtree(TMP, ignore_errors=True)
     os.makedirs(TMP)
     with open(os.path.join(FIX, "cases.json")) as f:
@@ -557,8 +757,14 @@ def main():
         c["checkpoint"] = os.path.join(FIX, c["checkpoint"])
         c["export_args"] = [os.path.join(FIX, a) if a.endswith(".pth") else a for a in c["export_args"]]
     export_tests()
-    for binary in binaries:
+    models = tokenizer_models()
+    with open(os.path.join(FIX, "text_expected.json"), encoding="utf-8") as f:
+        expected = json.load(f)  # made by tests/reference/gen_text_fixtures.mjs
+    for spec in binaries:  # RUN or RUN:TOKENIZER_TEST_DRIVER
+        binary, _, driver = spec.partition(":")
         parity_tests(binary, cases)
+        if driver:
+            tokenizer_tests(binary, driver, models, expected)
         consistency_tests(binary, cases)
         conformance_tests(binary)
         hostile_tests(binary)

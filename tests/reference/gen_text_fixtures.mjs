@@ -1,0 +1,56 @@
+// Reference outputs for minimind.c's tokenizer and chat-template tests.
+//
+// Rerun (Node 20; npm packages pinned in package.json):
+//     cd tests/reference && npm install && node gen_text_fixtures.mjs
+//
+// Token ids come from Hugging Face's own tokenizers library (the npm package `tokenizers` is
+// the Rust library with Node bindings; the pure-JS ports disagree with it on U+0085 / U+FEFF),
+// chat prompts from @huggingface/jinja rendering each tokenizer's chat_template. Tokenizers:
+// the project's own (tests/fixtures/tokenizer) and, when ../shared/minimind exists beside the
+// repository, MiniMind's two real ones (read there, never copied). Writes
+// tests/fixtures/text_expected.json; the tests need no Node.
+import fs from "fs";
+import path from "path";
+import { fileURLToPath } from "url";
+import { Tokenizer } from "tokenizers";
+import { Template } from "@huggingface/jinja";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const root = path.resolve(here, "..", "..");
+const corpus = JSON.parse(fs.readFileSync(path.join(here, "corpus.json"), "utf8"));
+const chats = JSON.parse(fs.readFileSync(path.join(here, "chats.json"), "utf8"));
+const sources = {
+  fixture: path.join(root, "tests", "fixtures", "tokenizer"),
+  minimind2: path.join(root, "..", "shared", "minimind", "minimind2"),
+  "minimind-3": path.join(root, "..", "shared", "minimind", "minimind-3"),
+};
+const version = (p) => JSON.parse(fs.readFileSync(path.join(here, "node_modules", p, "package.json"), "utf8")).version;
+
+const out = { generator: "tests/reference/gen_text_fixtures.mjs", tokenizers_version: version("tokenizers"),
+              jinja_version: version("@huggingface/jinja"), tokenizers: {} };
+for (const [name, dir] of Object.entries(sources)) {
+  if (!fs.existsSync(path.join(dir, "tokenizer.json"))) { console.log(`skip ${name}: ${dir} is absent`); continue; }
+  const tok = Tokenizer.fromFile(path.join(dir, "tokenizer.json"));
+  const cfg = JSON.parse(fs.readFileSync(path.join(dir, "tokenizer_config.json"), "utf8"));
+  const encode = async (text) => Array.from((await tok.encode(text, null, { addSpecialTokens: false })).getIds());
+  const entry = { path: path.relative(root, dir), encode: [], chat: [] };
+  let roundTripFailures = 0;
+  for (const text of corpus) {
+    const ids = await encode(text);
+    if ((await tok.decode(ids, false)) !== text) roundTripFailures++;
+    entry.encode.push(ids);
+  }
+  const template = new Template(cfg.chat_template);
+  for (const c of chats) {
+    const vars = { messages: c.messages, add_generation_prompt: c.add_generation_prompt,
+                   bos_token: cfg.bos_token, eos_token: cfg.eos_token };
+    if ("open_thinking" in c) vars.open_thinking = c.open_thinking;
+    const text = template.render(vars);
+    entry.chat.push({ name: c.name, text, ids: await encode(text) });
+  }
+  out.tokenizers[name] = entry;
+  console.log(`${name}: ${corpus.length} texts, ${chats.length} chats, ${roundTripFailures} decode round-trip failures`);
+}
+// one line per id list keeps the file small and diffable
+const json = JSON.stringify(out, null, 1).replace(/\[\n\s*([\d,\n\s]*?)\n\s*\]/g, (m, ids) => "[" + ids.replace(/\s+/g, "") + "]");
+fs.writeFileSync(path.join(root, "tests", "fixtures", "text_expected.json"), json + "\n");
