@@ -780,7 +780,13 @@ static void write_logits(const float *logits, int t, void *ctx) {
 }
 
 /* -m ppl: the negative log-likelihood of each next token, -log softmax(logits)[next] */
-typedef struct { const int *tokens; int n, vocab; double nll; long count, total; } PplSum;
+typedef struct {
+    const int *tokens;  /* the current window's ids [n] */
+    int n, vocab;
+    double nll;         /* summed over every scored position so far */
+    long count, total;  /* positions scored so far, and in the whole run */
+    int reported;       /* tenths of the run already reported on stderr */
+} PplSum;
 
 static void add_nll(const float *logits, int t, void *ctx) {
     PplSum *p = ctx;
@@ -791,8 +797,11 @@ static void add_nll(const float *logits, int t, void *ctx) {
     for (int i = 0; i < p->vocab; i++) sum += exp((double)logits[i] - max);
     p->nll += log(sum) + max - logits[p->tokens[t + 1]];
     p->count++;
-    if (p->total >= 8192 && p->count % 4096 == 0)  /* long runs: progress on stderr */
-        fprintf(stderr, "ppl %.4f after %ld of %ld tokens\n", exp(p->nll / p->count), p->count, p->total);
+    if (p->total >= 8192 && p->count * 10 >= (p->reported + 1) * p->total) {  /* long runs: every 10% */
+        p->reported = (int)(p->count * 10 / p->total);
+        fprintf(stderr, "ppl: %3d%% (%ld of %ld tokens), ppl so far %.4f\n", p->reported * 10, p->count,
+                p->total, exp(p->nll / p->count));
+    }
 }
 
 /* ============================================================================================
@@ -1054,7 +1063,7 @@ static void print_token_text(const uint8_t *b, size_t n) {
 typedef struct {
     const char *model_path, *mode, *ids_arg, *out_path, *text, *text_file, *system;
     int ctx, threads, batch, steps, top_k;
-    bool no_batch, verbose, think, show_tokens;
+    bool no_batch, verbose, think, show_tokens, csv;
     float temperature, top_p, repeat_penalty;
     unsigned long long seed;
     bool seed_given;
@@ -1083,6 +1092,7 @@ static void usage(FILE *f) {
 "  -y TEXT                chat: system prompt  [the template's default]\n"
 "  --think                chat: open minimind-3's thinking block\n"
 "  --show-tokens          tokenize: one token per line with its text\n"
+"  --csv                  ppl: print context,windows,tokens,nll,ppl as CSV instead\n"
 "  -c, --ctx N            context length (KV cache positions); ppl: window length\n"
 "                         [the model's max positions]\n"
 "  --threads N            worker threads (OpenMP builds)  [number of cores]\n"
@@ -1095,7 +1105,7 @@ static void usage(FILE *f) {
 "  --yarn-beta-fast F     YaRN high-frequency ramp end, in rotations  [32]\n"
 "  --yarn-beta-slow F     YaRN low-frequency ramp end, in rotations  [1]\n"
 "  --yarn-attn-factor F   YaRN factor on cos and sin  [1.0]\n"
-"  -v, --verbose          print the model's config and timings on stderr\n"
+"  -v, --verbose          print the model's config, timings and per-window ppl on stderr\n"
 "  -h, --help             this text\n"
 "generate feeds <|im_start|> + the text, as MiniMind does for pretrained checkpoints; chat\n"
 "renders each turn with the checkpoint's chat template. YaRN defaults are MiniMind's\n"
@@ -1134,6 +1144,7 @@ static void parse_args(Options *o, int argc, char **argv) {
         if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) { o->verbose = true; continue; }
         if (!strcmp(a, "--think")) { o->think = true; continue; }
         if (!strcmp(a, "--show-tokens")) { o->show_tokens = true; continue; }
+        if (!strcmp(a, "--csv")) { o->csv = true; continue; }
         if (a[0] != '-' || a[1] == 0) {
             if (o->model_path) die("unexpected argument '%s' (the model file is '%s')", a, o->model_path);
             o->model_path = a;
@@ -1374,12 +1385,16 @@ int main(int argc, char **argv) {
             sum.tokens = ids + (size_t)w * ctx;
             sum.n = n_ids - w * ctx < ctx ? n_ids - w * ctx : ctx;
             run_sequence(&m, &s, sum.tokens, sum.n, !o.no_batch, add_nll, &sum);
-            if (n_windows > 1)
+            if (o.verbose && n_windows > 1)
                 fprintf(stderr, "window %d/%d: ppl %.4f over %ld tokens\n", w + 1, n_windows,
                         sum.count ? exp(sum.nll / sum.count) : NAN, sum.count);
         }
         if (sum.count == 0) die("ppl needs at least 2 tokens in a window (got %d ids, -c %d)", n_ids, ctx);
-        printf("ppl = %.6f over %ld tokens\n", exp(sum.nll / sum.count), sum.count);
+        if (o.csv)
+            printf("context,windows,tokens,nll,ppl\n%d,%d,%ld,%.8f,%.6f\n", ctx, n_windows, sum.count,
+                   sum.nll / sum.count, exp(sum.nll / sum.count));
+        else
+            printf("ppl = %.6f over %ld tokens\n", exp(sum.nll / sum.count), sum.count);
     }
     if (o.verbose && !generating && !chatting)
         fprintf(stderr, "%d tokens in %.3f s (%.1f tokens/s)\n", n_ids, now_seconds() - t0,

@@ -6,7 +6,8 @@
 // Token ids come from Hugging Face's own tokenizers library (the npm package `tokenizers` is
 // the Rust library with Node bindings; the pure-JS ports disagree with it on U+0085 / U+FEFF),
 // chat prompts from @huggingface/jinja rendering each tokenizer's chat_template. Tokenizers:
-// the project's own (tests/fixtures/tokenizer) and, when ../shared/minimind exists beside the
+// the project's own (tests/fixtures/tokenizer), the demo model's (demo/tokenizer, trained by
+// demo/train.py; it has no chat template) and, when ../shared/minimind exists beside the
 // repository, MiniMind's two real ones (read there, never copied). Writes
 // tests/fixtures/text_expected.json; the tests need no Node.
 import fs from "fs";
@@ -21,6 +22,7 @@ const corpus = JSON.parse(fs.readFileSync(path.join(here, "corpus.json"), "utf8"
 const chats = JSON.parse(fs.readFileSync(path.join(here, "chats.json"), "utf8"));
 const sources = {
   fixture: path.join(root, "tests", "fixtures", "tokenizer"),
+  demo: path.join(root, "demo", "tokenizer"),
   minimind2: path.join(root, "..", "shared", "minimind", "minimind2"),
   "minimind-3": path.join(root, "..", "shared", "minimind", "minimind-3"),
 };
@@ -40,8 +42,11 @@ for (const [name, dir] of Object.entries(sources)) {
     if ((await tok.decode(ids, false)) !== text) roundTripFailures++;
     entry.encode.push(ids);
   }
-  const template = new Template(cfg.chat_template);
-  for (const c of chats) {
+  // the demo tokenizer: also the held-out sample that demo/train.py encoded with its own encoder
+  if (name === "demo")
+    entry.heldout_ids = await encode(JSON.parse(fs.readFileSync(path.join(root, "demo", "reference.json"), "utf8")).tokenize_text);
+  const template = cfg.chat_template ? new Template(cfg.chat_template) : null;
+  for (const c of template ? chats : []) {
     const vars = { messages: c.messages, add_generation_prompt: c.add_generation_prompt,
                    bos_token: cfg.bos_token, eos_token: cfg.eos_token };
     if ("open_thinking" in c) vars.open_thinking = c.open_thinking;
