@@ -1368,6 +1368,7 @@ int main(int argc, char **argv) {
             Stats st = {0};
             generate(&m, &s, &tok, &sp, &c, o.steps, NULL, &st);
             fputc('\n', stdout);
+            fflush(stdout);  /* the text before the stats, also when both go to one pipe */
             print_stats(&st);
         } else {
             chat(&m, &s, &tok, &sp, &c, o.system, o.think, o.steps, o.verbose);

@@ -11,7 +11,8 @@ into windows of N tokens, each run from position 0 (`./run -m ppl -c N --csv`), 
   yarn      MiniMind's YaRN with original context train-len and factor N / train-len
             (or a fixed --yarn-factor: MiniMind's own inference_rope_scaling is 16 over 2048)
   base=B    plain RoPE with theta B (--rope-base)
-Writes PREFIX.csv, PREFIX.md (the table) and PREFIX.svg (the plot). Standard library only.
+Writes PREFIX.csv, PREFIX.md (the table) and PREFIX.svg (the plot); --from-csv PREFIX.csv redraws
+the table and plot of an earlier run without running anything. Standard library only.
 For a MiniMind release: --train-len 2048 --contexts 2048,4096,8192,16384,32768 --yarn-factor 16
 """
 import argparse
@@ -57,6 +58,7 @@ def svg_plot(series, contexts, path, title):
     ys = [v for s in series.values() for v in s if v and math.isfinite(v)]
     lo, hi = math.log10(min(ys)), math.log10(max(ys))
     hi = hi if hi > lo else lo + 1
+    lo, hi = lo - 0.04 * (hi - lo), hi + 0.04 * (hi - lo)  # a margin, so no line runs on an axis
     xs = {c: L + (W - L - R) * i / max(len(contexts) - 1, 1) for i, c in enumerate(contexts)}
     y = lambda v: T + (H - T - B) * (1 - (math.log10(v) - lo) / (hi - lo))
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
@@ -69,12 +71,13 @@ def svg_plot(series, contexts, path, title):
            f'<text x="16" y="{(T + H - B) / 2}" transform="rotate(-90 16 {(T + H - B) / 2})" text-anchor="middle">perplexity (log scale)</text>']
     for c, x in xs.items():
         out.append(f'<text x="{x}" y="{H - B + 16}" text-anchor="middle">{c}</text>')
-    steps = (1,) if hi - lo > 3 else (1, 2, 5)  # gridlines at 1, 2, 5 x 10^e on a short range
+    # gridlines at 10^e on a long range, 1, 2, 5 x 10^e on a shorter one, finer within a decade
+    steps = (1,) if hi - lo > 3 else (1, 2, 5) if hi - lo > 1 else (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8)
     for e in range(math.floor(lo), math.ceil(hi) + 1):
         for m in steps:
             v = m * 10 ** e
             if lo <= math.log10(v) <= hi:
-                label = f"{v:g}" if -3 <= e <= 5 else f"{m}e{e}"
+                label = f"{v:g}" if -3 <= e <= 5 else f"{m:g}e{e}"
                 out.append(f'<line x1="{L - 4}" y1="{y(v):.1f}" x2="{W - R}" y2="{y(v):.1f}" stroke="#ddd"/>')
                 out.append(f'<text x="{L - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{label}</text>')
     for i, (name, vals) in enumerate(series.items()):
@@ -100,7 +103,13 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32768)
     ap.add_argument("--run", default=os.path.join(ROOT, "run"))
     ap.add_argument("--out", default=os.path.join(ROOT, "demo", "extrapolation"))
+    ap.add_argument("--from-csv", help="redraw the table and plot from an earlier PREFIX.csv, running nothing")
     a = ap.parse_args()
+    if a.from_csv:
+        with open(a.from_csv, newline="") as f:
+            rows = list(csv.reader(f))
+        contexts = [int(c) for c in rows[0][1:]]
+        return report({r[0]: [float(v) for v in r[1:]] for r in rows[1:]}, contexts, a)
     contexts = [int(c) for c in a.contexts.split(",")]
     runs = {"none": lambda n: ["--rope-scaling", "none"],
             "linear": lambda n: ["--rope-scaling", "linear", "--rope-scale", str(max(1.0, n / a.train_len))],
@@ -118,6 +127,10 @@ def main():
             for n in contexts:
                 series[name].append(ppl(a.run, a.model, ids_path, n, flags(n)))
                 print(f"{name:>12} ctx {n:>6}: ppl {series[name][-1]:.3f}", file=sys.stderr)
+    report(series, contexts, a)
+
+
+def report(series, contexts, a):
     with open(a.out + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method"] + contexts)
@@ -130,7 +143,7 @@ def main():
     with open(a.out + ".md", "w") as f:
         f.write(table + "\n")
     svg_plot(series, contexts, a.out + ".svg",
-             f"{os.path.basename(a.model)}: perplexity by context (trained at {a.train_len})")
+             f"{a.model}: perplexity by context length (trained at {a.train_len})")
     print(table)
 
 

@@ -4,7 +4,7 @@
     cd demo && npm install && cd .. && /usr/bin/python3 demo/train.py
 
 Data: the npm package chinese-poetry 2.0.1 (MIT licence; the poems themselves are classical
-and in the public domain), its 57,607 Tang poems (quantangshi/poet.tang.*.json), shuffled with
+and in the public domain), its 57,603 Tang poems (quantangshi/poet.tang.*.json), shuffled with
 a fixed seed: 98% to train on, 2% held out.
 
 Writes, all in demo/:
