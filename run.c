@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -360,6 +361,8 @@ static void rope_inv_freq(float *inv_freq, const Rope *r, int head_dim, int max_
  * The run state: activations for a block of tokens, and the KV cache
  * ============================================================================================ */
 
+#define ROW_BLOCK 4              /* weight rows per unit of matmul work (the fast path's tile) */
+
 typedef struct {
     int max_tokens;             /* tokens per forward call (the prefill block) */
     int ctx;                    /* KV cache length in positions */
@@ -379,14 +382,22 @@ typedef struct {
     float *inv_freq;            /* [head_dim/2] */
     float attn_factor;
     float *scores;              /* [threads, ctx] attention scores, one row per thread */
-    float *row_buf;             /* [threads, max cols] a weight row converted to f32 */
+    float *row_buf;             /* [threads, ROW_BLOCK * max cols] weight rows converted to f32 */
     int row_buf_len;
+    int8_t *xq;                 /* [max_tokens, max cols] activations quantised for q8_0 matrices */
+    float *xs;                  /* [max_tokens, max cols / 32] their scales */
     float *logits;              /* [max_tokens, vocab] */
-    float *key_cache;           /* [n_layers, ctx, n_kv_heads * head_dim] */
-    float *value_cache;         /* [n_layers, ctx, n_kv_heads * head_dim] */
+    int kv_dtype;               /* MM_F32, or MM_F16 (--kv f16) */
+    void *key_cache;            /* [n_layers, ctx, n_kv_heads * head_dim] of kv_dtype */
+    void *value_cache;          /* [n_layers, ctx, n_kv_heads * head_dim] of kv_dtype */
+    float *k_new, *v_new;       /* [max_tokens, n_kv_heads * head_dim] the block's k, v before caching */
+    float *att_buf;             /* [threads, att_buf_len] attention scratch (attention_group) */
+    size_t att_buf_len;
 } State;
 
-static void state_init(State *s, const Model *m, int max_tokens, int ctx, const Rope *rope) {
+static size_t attention_buf_len(int group, int hd);
+
+static void state_init(State *s, const Model *m, int max_tokens, int ctx, const Rope *rope, int kv_dtype) {
     const mm_header *h = &m->cfg;
     size_t dim = h->dim, q_dim = (size_t)h->n_heads * h->head_dim, kv_dim = (size_t)h->n_kv_heads * h->head_dim;
     size_t ffn = h->flags & MM_FLAG_MOE ? h->moe_hidden_dim : h->hidden_dim;
@@ -418,18 +429,27 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
     s->scores = xcalloc(nt * (size_t)ctx, sizeof(float), "attention scores");
     size_t max_cols = dim > q_dim ? dim : q_dim;
     if (ffn > max_cols) max_cols = ffn;
-    s->row_buf_len = (int)max_cols;
-    s->row_buf = xcalloc(nt * max_cols, sizeof(float), "weight row buffer");
+    s->row_buf_len = ROW_BLOCK * (int)max_cols;
+    s->row_buf = xcalloc(nt * (size_t)s->row_buf_len, sizeof(float), "weight row buffer");
+    s->xq = xcalloc(T * max_cols, 1, "quantised activations");
+    s->xs = xcalloc(T * max_cols / MM_Q8_GROUP + 1, sizeof(float), "quantised activations");
     s->logits = xcalloc(T * h->vocab_size, sizeof(float), "logits");
     /* calloc of this size maps fresh zero pages: memory is only committed for positions used */
-    s->key_cache = xcalloc((size_t)h->n_layers * ctx * kv_dim, sizeof(float), "key cache");
-    s->value_cache = xcalloc((size_t)h->n_layers * ctx * kv_dim, sizeof(float), "value cache");
+    s->kv_dtype = kv_dtype;
+    size_t kv_elem = kv_dtype == MM_F16 ? 2 : 4;
+    s->key_cache = xcalloc((size_t)h->n_layers * ctx * kv_dim, kv_elem, "key cache");
+    s->value_cache = xcalloc((size_t)h->n_layers * ctx * kv_dim, kv_elem, "value cache");
+    s->k_new = xcalloc(T * kv_dim, sizeof(float), "activations");
+    s->v_new = xcalloc(T * kv_dim, sizeof(float), "activations");
+    s->att_buf_len = attention_buf_len((int)(h->n_heads / h->n_kv_heads), (int)h->head_dim);
+    s->att_buf = xcalloc(nt * s->att_buf_len, sizeof(float), "attention scratch");
 }
 
 static void state_free(State *s) {
     void *bufs[] = {s->x, s->xb, s->delta, s->q, s->att_out, s->hb, s->hb2, s->moe_in, s->moe_out,
                     s->moe_rows, s->moe_w, s->router, s->top_idx, s->top_w, s->cos, s->sin, s->inv_freq,
-                    s->scores, s->row_buf, s->logits, s->key_cache, s->value_cache};
+                    s->scores, s->row_buf, s->xq, s->xs, s->logits, s->key_cache, s->value_cache,
+                    s->k_new, s->v_new, s->att_buf};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
 
@@ -487,14 +507,233 @@ static float dot(const float *a, const float *b, int n) {
     return sum;
 }
 
+/* ---- q8_0 activations: x quantised per group of 32 like the weights, so that a q8_0 matrix
+ * times a vector is integer dot products per group and two scales ---- */
+
+/* q[i] = round(x[i] / d) with d = max|x| / 127 over each group of 32; n is a multiple of 32 */
+static void quantize_q8_ref(int8_t *q, float *scale, const float *x, int n) {
+    for (int g = 0; g < n / MM_Q8_GROUP; g++) {
+        const float *xg = x + (size_t)g * MM_Q8_GROUP;
+        float amax = 0;
+        for (int i = 0; i < MM_Q8_GROUP; i++) amax = fmaxf(amax, fabsf(xg[i]));
+        float d = amax / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
+        for (int i = 0; i < MM_Q8_GROUP; i++) q[g * MM_Q8_GROUP + i] = (int8_t)nearbyintf(xg[i] * id);
+        scale[g] = d;
+    }
+}
+
+/* w . x for a q8_0 weight row and a q8_0 activation row: exact int32 per group, then scales */
+static float dot_q8_ref(const int8_t *w, const float *w_scale, const int8_t *x, const float *x_scale, int n) {
+    float sum = 0;
+    for (int g = 0; g < n / MM_Q8_GROUP; g++) {
+        int32_t isum = 0;
+        for (int i = 0; i < MM_Q8_GROUP; i++) isum += (int32_t)w[g * MM_Q8_GROUP + i] * x[g * MM_Q8_GROUP + i];
+        sum += (float)isum * (w_scale[g] * x_scale[g]);
+    }
+    return sum;
+}
+
+/* ---- matmul, the plain reference: out[t, r] = W[r, :] . x[t, :] for rows r0..r1, every token.
+ * x: [n, W.cols], out: [n, W.rows]. Each weight row is converted once for the whole block. ---- */
+static void matmul_rows_ref(float *out, const float *x, const Matrix *w, int n, int r0, int r1, float *buf) {
+    for (int r = r0; r < r1; r++) {
+        const float *row = matrix_row(w, r, buf);
+        for (int t = 0; t < n; t++) out[(size_t)t * w->rows + r] = dot(row, x + (size_t)t * w->cols, w->cols);
+    }
+}
+
+/* the same for q8_0 weights with activations already quantised: xq [n, cols], xs [n, cols/32] */
+static void matmul_rows_q8_ref(float *out, const int8_t *xq, const float *xs, const Matrix *w, int n,
+                               int r0, int r1) {
+    int cols = w->cols, groups = cols / MM_Q8_GROUP;
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < n; t++)
+            out[(size_t)t * w->rows + r] = dot_q8_ref((const int8_t *)w->data + (size_t)r * cols,
+                                                      w->scales + (size_t)r * groups, xq + (size_t)t * cols,
+                                                      xs + (size_t)t * groups, cols);
+}
+
+/* ---- matmul, the fast path (x86-64 AVX2 + FMA + F16C; other machines use the reference) ----
+ * A register tile of TILE_ROWS weight rows x TILE_TOKENS tokens: each weight vector loaded is
+ * used for every token of the tile, each activation vector for every row. Every output element
+ * is its own chain of 8-lane FMAs over the columns and one fixed horizontal sum, so its value
+ * does not depend on the tile shape, the block size or the thread that computes it. */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define KERNELS "avx2"
+#define HAVE_AVX2 1
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+enum { TILE_ROWS = ROW_BLOCK, TILE_TOKENS = 3 };
+
+static ALWAYS_INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 weights from element i of p, as f32 */
+static ALWAYS_INLINE __m256 load8(int dtype, const void *p, size_t i) {
+    if (dtype == MM_F32) return _mm256_loadu_ps((const float *)p + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    if (dtype == MM_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  /* bf16 */
+}
+
+static ALWAYS_INLINE float load1(int dtype, const void *p, size_t i) {
+    if (dtype == MM_F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    return dtype == MM_F16 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+/* out[t * ldo + r] = w[r, :] . x[t, :] for r < R, t < T; w rows ldw elements apart (f32/f16/bf16) */
+static ALWAYS_INLINE void tile_avx2(float *out, int ldo, int dtype, const void *w, int ldw,
+                                    const float *x, int ldx, int K, const int R, const int T) {
+    __m256 acc[TILE_ROWS][TILE_TOKENS];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[TILE_ROWS];
+        for (int r = 0; r < R; r++) wv[r] = load8(dtype, w, (size_t)r * ldw + k);
+        for (int t = 0; t < T; t++) {
+            __m256 xv = _mm256_loadu_ps(x + (size_t)t * ldx + k);
+            for (int r = 0; r < R; r++) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) {
+            float sum = hsum8(acc[r][t]);
+            for (int kk = k; kk < K; kk++) sum += load1(dtype, w, (size_t)r * ldw + kk) * x[(size_t)t * ldx + kk];
+            out[(size_t)t * ldo + r] = sum;
+        }
+}
+
+/* rows r0 .. r0+R (R <= TILE_ROWS) of a f32/f16/bf16 matrix whose row r0 starts at w, every token */
+static void matmul_block_avx2(float *out, const float *x, int n, int ldo, int dtype, const void *w, int K,
+                              int r0, int R) {
+    float *o = out + r0;
+    if (R < TILE_ROWS) {   /* the last rows of a matrix whose height is not a multiple of 4 */
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < n; t++)
+                tile_avx2(o + (size_t)t * ldo + r, ldo, dtype, (const uint8_t *)w + (size_t)r * K *
+                          (dtype == MM_F32 ? 4 : 2), K, x + (size_t)t * K, K, K, 1, 1);
+        return;
+    }
+    int t = 0;
+    for (; t + TILE_TOKENS <= n; t += TILE_TOKENS)
+        tile_avx2(o + (size_t)t * ldo, ldo, dtype, w, K, x + (size_t)t * K, K, K, TILE_ROWS, TILE_TOKENS);
+    for (; t < n; t++)
+        tile_avx2(o + (size_t)t * ldo, ldo, dtype, w, K, x + (size_t)t * K, K, K, TILE_ROWS, 1);
+}
+
+/* q8_0 weights x q8_0 activations for one token and R <= TILE_ROWS rows from r0: per group of 32,
+ * |w| (unsigned) times x with w's sign (signed) in 16-bit pairs, summed to 32 bits, then scaled */
+static ALWAYS_INLINE void tile_q8_avx2(float *out, const Matrix *w, int r0, const int8_t *xq,
+                                       const float *xs, const int R) {
+    int cols = w->cols, groups = cols / MM_Q8_GROUP;
+    const int8_t *wq = (const int8_t *)w->data + (size_t)r0 * cols;
+    const float *ws = w->scales + (size_t)r0 * groups;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[TILE_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)g * MM_Q8_GROUP));
+        for (int r = 0; r < R; r++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(wq + (size_t)r * cols + (size_t)g * MM_Q8_GROUP));
+            __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+            __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[(size_t)r * groups + g] * xs[g]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r0 + r] = hsum8(acc[r]);
+}
+
+/* the q8_0 activations of n rows of x (the fast twin of quantize_q8_ref: the same codes) */
+static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    for (int g = 0; g < n / MM_Q8_GROUP; g++) {
+        const float *xg = x + (size_t)g * MM_Q8_GROUP;
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(xg + 8 * j);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign_bit, v[j]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float d = _mm_cvtss_f32(m4) / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
+        __m256i i32[4];
+        for (int j = 0; j < 4; j++) i32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(id)));
+        /* 32-bit -> 8-bit packs work within 128-bit lanes: put the bytes back in order */
+        __m256i i16a = _mm256_packs_epi32(i32[0], i32[1]), i16b = _mm256_packs_epi32(i32[2], i32[3]);
+        __m256i i8 = _mm256_packs_epi16(i16a, i16b);
+        i8 = _mm256_permutevar8x32_epi32(i8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + (size_t)g * MM_Q8_GROUP), i8);
+        scale[g] = d;
+    }
+}
+#else
+#define KERNELS "portable"
+#endif
+
+/* q8_0 matrices switch from integer dot products to f32 (weights converted once per row block)
+ * at this many tokens: the conversion then costs less than quantising every token */
+#define Q8_F32_MIN_TOKENS 4
+
+/* --ref-kernels: every matmul through the plain reference, for testing the fast path */
+static bool reference_kernels = false;
+
+static void quantize_q8(int8_t *q, float *scale, const float *x, int n) {
+#ifdef HAVE_AVX2
+    if (!reference_kernels) { quantize_q8_avx2(q, scale, x, n); return; }
+#endif
+    quantize_q8_ref(q, scale, x, n);
+}
+
+/* rows r0 .. r0+R of out = W x, every token: the fast kernels, or the reference */
+static void matmul_block(float *out, const float *x, const Matrix *w, int n, int r0, int R, bool q8_int,
+                         const State *s, float *buf) {
+    int rows = w->rows, cols = w->cols, groups = cols / MM_Q8_GROUP;
+#ifdef HAVE_AVX2
+    if (!reference_kernels) {
+        if (q8_int) {
+            for (int t = 0; t < n; t++) {
+                const int8_t *xq = s->xq + (size_t)t * cols;
+                const float *xs = s->xs + (size_t)t * groups;
+                float *o = out + (size_t)t * rows;
+                if (R == TILE_ROWS) tile_q8_avx2(o, w, r0, xq, xs, TILE_ROWS);
+                else for (int r = r0; r < r0 + R; r++) tile_q8_avx2(o, w, r, xq, xs, 1);
+            }
+        } else if (w->dtype == MM_Q8_0) {   /* the block's rows converted to f32 once, then f32 tiles */
+            for (int r = 0; r < R; r++) matrix_row(w, r0 + r, buf + (size_t)r * cols);
+            matmul_block_avx2(out, x, n, rows, MM_F32, buf, cols, r0, R);
+        } else {
+            size_t elem = w->dtype == MM_F32 ? 4 : 2;
+            matmul_block_avx2(out, x, n, rows, w->dtype, (const uint8_t *)w->data + (size_t)r0 * cols * elem,
+                              cols, r0, R);
+        }
+        return;
+    }
+#endif
+    (void)rows, (void)groups;
+    if (q8_int) matmul_rows_q8_ref(out, s->xq, s->xs, w, n, r0, r0 + R);
+    else matmul_rows_ref(out, x, w, n, r0, r0 + R, buf);
+}
+
 /* out[t, r] = W[r, :] . x[t, :] for t < n_tokens.  x: [n_tokens, W.cols], out: [n_tokens, W.rows].
- * Each weight row is read (and converted) once for the whole block of tokens. */
+ * Threads take contiguous ranges of ROW_BLOCK-row blocks; the weights are read once per call. */
 static void matmul(float *out, const float *x, const Matrix *w, int n_tokens, State *s) {
-    #pragma omp parallel for schedule(static)
-    for (int r = 0; r < w->rows; r++) {
-        const float *row = matrix_row(w, r, s->row_buf + (size_t)thread_id() * s->row_buf_len);
+    int rows = w->rows, cols = w->cols;
+    bool q8_int = w->dtype == MM_Q8_0 && n_tokens < Q8_F32_MIN_TOKENS;
+    if (q8_int)
         for (int t = 0; t < n_tokens; t++)
-            out[(size_t)t * w->rows + r] = dot(row, x + (size_t)t * w->cols, w->cols);
+            quantize_q8(s->xq + (size_t)t * cols, s->xs + (size_t)t * (cols / MM_Q8_GROUP), x + (size_t)t * cols, cols);
+    int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+    #pragma omp parallel for schedule(static)
+    for (int b = 0; b < n_blocks; b++) {
+        int r0 = b * ROW_BLOCK, R = rows - r0 < ROW_BLOCK ? rows - r0 : ROW_BLOCK;
+        matmul_block(out, x, w, n_tokens, r0, R, q8_int, s, s->row_buf + (size_t)thread_id() * s->row_buf_len);
     }
 }
 
@@ -535,19 +774,151 @@ static void rope_rotate(float *v, const float *cos_, const float *sin_, int half
     }
 }
 
-/* One query head over positions 0..pos of its kv head: out = softmax(q.k / sqrt(hd)) . v
- * keys, values: the layer's cache, [ctx, kv_dim], this head's slice at offset kv_off */
-static void attention_head(float *out, const float *q, const float *keys, const float *values,
-                           int kv_dim, int kv_off, int head_dim, int pos, float *scores) {
+/* ---- the KV cache: rows of kv_dim values, f32 or (--kv f16) f16 ---- */
+
+/* f32 -> f16, rounding to nearest even (overflow to inf; the cache holds rotated k and v) */
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, mag = x & 0x7fffffff;
+    if (mag >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (mag > 0x7f800000 ? 0x200 : 0));  /* inf, nan */
+    if (mag >= 0x477ff000) return (uint16_t)(sign | 0x7c00);        /* rounds past 65504: inf */
+    if (mag < 0x38800000) {                                          /* f16 subnormal or zero */
+        float v = fabsf(f) * 16777216.0f;                            /* in units of 2^-24 */
+        return (uint16_t)(sign | (uint16_t)nearbyintf(v));
+    }
+    uint32_t r = mag - 0x38000000;                                   /* rebias 127 -> 15, in place */
+    r = (r + 0xfff + ((r >> 13) & 1)) >> 13;
+    return (uint16_t)(sign | r);
+}
+
+/* n values of the cache from element at, as f32: a pointer into an f32 cache, else converted */
+static const float *kv_row(const void *cache, int dtype, size_t at, int n, float *buf) {
+    if (dtype == MM_F32) return (const float *)cache + at;
+    const uint16_t *p = (const uint16_t *)cache + at;
+    for (int i = 0; i < n; i++) buf[i] = f16_to_f32(p[i]);
+    return buf;
+}
+
+static void kv_store(void *cache, int dtype, size_t at, const float *x, int n) {
+    if (dtype == MM_F32) { memcpy((float *)cache + at, x, (size_t)n * sizeof(float)); return; }
+    uint16_t *p = (uint16_t *)cache + at;
+    for (int i = 0; i < n; i++) p[i] = f32_to_f16(x[i]);
+}
+
+/* ---- attention, the plain reference: one query head over positions 0..pos of its kv head,
+ * out = softmax(q.k / sqrt(hd)) . v.  keys, values: a layer's cache [ctx, kv_dim], this head's
+ * slice at offset kv_off; scores: [pos + 1]; row: [head_dim] ---- */
+static void attention_head(float *out, const float *q, const void *keys, const void *values, int kv_dtype,
+                           int kv_dim, int kv_off, int head_dim, int pos, float *scores, float *row) {
     float scale = 1.0f / sqrtf((float)head_dim);
     for (int t = 0; t <= pos; t++)
-        scores[t] = dot(q, keys + (size_t)t * kv_dim + kv_off, head_dim) * scale;
+        scores[t] = dot(q, kv_row(keys, kv_dtype, (size_t)t * kv_dim + kv_off, head_dim, row), head_dim) * scale;
     softmax(scores, pos + 1);
     memset(out, 0, (size_t)head_dim * sizeof(float));
     for (int t = 0; t <= pos; t++) {
-        const float *v = values + (size_t)t * kv_dim + kv_off;
+        const float *v = kv_row(values, kv_dtype, (size_t)t * kv_dim + kv_off, head_dim, row);
         for (int i = 0; i < head_dim; i++) out[i] += scores[t] * v[i];
     }
+}
+
+/* ---- attention, the fast path: all the query heads that share a kv head, for a run of tokens,
+ * over the keys in tiles of KV_TILE positions. Each key and value row is read once for every
+ * query that sees it (not once per query head), the scores of a tile are a small matrix product
+ * (the matmul tile), and the softmax runs online: a running max and sum per query, the partial
+ * output rescaled when the max grows, so the scores never outgrow a tile (flash attention). ---- */
+#define KV_TILE 128     /* key positions per tile */
+#define ATT_TOKENS 16   /* tokens per unit of attention work (with all heads of one kv head) */
+
+/* S[j * ldS + t] = q_j . k_t * scale for queries j < nq (head_dim apart) and keys t < n_keys
+ * (kv_dim apart from k); buf: [head_dim] */
+static void attention_scores(float *S, int ldS, const float *q, int nq, const void *k, int kv_dtype,
+                             int kv_dim, int hd, int n_keys, float scale, float *buf) {
+#ifdef HAVE_AVX2
+    if (!reference_kernels) {
+        size_t elem = kv_dtype == MM_F32 ? 4 : 2;
+        int t = 0;
+        for (; t + TILE_ROWS <= n_keys; t += TILE_ROWS) {
+            const void *kt = (const uint8_t *)k + (size_t)t * kv_dim * elem;
+            int j = 0;
+            for (; j + TILE_TOKENS <= nq; j += TILE_TOKENS)
+                tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, kv_dim, q + (size_t)j * hd, hd, hd,
+                          TILE_ROWS, TILE_TOKENS);
+            for (; j < nq; j++)
+                tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, kv_dim, q + (size_t)j * hd, hd, hd,
+                          TILE_ROWS, 1);
+        }
+        for (; t < n_keys; t++)
+            for (int j = 0; j < nq; j++)
+                tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, (const uint8_t *)k + (size_t)t * kv_dim * elem,
+                          kv_dim, q + (size_t)j * hd, hd, hd, 1, 1);
+        for (int j = 0; j < nq; j++)
+            for (int t2 = 0; t2 < n_keys; t2++) S[(size_t)j * ldS + t2] *= scale;
+        return;
+    }
+#endif
+    for (int t = 0; t < n_keys; t++) {
+        const float *kt = kv_row(k, kv_dtype, (size_t)t * kv_dim, hd, buf);
+        for (int j = 0; j < nq; j++) S[(size_t)j * ldS + t] = dot(q + (size_t)j * hd, kt, hd) * scale;
+    }
+}
+
+/* Tokens pos0 .. pos0+n-1 (n <= ATT_TOKENS), the `group` query heads of kv head g each.
+ * q, out: [n, q_dim] rows (this group's heads at g * group * head_dim); keys, values: the layer's
+ * cache; buf: [attention_buf_len(group, head_dim)] */
+static size_t attention_buf_len(int group, int hd) {
+    size_t nq = (size_t)ATT_TOKENS * group;
+    return nq * KV_TILE + nq * hd + 2 * nq + (size_t)hd;
+}
+
+static void attention_group(float *out, const float *q, int n, int q_dim, int group, int g,
+                            const void *keys, const void *values, int kv_dtype, int kv_dim, int hd,
+                            int pos0, float *buf) {
+    int nq = n * group;
+    float *S = buf, *O = S + (size_t)nq * KV_TILE, *mx = O + (size_t)nq * hd, *sum = mx + nq, *row = sum + nq;
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int r = 0; r < nq; r++) mx[r] = -INFINITY, sum[r] = 0;
+    memset(O, 0, sizeof(float) * (size_t)nq * hd);
+    int kv_off = g * hd, last = pos0 + n - 1;
+    for (int t0 = 0; t0 <= last; t0 += KV_TILE) {
+        int nt = last + 1 - t0 < KV_TILE ? last + 1 - t0 : KV_TILE;
+        const size_t k_at = (size_t)t0 * kv_dim + kv_off;
+        const void *k = (const uint8_t *)keys + k_at * (kv_dtype == MM_F32 ? 4 : 2);
+        for (int i = 0; i < n; i++) {  /* token i sees keys up to its own position */
+            int see = pos0 + i - t0 + 1 < nt ? pos0 + i - t0 + 1 : nt;
+            if (see <= 0) continue;
+            const float *qi = q + (size_t)i * q_dim + (size_t)g * group * hd;
+            float *Si = S + (size_t)i * group * KV_TILE;
+            attention_scores(Si, KV_TILE, qi, group, k, kv_dtype, kv_dim, hd, see, scale, row);
+            for (int j = 0; j < group; j++) {  /* online softmax: rescale what came before */
+                int r = i * group + j;
+                float *sr = Si + (size_t)j * KV_TILE, m = mx[r];
+                for (int t = 0; t < see; t++) m = sr[t] > m ? sr[t] : m;
+                float corr = expf(mx[r] - m), add = 0;
+                for (int t = 0; t < see; t++) { sr[t] = expf(sr[t] - m); add += sr[t]; }
+                sum[r] = sum[r] * corr + add;
+                mx[r] = m;
+                if (corr != 1.0f)
+                    for (int d = 0; d < hd; d++) O[(size_t)r * hd + d] *= corr;
+            }
+        }
+        for (int t = 0; t < nt; t++) {  /* O += P . V: each value row once for all queries */
+            const float *v = kv_row(values, kv_dtype, k_at + (size_t)t * kv_dim, hd, row);
+            int first = t0 + t - pos0 > 0 ? t0 + t - pos0 : 0;  /* tokens before it don't see it */
+            for (int i = first; i < n; i++)
+                for (int j = 0; j < group; j++) {
+                    float p = S[((size_t)i * group + j) * KV_TILE + t], *o = O + ((size_t)i * group + j) * hd;
+                    #pragma omp simd
+                    for (int d = 0; d < hd; d++) o[d] += p * v[d];
+                }
+        }
+    }
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < group; j++) {
+            int r = i * group + j;
+            float inv = 1.0f / sum[r], *o = out + (size_t)i * q_dim + ((size_t)g * group + j) * hd;
+            for (int d = 0; d < hd; d++) o[d] = O[(size_t)r * hd + d] * inv;
+        }
 }
 
 /* MoE routing for one token: softmax over experts, keep the top k, maybe renormalise */
@@ -635,11 +1006,12 @@ static float *forward_token(const Model *m, State *s, int token, int pos) {
 
     memcpy(x, matrix_row(&m->embed, token, buf), (size_t)dim * sizeof(float));
     rope_angles(s->cos, s->sin, s, pos, half);
+    size_t kv_elem = s->kv_dtype == MM_F16 ? 2 : 4;
     for (uint32_t l = 0; l < h->n_layers; l++) {
         const Layer *L = &m->layers[l];
-        float *keys = s->key_cache + (size_t)l * s->ctx * kv_dim;
-        float *values = s->value_cache + (size_t)l * s->ctx * kv_dim;
-        float *k = keys + (size_t)pos * kv_dim, *v = values + (size_t)pos * kv_dim;
+        const void *keys = (const uint8_t *)s->key_cache + (size_t)l * s->ctx * kv_dim * kv_elem;
+        const void *values = (const uint8_t *)s->value_cache + (size_t)l * s->ctx * kv_dim * kv_elem;
+        float *k = s->k_new, *v = s->v_new;
 
         /* attention */
         rmsnorm(xb, x, L->input_norm, dim, h->rms_eps);
@@ -655,9 +1027,11 @@ static float *forward_token(const Model *m, State *s, int token, int pos) {
             if (L->k_norm) rmsnorm(k + (size_t)g * hd, k + (size_t)g * hd, L->k_norm, hd, h->rms_eps);
             rope_rotate(k + (size_t)g * hd, s->cos, s->sin, half);
         }
+        kv_store((void *)keys, s->kv_dtype, (size_t)pos * kv_dim, k, kv_dim);
+        kv_store((void *)values, s->kv_dtype, (size_t)pos * kv_dim, v, kv_dim);
         for (uint32_t hh = 0; hh < h->n_heads; hh++)
-            attention_head(s->att_out + (size_t)hh * hd, s->q + (size_t)hh * hd, keys, values, kv_dim,
-                           (int)(hh / group) * hd, hd, pos, s->scores);
+            attention_head(s->att_out + (size_t)hh * hd, s->q + (size_t)hh * hd, keys, values, s->kv_dtype,
+                           kv_dim, (int)(hh / group) * hd, hd, pos, s->scores, s->att_buf);
         for (int r = 0; r < dim; r++) x[r] += dot(matrix_row(&L->wo, r, buf), s->att_out, L->wo.cols);
 
         /* feed-forward */
@@ -692,7 +1066,8 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
     const mm_header *h = &m->cfg;
     int dim = (int)h->dim, hd = (int)h->head_dim, half = hd / 2, n_heads = (int)h->n_heads;
     int kv_dim = (int)(h->n_kv_heads * h->head_dim), q_dim = n_heads * hd;
-    int group = (int)(h->n_heads / h->n_kv_heads);
+    int group = (int)(h->n_heads / h->n_kv_heads), n_kv_heads = (int)h->n_kv_heads;
+    size_t kv_elem = s->kv_dtype == MM_F16 ? 2 : 4;
     if (n < 1 || n > s->max_tokens || pos0 < 0 || pos0 + n > s->ctx)
         die("internal: forward of %d tokens at position %d (block %d, context %d)", n, pos0,
             s->max_tokens, s->ctx);
@@ -704,14 +1079,14 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
     }
     for (uint32_t l = 0; l < h->n_layers; l++) {
         const Layer *L = &m->layers[l];
-        float *keys = s->key_cache + (size_t)l * s->ctx * kv_dim;
-        float *values = s->value_cache + (size_t)l * s->ctx * kv_dim;
-        float *k = keys + (size_t)pos0 * kv_dim, *v = values + (size_t)pos0 * kv_dim;
+        void *keys = (uint8_t *)s->key_cache + (size_t)l * s->ctx * kv_dim * kv_elem;
+        void *values = (uint8_t *)s->value_cache + (size_t)l * s->ctx * kv_dim * kv_elem;
+        float *k = s->k_new, *v = s->v_new;
 
         for (int t = 0; t < n; t++)
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, L->input_norm, dim, h->rms_eps);
         matmul(s->q, s->xb, &L->wq, n, s);
-        matmul(k, s->xb, &L->wk, n, s);     /* k and v go straight into the cache rows */
+        matmul(k, s->xb, &L->wk, n, s);
         matmul(v, s->xb, &L->wv, n, s);
         for (int t = 0; t < n; t++) {
             const float *c = s->cos + (size_t)t * half, *sn = s->sin + (size_t)t * half;
@@ -720,18 +1095,31 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
                 if (L->q_norm) rmsnorm(qh, qh, L->q_norm, hd, h->rms_eps);
                 rope_rotate(qh, c, sn, half);
             }
-            for (uint32_t g = 0; g < h->n_kv_heads; g++) {
+            for (int g = 0; g < n_kv_heads; g++) {
                 float *kh = k + (size_t)t * kv_dim + (size_t)g * hd;
                 if (L->k_norm) rmsnorm(kh, kh, L->k_norm, hd, h->rms_eps);
                 rope_rotate(kh, c, sn, half);
             }
+            kv_store(keys, s->kv_dtype, (size_t)(pos0 + t) * kv_dim, k + (size_t)t * kv_dim, kv_dim);
+            kv_store(values, s->kv_dtype, (size_t)(pos0 + t) * kv_dim, v + (size_t)t * kv_dim, kv_dim);
         }
+        /* units of work: one kv head (with its query heads) for a run of up to ATT_TOKENS tokens */
+        int n_runs = (n + ATT_TOKENS - 1) / ATT_TOKENS;
         #pragma omp parallel for schedule(dynamic, 1)
-        for (int th = 0; th < n * n_heads; th++) {
-            int t = th / n_heads, hh = th % n_heads;
-            attention_head(s->att_out + (size_t)t * q_dim + (size_t)hh * hd,
-                           s->q + (size_t)t * q_dim + (size_t)hh * hd, keys, values, kv_dim,
-                           (hh / group) * hd, hd, pos0 + t, s->scores + (size_t)thread_id() * s->ctx);
+        for (int u = 0; u < n_runs * n_kv_heads; u++) {
+            int t0 = u / n_kv_heads * ATT_TOKENS, g = u % n_kv_heads;
+            int len = n - t0 < ATT_TOKENS ? n - t0 : ATT_TOKENS;
+            float *buf = s->att_buf + (size_t)thread_id() * s->att_buf_len;
+            if (!reference_kernels) {
+                attention_group(s->att_out + (size_t)t0 * q_dim, s->q + (size_t)t0 * q_dim, len, q_dim, group, g,
+                                keys, values, s->kv_dtype, kv_dim, hd, pos0 + t0, buf);
+                continue;
+            }
+            for (int t = t0; t < t0 + len; t++)
+                for (int hh = g * group; hh < (g + 1) * group; hh++)
+                    attention_head(s->att_out + (size_t)t * q_dim + (size_t)hh * hd,
+                                   s->q + (size_t)t * q_dim + (size_t)hh * hd, keys, values, s->kv_dtype, kv_dim,
+                                   g * hd, hd, pos0 + t, s->scores + (size_t)thread_id() * s->ctx, buf);
         }
         matmul(s->delta, s->att_out, &L->wo, n, s);
         for (size_t i = 0; i < (size_t)n * dim; i++) s->x[i] += s->delta[i];
@@ -1041,6 +1429,54 @@ static void chat(const Model *m, State *s, const Tokenizer *tok, Sampler *sp, Co
     if (verbose) print_stats(&total);
 }
 
+/* peak resident memory of this process so far, MB */
+static double peak_rss_mb(void) {
+    struct rusage ru;
+    return getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss / 1024.0 : NAN;  /* Linux: KB */
+}
+
+/* decode n tokens greedily after the cached context (end-of-sequence does not stop it); tokens/s */
+static double bench_decode(const Model *m, State *s, Context *c, float *logits, int n) {
+    double t0 = now_seconds();
+    for (int i = 0; i < n; i++) {
+        int next = 0;
+        for (int v = 1; v < (int)m->cfg.vocab_size; v++) next = logits[v] > logits[next] ? v : next;
+        logits = forward(m, s, &next, 1, c->n_cached, false);
+        c->tokens[c->n_cached++] = next;
+    }
+    c->n = c->n_cached;
+    return n / (now_seconds() - t0);
+}
+
+/* -m bench: this model's speed on this machine, on seeded random token ids (tests/bench.py runs
+ * it for make bench). One CSV row: a 512-token prompt (prefill tokens/s, time to first token),
+ * n tokens decoded after a 16-token prompt, and after 2048 and 4096 tokens of context (left
+ * empty when -c is smaller), and the peak resident memory. */
+static void bench(const Model *m, State *s, Context *c, int n) {
+    enum { PROMPT = 512, SHORT = 16, DEPTH1 = 2048, DEPTH2 = 4096 };
+    uint64_t rng = 0x2545F4914F6CDD1Dull;
+    for (int i = 0; i < s->ctx; i++) c->tokens[i] = (int)(random_f32(&rng) * (float)m->cfg.vocab_size) % (int)m->cfg.vocab_size;
+    if (s->ctx < PROMPT || s->ctx < SHORT + n) die("-m bench needs a context (-c) of at least %d", PROMPT > SHORT + n ? PROMPT : SHORT + n);
+    c->n_cached = 0, c->n = PROMPT;
+    double t0 = now_seconds();
+    float *logits = prefill(m, s, c);
+    int first = 0;
+    for (int v = 1; v < (int)m->cfg.vocab_size; v++) first = logits[v] > logits[first] ? v : first;
+    double ttft = now_seconds() - t0;
+    c->n_cached = 0, c->n = SHORT;
+    double decode = bench_decode(m, s, c, prefill(m, s, c), n);
+    char d1[32] = "", d2[32] = "";
+    if (s->ctx >= DEPTH2 + n) {  /* 2048 tokens of context, decode; then fill to 4096, decode */
+        c->n_cached = 0, c->n = DEPTH1;
+        snprintf(d1, sizeof d1, "%.2f", bench_decode(m, s, c, prefill(m, s, c), n));
+        c->n_cached = DEPTH1, c->n = DEPTH2;
+        snprintf(d2, sizeof d2, "%.2f", bench_decode(m, s, c, prefill(m, s, c), n));
+    }
+    (void)first;
+    printf("prefill_tokens,prefill_tps,ttft_ms,decode_tokens,decode_tps,decode_tps_2048,decode_tps_4096,peak_rss_mb\n");
+    printf("%d,%.2f,%.3f,%d,%.2f,%s,%s,%.1f\n", PROMPT, PROMPT / ttft, ttft * 1e3, n, decode, d1, d2, peak_rss_mb());
+}
+
 /* -m tokenize --show-tokens: a token's bytes, escaped where they are not printable text */
 static void print_token_text(const uint8_t *b, size_t n) {
     for (size_t i = 0; i < n;) {
@@ -1067,6 +1503,7 @@ typedef struct {
     float temperature, top_p, repeat_penalty;
     unsigned long long seed;
     bool seed_given;
+    const char *kv;             /* KV cache type: "f32" or "f16" */
     const char *rope_scaling;   /* NULL: as the model file says */
     float rope_base, rope_scale, yarn_beta_fast, yarn_beta_slow, yarn_attn_factor;
     int yarn_orig_ctx;          /* 0 / NAN above: not given */
@@ -1075,7 +1512,7 @@ typedef struct {
 static void usage(FILE *f) {
     fputs(
 "usage: run MODEL.bin [options]\n"
-"  -m MODE                generate | chat | tokenize | decode | logits | ppl  [generate]\n"
+"  -m MODE                generate | chat | tokenize | decode | logits | ppl | bench  [generate]\n"
 "  -i TEXT                input text: the prompt (generate), the text (tokenize, logits, ppl)\n"
 "  -f FILE                input text read from FILE, byte for byte\n"
 "  --ids LIST             token ids instead of text, separated by commas or spaces;\n"
@@ -1097,7 +1534,9 @@ static void usage(FILE *f) {
 "                         [the model's max positions]\n"
 "  --threads N            worker threads (OpenMP builds)  [number of cores]\n"
 "  --batch N              prompt tokens per forward pass  [64]\n"
+"  --kv T                 KV cache type: f32 | f16 (half the memory)  [f32]\n"
 "  --no-batch             run logits/ppl token by token through the reference path\n"
+"  --ref-kernels          matmuls through the plain C reference kernels (for testing)\n"
 "  --rope-base F          RoPE theta  [the model's rope_theta]\n"
 "  --rope-scaling S       none | linear | yarn  [the model's config.json, else none]\n"
 "  --rope-scale F         scaling factor  [yarn: 16; linear: required]\n"
@@ -1131,16 +1570,17 @@ static float parse_float(const char *flag, const char *v, float lo, float hi) {
     return x;
 }
 
-static const char *MODES[] = {"generate", "chat", "tokenize", "decode", "logits", "ppl"};
+static const char *MODES[] = {"generate", "chat", "tokenize", "decode", "logits", "ppl", "bench"};
 
 static void parse_args(Options *o, int argc, char **argv) {
-    *o = (Options){.mode = "generate", .batch = 64, .steps = 256, .top_k = 50, .temperature = 0.85f,
+    *o = (Options){.mode = "generate", .kv = "f32", .batch = 64, .steps = 256, .top_k = 50, .temperature = 0.85f,
                    .top_p = 0.95f, .repeat_penalty = 1.0f, .rope_base = NAN, .rope_scale = NAN,
                    .yarn_beta_fast = NAN, .yarn_beta_slow = NAN, .yarn_attn_factor = NAN};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
         if (!strcmp(a, "--no-batch")) { o->no_batch = true; continue; }
+        if (!strcmp(a, "--ref-kernels")) { reference_kernels = true; continue; }
         if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) { o->verbose = true; continue; }
         if (!strcmp(a, "--think")) { o->think = true; continue; }
         if (!strcmp(a, "--show-tokens")) { o->show_tokens = true; continue; }
@@ -1168,6 +1608,10 @@ static void parse_args(Options *o, int argc, char **argv) {
         else if (!strcmp(a, "--threads")) o->threads = (int)parse_int(a, v, 1, 1024);
         else if (!strcmp(a, "--batch")) o->batch = (int)parse_int(a, v, 1, 4096);
         else if (!strcmp(a, "--rope-base")) o->rope_base = parse_float(a, v, 1.0001f, 1e30f);
+        else if (!strcmp(a, "--kv")) {
+            if (strcmp(v, "f32") && strcmp(v, "f16")) die("--kv expects f32 or f16, got '%s'", v);
+            o->kv = v;
+        }
         else if (!strcmp(a, "--rope-scaling")) {
             if (strcmp(v, "none") && strcmp(v, "linear") && strcmp(v, "yarn"))
                 die("--rope-scaling expects none, linear or yarn, got '%s'", v);
@@ -1183,7 +1627,7 @@ static void parse_args(Options *o, int argc, char **argv) {
     if (!o->model_path) { usage(stderr); die("no model file given"); }
     bool known = false;
     for (size_t i = 0; i < sizeof MODES / sizeof MODES[0]; i++) known |= !strcmp(o->mode, MODES[i]);
-    if (!known) die("-m expects generate, chat, tokenize, decode, logits or ppl, got '%s'", o->mode);
+    if (!known) die("-m expects generate, chat, tokenize, decode, logits, ppl or bench, got '%s'", o->mode);
     if (o->text && o->text_file) die("give the input text with -i or -f, not both");
 }
 
@@ -1283,6 +1727,7 @@ int main(int argc, char **argv) {
     Rope rope = rope_from(h, &o);
     int ctx = o.ctx ? o.ctx : (int)h->max_seq_len;
     bool generating = !strcmp(o.mode, "generate"), chatting = !strcmp(o.mode, "chat");
+    bool benching = !strcmp(o.mode, "bench");
 
     /* the input: token ids, or text (which generate, logits and ppl start with BOS) */
     size_t text_len = 0;
@@ -1317,7 +1762,7 @@ int main(int argc, char **argv) {
         memcpy(ids + 1, body, sizeof(int) * (size_t)n);
         n_ids = n + 1;
         free(body);
-    } else if (!chatting) {
+    } else if (!chatting && !benching) {
         die("-m %s needs %s", o.mode, generating ? "a prompt (-i TEXT or -f FILE)"
                                                  : "token ids (--ids) or text (-i / -f)");
     }
@@ -1339,7 +1784,7 @@ int main(int argc, char **argv) {
     if (!strcmp(o.mode, "logits") && !o.out_path) die("-m logits needs -o FILE for the logits");
     int batch = o.batch < ctx ? o.batch : ctx;
     State s;
-    state_init(&s, &m, batch, ctx, &rope);
+    state_init(&s, &m, batch, ctx, &rope, !strcmp(o.kv, "f16") ? MM_F16 : MM_F32);
     if (o.verbose) {
         static const char *scaling[] = {"none", "linear", "yarn"};
         fprintf(stderr, "%s: %s, hidden %u, %u layers, %u/%u heads of %u, %s %u, vocab %u, "
@@ -1349,11 +1794,16 @@ int main(int argc, char **argv) {
                 h->flags & MM_FLAG_MOE ? h->moe_hidden_dim : h->hidden_dim, h->vocab_size,
                 dtype_name(m.layers[0].wq.dtype));
         fprintf(stderr, "rope: theta %g, scaling %s (factor %g, orig ctx %d, beta %g/%g, attn %g); "
-                "ctx %d, batch %d, threads %d\n", rope.theta, scaling[rope.scaling], rope.factor,
-                rope.orig_ctx, rope.beta_fast, rope.beta_slow, rope.attn_factor, ctx, batch, n_threads());
+                "ctx %d, batch %d, threads %d, kv cache %s, kernels %s\n", rope.theta, scaling[rope.scaling],
+                rope.factor, rope.orig_ctx, rope.beta_fast, rope.beta_slow, rope.attn_factor, ctx, batch,
+                n_threads(), o.kv, reference_kernels ? "reference" : KERNELS);
     }
     double t0 = now_seconds();
-    if (generating || chatting) {
+    if (benching) {
+        Context c = {.tokens = xcalloc((size_t)ctx, sizeof(int), "context")};
+        bench(&m, &s, &c, o.steps);
+        free(c.tokens);
+    } else if (generating || chatting) {
         Sampler sp = {.vocab = (int)h->vocab_size, .temperature = o.temperature, .top_p = o.top_p,
                       .top_k = o.top_k, .repeat_penalty = o.repeat_penalty,
                       .rng = o.seed_given ? o.seed : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32)};
@@ -1397,9 +1847,14 @@ int main(int argc, char **argv) {
         else
             printf("ppl = %.6f over %ld tokens\n", exp(sum.nll / sum.count), sum.count);
     }
-    if (o.verbose && !generating && !chatting)
+    if (o.verbose && !generating && !chatting && !benching)
         fprintf(stderr, "%d tokens in %.3f s (%.1f tokens/s)\n", n_ids, now_seconds() - t0,
                 n_ids / (now_seconds() - t0));
+    if (o.verbose)  /* the cache is calloc'ed: only the positions used become resident */
+        fprintf(stderr, "memory: peak RSS %.1f MB; model file %.1f MB (mapped), KV cache %.1f MB for %d "
+                "positions (%s)\n", peak_rss_mb(), m.map_size / 1048576.0,
+                2.0 * h->n_layers * ctx * h->n_kv_heads * h->head_dim * (s.kv_dtype == MM_F16 ? 2 : 4) / 1048576.0,
+                ctx, o.kv);
     free(ids);
     state_free(&s);
     tokenizer_free(&tok);
