@@ -1,7 +1,8 @@
 # minimind.c: `make` builds ./run; `make run` builds it and generates from the demo model;
 # `make test` runs the test suite (normal and ASan/UBSan builds); `make bench` prints speeds.
 CC      ?= gcc
-CFLAGS  ?= -O3 -march=native
+ARCH    ?= -march=native   # the SIMD kernels this machine has (make ARCH= for a portable build)
+CFLAGS  ?= -O3
 WARN     = -std=c11 -Wall -Wextra -fopenmp-simd
 OMP     ?= -fopenmp
 SANITIZE = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
@@ -16,31 +17,51 @@ all: .run-built
 
 # the program ./run (its target is a stamp, so that `make run` can mean "build and run the demo")
 .run-built: run.c tokenizer.c model.h
-	$(CC) $(WARN) $(CFLAGS) $(OMP) -o run run.c -lm
+	$(CC) $(WARN) $(CFLAGS) $(ARCH) $(OMP) -o run run.c -lm
 	@touch $@
 
 # the demo: a small minimind-3 trained on Tang poems (demo/train.py), generating from a prompt
 run: .run-built
 	./run demo/model.bin -i "春眠不覺曉，" -n 48 -s 42
 
-# the same program with AddressSanitizer and UndefinedBehaviorSanitizer
+# the same program with AddressSanitizer and UndefinedBehaviorSanitizer (SIMD kernels included)
 run-asan: run.c tokenizer.c model.h
-	$(CC) $(WARN) $(SANITIZE) $(OMP) -o $@ run.c -lm
+	$(CC) $(WARN) $(SANITIZE) $(ARCH) $(OMP) -o $@ run.c -lm
+
+# the portable build: no SIMD kernels (what a machine without AVX2 runs), tested numerically
+run-portable: run.c tokenizer.c model.h
+	$(CC) $(WARN) -O2 $(OMP) -o $@ run.c -lm
+
+# the kernel test driver (tests/kernel_test.c includes run.c): fast kernels vs references
+KERNEL_TEST = $(CC) $(WARN) -Wno-unused-function
+tests/kernel_test: tests/kernel_test.c run.c tokenizer.c model.h
+	$(KERNEL_TEST) $(CFLAGS) $(ARCH) $(OMP) -o $@ tests/kernel_test.c -lm
+
+tests/kernel_test-asan: tests/kernel_test.c run.c tokenizer.c model.h
+	$(KERNEL_TEST) $(SANITIZE) $(ARCH) $(OMP) -o $@ tests/kernel_test.c -lm
 
 # the tokenizer test driver (tests/tokenizer_test.c includes tokenizer.c)
 tests/tokenizer_test: tests/tokenizer_test.c tokenizer.c model.h
-	$(CC) $(WARN) $(CFLAGS) -o $@ tests/tokenizer_test.c
+	$(CC) $(WARN) $(CFLAGS) $(ARCH) -o $@ tests/tokenizer_test.c
 
 tests/tokenizer_test-asan: tests/tokenizer_test.c tokenizer.c model.h
 	$(CC) $(WARN) $(SANITIZE) -o $@ tests/tokenizer_test.c
 
-test: .run-built run-asan tests/tokenizer_test tests/tokenizer_test-asan
-	$(PYTHON) tests/run_tests.py ./run:tests/tokenizer_test ./run-asan:tests/tokenizer_test-asan
+TEST_BINARIES = .run-built run-asan run-portable tests/tokenizer_test tests/tokenizer_test-asan \
+                tests/kernel_test tests/kernel_test-asan
+test: $(TEST_BINARIES)
+	$(PYTHON) tests/run_tests.py ./run:tests/tokenizer_test:tests/kernel_test \
+	    ./run-asan:tests/tokenizer_test-asan:tests/kernel_test-asan ./run-portable
 
-# speed figures (never timed tests): tokenizer encoding MB/s on 16 MB of mixed text, with
-# MiniMind's real tokenizers when ../shared/minimind is there, else the project's fixture one
+# speed figures (never timed tests). The engine: random-weight models of the three MiniMind shapes
+# through export.py, every dtype, threads 1 and 2, medians of BENCH_RUNS runs (tests/bench.py;
+# BENCH_ARGS passes more, e.g. BENCH_ARGS="--shapes m2small --dtypes q8_0 -- --kv f16").
+# The tokenizer: encoding MB/s on 16 MB of mixed text, with MiniMind's real tokenizers when
+# ../shared/minimind is there, else the project's fixture one.
+BENCH_RUNS ?= 3
 bench: .run-built tests/tokenizer_test
 	@mkdir -p tests/tmp
+	$(PYTHON) tests/bench.py --runs $(BENCH_RUNS) $(BENCH_ARGS)
 	@for tok in ../shared/minimind/minimind2 ../shared/minimind/minimind-3 tests/fixtures/tokenizer; do \
 	  [ -d $$tok ] || continue; \
 	  $(PYTHON) export.py tests/fixtures/vocab6400.pth tests/tmp/bench_tok.bin --tokenizer $$tok >/dev/null; \
@@ -52,4 +73,5 @@ fixtures:
 	/usr/bin/python3 tests/gen_fixtures.py
 
 clean:
-	rm -f run .run-built run-asan tests/tokenizer_test tests/tokenizer_test-asan
+	rm -f run .run-built run-asan run-portable tests/tokenizer_test tests/tokenizer_test-asan \
+	    tests/kernel_test tests/kernel_test-asan

@@ -1712,6 +1712,7 @@ static int *parse_ids(const char *arg, int *n_out, uint32_t vocab) {
     return ids;
 }
 
+#ifndef MINIMIND_NO_MAIN  /* tests/kernel_test.c includes this file for its kernels */
 int main(int argc, char **argv) {
     Options o;
     parse_args(&o, argc, argv);
@@ -1861,3 +1862,4 @@ int main(int argc, char **argv) {
     model_free(&m);
     return 0;
 }
+#endif

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """The minimind.c test suite (Python standard library only; no torch).
 
-    python3 tests/run_tests.py ./run:tests/tokenizer_test [./run-asan:tests/tokenizer_test-asan ...]
+    python3 tests/run_tests.py ./run:tests/tokenizer_test:tests/kernel_test [./run-asan:... ...]
 
-Runs every engine test against each binary given (make test passes the normal build and the
-AddressSanitizer/UBSan build). Fixtures come from tests/gen_fixtures.py (make fixtures);
+Runs every engine test against each binary given: RUN[:TOKENIZER_TEST[:KERNEL_TEST]]; a binary
+given without a tokenizer driver gets the numerical tests only. make test passes the normal
+build, the AddressSanitizer/UBSan build and the portable build (no SIMD kernels). Fixtures come from tests/gen_fixtures.py (make fixtures);
 the MiniMind conformance cases in ../shared/conformance run when that folder exists.
 The last line is "N passed, M failed, K skipped".
 """
@@ -614,6 +615,63 @@ def tokenizer_tests(binary, driver, models, expected):
 
 
 # ----------------------------------------------------------------------------------------------
+# The fast kernels: each against its reference (tests/kernel_test.c), and whole models with the
+# fast path against --ref-kernels; the f16 KV cache; generation independent of the thread count
+
+def kernel_tests(binary, kernel_driver, cases):
+    tag = os.path.basename(binary)
+    if kernel_driver:
+        p = run([kernel_driver])
+        lines = [l for l in p.stdout.splitlines() if l.startswith(("PASS ", "FAIL "))]
+        for l in lines:
+            verdict, _, rest = l.partition(" ")
+            name, _, detail = rest.partition(" (") if verdict == "PASS" else rest.partition(": ")
+            report(f"{os.path.basename(kernel_driver)}: {name}", verdict == "PASS", detail.rstrip(")"))
+        if p.returncode != 0 and not any(l.startswith("FAIL") for l in lines) or not lines or not sanitizer_clean(p):
+            report(f"{os.path.basename(kernel_driver)}: runs cleanly", False, f"exit {p.returncode}: {p.stderr[-300:]}")
+
+    for cname in ("m2_moe", "m3_dense"):
+        c = next(x for x in cases if x["name"] == cname)
+        for dtype in ("f32", "f16", "bf16", "q8_0"):
+            @test(f"{tag}: fast kernels == --ref-kernels over a whole model, {cname} {dtype}")
+            def _():
+                model = export(c["checkpoint"], f"{c['name']}.{dtype}.bin", dtype, c["export_args"])
+                ref = logits(binary, model, c["ids"], ["--ref-kernels", "--batch", "5"], "refk")
+                out = logits(binary, model, c["ids"], ["--batch", "5"], "fastk")
+                d = rel_diff(out, ref, range(len(c["ids"])), c["vocab"])
+                return d < 1e-5, f"rel {d:.1e} < 1e-5 (--batch 5: f32 tiles and, for q8_0, int8 decode blocks)"
+
+    c = next(x for x in cases if x["name"] == "m3_dense")
+
+    @test(f"{tag}: --kv f16 logits agree with PyTorch's like f16 weights do")
+    def _():
+        model = export(c["checkpoint"], "m3_dense.f32.bin", "f32", c["export_args"])
+        ref = read_f32(os.path.join(FIX, c["logits"]))
+        worst = 0.0
+        for flags in (["--kv", "f16"], ["--kv", "f16", "--no-batch"], ["--kv", "f16", "--batch", "3"]):
+            out = logits(binary, model, c["ids"], c["flags"] + flags, "kv16")
+            worst = max(worst, rel_diff(out, ref, c["rows"], c["vocab"]))
+        return worst < TOL["f16"], f"rel {worst:.1e} < {TOL['f16']:g} (batched, token by token, --batch 3)"
+
+    @test(f"{tag}: sampled generation of a q8_0 model is identical at threads 1 and 2")
+    def _():
+        model = export(c["checkpoint"], "m3_dense.q8_0.bin", "q8_0", c["export_args"])
+        cmd = [binary, model, "--ids", ids_arg(c["ids"][:9]), "-n", "40", "-s", "7", "-t", "1.0", "-k", "0"]
+        a, b = run(cmd + ["--threads", "1"]), run(cmd + ["--threads", "2"])
+        return a.returncode == 0 and a.stdout == b.stdout and len(a.stdout) > 0, repr(a.stdout[:30])
+
+    @test(f"{tag}: -m bench prints one CSV row of speeds (depths empty when -c is short)")
+    def _():
+        model = os.path.join(ROOT, "demo", "model.bin")
+        p = run([binary, model, "-m", "bench", "-n", "8", "-c", "600"])
+        rows = list(csv.DictReader(io.StringIO(p.stdout)))
+        ok = p.returncode == 0 and len(rows) == 1 and float(rows[0]["prefill_tps"]) > 0 and \
+            float(rows[0]["decode_tps"]) > 0 and rows[0]["decode_tps_4096"] == "" and \
+            float(rows[0]["peak_rss_mb"]) > 0 and rows[0]["decode_tokens"] == "8"
+        return ok, p.stdout.strip().splitlines()[-1] if p.stdout.strip() else p.stderr.strip()
+
+
+# ----------------------------------------------------------------------------------------------
 # The shipped demo model (demo/train.py wrote demo/reference.json from PyTorch)
 
 def demo_tests(binary, expected):
@@ -817,16 +875,17 @@ def main():
     models = tokenizer_models()
     with open(os.path.join(FIX, "text_expected.json"), encoding="utf-8") as f:
         expected = json.load(f)  # made by tests/reference/gen_text_fixtures.mjs
-    for spec in binaries:  # RUN or RUN:TOKENIZER_TEST_DRIVER
-        binary, _, driver = spec.partition(":")
+    for spec in binaries:  # RUN[:TOKENIZER_TEST_DRIVER[:KERNEL_TEST_DRIVER]]
+        binary, driver, kernel_driver = (spec.split(":") + ["", ""])[:3]
         parity_tests(binary, cases)
-        if driver:
-            tokenizer_tests(binary, driver, models, expected)
+        kernel_tests(binary, kernel_driver, cases)
         consistency_tests(binary, cases)
         demo_tests(binary, expected)
         conformance_tests(binary)
-        hostile_tests(binary)
-        cli_tests(binary, cases)
+        if driver:  # a build given without a tokenizer driver gets the numerical tests only
+            tokenizer_tests(binary, driver, models, expected)
+            hostile_tests(binary)
+            cli_tests(binary, cases)
     print(f"{results['passed']} passed, {results['failed']} failed, {results['skipped']} skipped")
     return 1 if results["failed"] else 0
 

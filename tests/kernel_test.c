@@ -1,0 +1,205 @@
+/* kernel_test.c: every fast kernel of run.c against its plain C reference, on random inputs of
+ * awkward sizes (rows, columns and token counts that are not multiples of the vector width, the
+ * register tile or the q8_0 group), with 1 and 2 threads.
+ *
+ *   kernel_test            one line per check: "PASS name (detail)" or "FAIL name: detail"
+ *
+ * tests/run_tests.py runs it (both the normal and the sanitizer build). In a build without the
+ * fast path (no AVX2) the fast and reference kernels are the same code and the checks are trivial.
+ */
+#define MINIMIND_NO_MAIN
+#include "../run.c"
+
+static int failures = 0;
+static uint64_t rng = 0x9E3779B97F4A7C15ull;
+
+static float frand(void) { return random_f32(&rng) * 2.0f - 1.0f; }
+
+static void check(bool ok, const char *name, const char *fmt, ...) {
+    char detail[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(detail, sizeof detail, fmt, ap);
+    va_end(ap);
+    printf(ok ? "PASS %s (%s)\n" : "FAIL %s: %s\n", name, detail);
+    failures += !ok;
+}
+
+static void set_threads(int n) {
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+}
+
+/* A random [rows, cols] matrix stored as dtype; *dense gets the f32 values it stands for. */
+static Matrix random_matrix(int dtype, int rows, int cols, void **storage) {
+    size_t n = (size_t)rows * cols;
+    float *f = xcalloc(n, sizeof(float), "test");
+    for (size_t i = 0; i < n; i++) f[i] = frand();
+    Matrix w = {.dtype = dtype, .rows = rows, .cols = cols};
+    if (dtype == MM_F32) {
+        w.data = *storage = f;
+        return w;
+    }
+    if (dtype == MM_Q8_0) {
+        uint8_t *q = xcalloc(n + n / MM_Q8_GROUP * 4, 1, "test");
+        quantize_q8_ref((int8_t *)q, (float *)(q + n), f, (int)n);  /* rows are whole groups */
+        w.data = *storage = q;
+        w.scales = (const float *)(q + n);
+    } else {
+        uint16_t *h = xcalloc(n, 2, "test");
+        for (size_t i = 0; i < n; i++) {
+            uint32_t bits;
+            memcpy(&bits, &f[i], 4);
+            h[i] = dtype == MM_F16 ? f32_to_f16(f[i]) : (uint16_t)(bits >> 16);
+        }
+        w.data = *storage = h;
+    }
+    free(f);
+    return w;
+}
+
+/* the scratch that matmul uses, sized for cols and n tokens */
+static State scratch_state(int n, int cols) {
+    State s = {0};
+    s.row_buf_len = ROW_BLOCK * cols;
+    s.row_buf = xcalloc(4 * (size_t)s.row_buf_len, sizeof(float), "test");
+    s.xq = xcalloc((size_t)n * cols, 1, "test");
+    s.xs = xcalloc((size_t)n * cols / MM_Q8_GROUP + 1, sizeof(float), "test");
+    return s;
+}
+
+/* fast vs reference matmul: each element within 1e-5 of the sum of |w x| (f32 rounding of a
+ * different summation order); 1 and 2 threads bit-identical */
+static void test_matmul(int dtype, int rows, int cols, int n) {
+    void *storage;
+    Matrix w = random_matrix(dtype, rows, cols, &storage);
+    float *x = xcalloc((size_t)n * cols, sizeof(float), "test");
+    for (size_t i = 0; i < (size_t)n * cols; i++) x[i] = frand();
+    size_t out_n = (size_t)n * rows;
+    float *ref = xcalloc(out_n, sizeof(float), "test"), *fast = xcalloc(out_n, sizeof(float), "test");
+    float *fast2 = xcalloc(out_n, sizeof(float), "test");
+    State s = scratch_state(n, cols);
+    set_threads(1);
+    reference_kernels = true;
+    matmul(ref, x, &w, n, &s);
+    reference_kernels = false;
+    matmul(fast, x, &w, n, &s);
+    set_threads(2);
+    matmul(fast2, x, &w, n, &s);
+    double worst = 0;
+    float buf[4096];
+    for (int t = 0; t < n; t++)
+        for (int r = 0; r < rows; r++) {
+            const float *row = matrix_row(&w, r, buf);
+            double mag = 1e-30;
+            for (int c = 0; c < cols; c++) mag += fabs((double)row[c] * x[(size_t)t * cols + c]);
+            double e = fabs((double)fast[(size_t)t * rows + r] - ref[(size_t)t * rows + r]) / mag;
+            worst = e > worst ? e : worst;
+        }
+    char name[128];
+    snprintf(name, sizeof name, "matmul %s %dx%d, %d token%s%s", dtype_name((uint32_t)dtype), rows, cols, n,
+             n > 1 ? "s" : "", dtype == MM_Q8_0 && n < Q8_F32_MIN_TOKENS ? " (int8 activations)" : "");
+    check(worst < 1e-5, name, "max error %.1e of sum|w x|", worst);
+    snprintf(name + strlen(name), sizeof name - strlen(name), ", threads 1 == 2");
+    check(memcmp(fast, fast2, out_n * sizeof(float)) == 0, name, "bit-identical");
+    free(storage); free(x); free(ref); free(fast); free(fast2);
+    free(s.row_buf); free(s.xq); free(s.xs);
+}
+
+/* the fast quantiser gives the reference's codes and scales exactly */
+static void test_quantize(int n) {
+    float *x = xcalloc((size_t)n, sizeof(float), "test");
+    for (int i = 0; i < n; i++) x[i] = frand() * (i % 7 == 0 ? 100.0f : 1.0f);
+    for (int i = 0; i < MM_Q8_GROUP && i < n; i++) x[i] = 0;  /* an all-zero group */
+    if (n > 40) x[40] = 0.5f * x[41];                       /* near a rounding midpoint */
+    int8_t *qa = xcalloc((size_t)n, 1, "test"), *qb = xcalloc((size_t)n, 1, "test");
+    float *sa = xcalloc((size_t)n / MM_Q8_GROUP + 1, 4, "test"), *sb = xcalloc((size_t)n / MM_Q8_GROUP + 1, 4, "test");
+    quantize_q8_ref(qa, sa, x, n);
+    quantize_q8(qb, sb, x, n);
+    char name[64];
+    snprintf(name, sizeof name, "quantize_q8 of %d values", n);
+    bool same = !memcmp(qa, qb, (size_t)n) && !memcmp(sa, sb, sizeof(float) * (size_t)(n / MM_Q8_GROUP));
+    check(same, name, same ? "codes and scales identical" : "differ");
+    free(x); free(qa); free(qb); free(sa); free(sb);
+}
+
+/* flash-style attention_group vs attention_head, per query head, f32 and f16 caches */
+static void test_attention(int kv_dtype, int n_kv_heads, int group, int hd, int pos0, int n) {
+    int kv_dim = n_kv_heads * hd, q_dim = n_kv_heads * group * hd, ctx = pos0 + n;
+    size_t elem = kv_dtype == MM_F16 ? 2 : 4;
+    void *keys = xcalloc((size_t)ctx * kv_dim, elem, "test"), *values = xcalloc((size_t)ctx * kv_dim, elem, "test");
+    float *row = xcalloc((size_t)kv_dim, sizeof(float), "test");
+    for (int t = 0; t < ctx; t++) {
+        for (int i = 0; i < kv_dim; i++) row[i] = 3.0f * frand();  /* peaked softmaxes too */
+        kv_store(keys, kv_dtype, (size_t)t * kv_dim, row, kv_dim);
+        for (int i = 0; i < kv_dim; i++) row[i] = frand();
+        kv_store(values, kv_dtype, (size_t)t * kv_dim, row, kv_dim);
+    }
+    float *q = xcalloc((size_t)n * q_dim, sizeof(float), "test");
+    for (size_t i = 0; i < (size_t)n * q_dim; i++) q[i] = frand();
+    float *ref = xcalloc((size_t)n * q_dim, sizeof(float), "test"), *fast = xcalloc((size_t)n * q_dim, sizeof(float), "test");
+    float *scores = xcalloc((size_t)ctx, sizeof(float), "test");
+    float *buf = xcalloc(attention_buf_len(group, hd), sizeof(float), "test");
+    for (int t = 0; t < n; t++)
+        for (int hh = 0; hh < n_kv_heads * group; hh++)
+            attention_head(ref + (size_t)t * q_dim + (size_t)hh * hd, q + (size_t)t * q_dim + (size_t)hh * hd, keys,
+                           values, kv_dtype, kv_dim, hh / group * hd, hd, pos0 + t, scores, row);
+    for (int g = 0; g < n_kv_heads; g++)
+        for (int t0 = 0; t0 < n; t0 += ATT_TOKENS)
+            attention_group(fast + (size_t)t0 * q_dim, q + (size_t)t0 * q_dim, n - t0 < ATT_TOKENS ? n - t0 : ATT_TOKENS,
+                            q_dim, group, g, keys, values, kv_dtype, kv_dim, hd, pos0 + t0, buf);
+    double worst = 0;
+    for (size_t i = 0; i < (size_t)n * q_dim; i++) {
+        double e = fabs((double)fast[i] - ref[i]);
+        worst = e > worst ? e : worst;
+    }
+    char name[128];
+    snprintf(name, sizeof name, "attention %s cache, %d kv heads x %d, head_dim %d, %d tokens from %d",
+             kv_dtype == MM_F16 ? "f16" : "f32", n_kv_heads, group, hd, n, pos0);
+    check(worst < 1e-5, name, "max error %.1e (values in [-1, 1])", worst);
+    free(keys); free(values); free(row); free(q); free(ref); free(fast); free(scores); free(buf);
+}
+
+/* f32_to_f16 inverts f16_to_f32 on every finite half, and rounds to nearest even in between */
+static void test_f16(void) {
+    int bad = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        if ((h & 0x7c00) == 0x7c00) continue;  /* inf and nan */
+        if (f32_to_f16(f16_to_f32((uint16_t)h)) != h) bad++;
+        uint16_t next = (uint16_t)(h + 1);
+        if ((h & 0x7fff) == 0x7bff || (h & 0x8000) != (next & 0x8000)) continue;
+        float lo = f16_to_f32((uint16_t)h), hi = f16_to_f32(next), mid = 0.5f * (lo + hi);
+        uint16_t even = (h & 1) ? next : (uint16_t)h;
+        if (f32_to_f16(mid) != even) bad++;                             /* a tie: to even */
+        if (f32_to_f16(nextafterf(mid, lo)) != h) bad++;               /* just below: down */
+        if (f32_to_f16(nextafterf(mid, hi)) != next) bad++;            /* just above: up */
+    }
+    check(bad == 0 && f32_to_f16(1e6f) == 0x7c00 && f32_to_f16(-1e6f) == 0xfc00, "f32_to_f16 rounding",
+          "%d mismatches over every half", bad);
+}
+
+int main(void) {
+    printf("kernels: %s\n", KERNELS);
+    static const int f_shapes[][3] = {{1, 1, 1}, {3, 7, 2}, {5, 33, 3}, {13, 100, 4}, {37, 515, 7},
+                                      {8, 64, 1}, {64, 512, 64}, {4, 24, 6}};
+    static const int q_shapes[][3] = {{1, 32, 1}, {3, 96, 2}, {5, 160, 3}, {13, 544, 1}, {37, 96, 4},
+                                      {9, 64, 7}, {64, 512, 64}};
+    for (int dt = MM_F32; dt <= MM_BF16; dt++)
+        for (size_t i = 0; i < sizeof f_shapes / sizeof f_shapes[0]; i++)
+            test_matmul(dt, f_shapes[i][0], f_shapes[i][1], f_shapes[i][2]);
+    for (size_t i = 0; i < sizeof q_shapes / sizeof q_shapes[0]; i++)
+        test_matmul(MM_Q8_0, q_shapes[i][0], q_shapes[i][1], q_shapes[i][2]);
+    test_quantize(32);
+    test_quantize(2432);
+    static const int a_cases[][5] = {{1, 1, 2, 0, 1}, {2, 4, 64, 0, 5}, {2, 4, 64, 300, 1}, {4, 2, 96, 130, 16},
+                                     {1, 3, 24, 0, 37}, {2, 5, 6, 127, 3}, {1, 8, 64, 1000, 2}};
+    for (int kv = 0; kv < 2; kv++)
+        for (size_t i = 0; i < sizeof a_cases / sizeof a_cases[0]; i++)
+            test_attention(kv ? MM_F16 : MM_F32, a_cases[i][0], a_cases[i][1], a_cases[i][2], a_cases[i][3],
+                           a_cases[i][4]);
+    test_f16();
+    return failures ? 1 : 0;
+}
