@@ -589,29 +589,34 @@ static ALWAYS_INLINE float load1(int dtype, const void *p, size_t i) {
 /* out[t * ldo + r] = w[r, :] . x[t, :] for r < R, t < T; w rows ldw elements apart (f32/f16/bf16) */
 static ALWAYS_INLINE void tile_avx2(float *out, int ldo, int dtype, const void *w, int ldw,
                                     const float *x, int ldx, int K, const int R, const int T) {
+    size_t elem = dtype == MM_F32 ? 4 : 2;
+    const uint8_t *wr[TILE_ROWS];
+    const float *xt[TILE_TOKENS];
+    for (int r = 0; r < R; r++) wr[r] = (const uint8_t *)w + (size_t)r * ldw * elem;
+    for (int t = 0; t < T; t++) xt[t] = x + (size_t)t * ldx;
     __m256 acc[TILE_ROWS][TILE_TOKENS];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 8 <= K; k += 8) {
-        __m256 wv[TILE_ROWS];
-        for (int r = 0; r < R; r++) wv[r] = load8(dtype, w, (size_t)r * ldw + k);
-        for (int t = 0; t < T; t++) {
-            __m256 xv = _mm256_loadu_ps(x + (size_t)t * ldx + k);
-            for (int r = 0; r < R; r++) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+        __m256 xv[TILE_TOKENS];
+        for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_ps(xt[t] + k);
+        for (int r = 0; r < R; r++) {
+            __m256 wv = load8(dtype, wr[r], (size_t)k);
+            for (int t = 0; t < T; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
         }
     }
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) {
             float sum = hsum8(acc[r][t]);
-            for (int kk = k; kk < K; kk++) sum += load1(dtype, w, (size_t)r * ldw + kk) * x[(size_t)t * ldx + kk];
+            for (int kk = k; kk < K; kk++) sum += load1(dtype, wr[r], (size_t)kk) * xt[t][kk];
             out[(size_t)t * ldo + r] = sum;
         }
 }
 
 /* rows r0 .. r0+R (R <= TILE_ROWS) of a f32/f16/bf16 matrix whose row r0 starts at w, every token */
-static void matmul_block_avx2(float *out, const float *x, int n, int ldo, int dtype, const void *w, int K,
-                              int r0, int R) {
+static ALWAYS_INLINE void matmul_block_avx2(float *out, const float *x, int n, int ldo, int dtype,
+                                           const void *w, int K, int r0, int R) {
     float *o = out + r0;
     if (R < TILE_ROWS) {   /* the last rows of a matrix whose height is not a multiple of 4 */
         for (int r = 0; r < R; r++)
@@ -632,21 +637,36 @@ static void matmul_block_avx2(float *out, const float *x, int n, int ldo, int dt
 static ALWAYS_INLINE void tile_q8_avx2(float *out, const Matrix *w, int r0, const int8_t *xq,
                                        const float *xs, const int R) {
     int cols = w->cols, groups = cols / MM_Q8_GROUP;
-    const int8_t *wq = (const int8_t *)w->data + (size_t)r0 * cols;
-    const float *ws = w->scales + (size_t)r0 * groups;
+    const int8_t *wq[TILE_ROWS];
+    const float *ws[TILE_ROWS];
+    for (int r = 0; r < R; r++) {
+        wq[r] = (const int8_t *)w->data + (size_t)(r0 + r) * cols;
+        ws[r] = w->scales + (size_t)(r0 + r) * groups;
+    }
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[TILE_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
         __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)g * MM_Q8_GROUP));
         for (int r = 0; r < R; r++) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(wq + (size_t)r * cols + (size_t)g * MM_Q8_GROUP));
+            _mm_prefetch((const char *)(wq[r] + (size_t)g * MM_Q8_GROUP + 512), _MM_HINT_T0);
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(wq[r] + (size_t)g * MM_Q8_GROUP));
             __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
             __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-            acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[(size_t)r * groups + g] * xs[g]), acc[r]);
+            acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[r][g] * xs[g]), acc[r]);
         }
     }
     for (int r = 0; r < R; r++) out[r0 + r] = hsum8(acc[r]);
+}
+
+/* row r of a q8_0 matrix as f32 (the fast twin of matrix_row: the same values) */
+static void dequantize_q8_avx2(float *out, const Matrix *w, int r) {
+    const int8_t *q = (const int8_t *)w->data + (size_t)r * w->cols;
+    const float *scale = w->scales + (size_t)r * (w->cols / MM_Q8_GROUP);
+    for (int c = 0; c < w->cols; c += 8) {
+        __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + c))));
+        _mm256_storeu_ps(out + c, _mm256_mul_ps(v, _mm256_set1_ps(scale[c / MM_Q8_GROUP])));
+    }
 }
 
 /* the q8_0 activations of n rows of x (the fast twin of quantize_q8_ref: the same codes) */
@@ -706,12 +726,13 @@ static void matmul_block(float *out, const float *x, const Matrix *w, int n, int
                 else for (int r = r0; r < r0 + R; r++) tile_q8_avx2(o, w, r, xq, xs, 1);
             }
         } else if (w->dtype == MM_Q8_0) {   /* the block's rows converted to f32 once, then f32 tiles */
-            for (int r = 0; r < R; r++) matrix_row(w, r0 + r, buf + (size_t)r * cols);
+            for (int r = 0; r < R; r++) dequantize_q8_avx2(buf + (size_t)r * cols, w, r0 + r);
             matmul_block_avx2(out, x, n, rows, MM_F32, buf, cols, r0, R);
-        } else {
-            size_t elem = w->dtype == MM_F32 ? 4 : 2;
-            matmul_block_avx2(out, x, n, rows, w->dtype, (const uint8_t *)w->data + (size_t)r0 * cols * elem,
-                              cols, r0, R);
+        } else {  /* one instance per dtype, so that the weight loads are decided at compile time */
+            const uint8_t *w0 = (const uint8_t *)w->data + (size_t)r0 * cols * (w->dtype == MM_F32 ? 4 : 2);
+            if (w->dtype == MM_F32) matmul_block_avx2(out, x, n, rows, MM_F32, w0, cols, r0, R);
+            else if (w->dtype == MM_F16) matmul_block_avx2(out, x, n, rows, MM_F16, w0, cols, r0, R);
+            else matmul_block_avx2(out, x, n, rows, MM_BF16, w0, cols, r0, R);
         }
         return;
     }
@@ -721,20 +742,37 @@ static void matmul_block(float *out, const float *x, const Matrix *w, int n, int
     else matmul_rows_ref(out, x, w, n, r0, r0 + R, buf);
 }
 
-/* out[t, r] = W[r, :] . x[t, :] for t < n_tokens.  x: [n_tokens, W.cols], out: [n_tokens, W.rows].
- * Threads take contiguous ranges of ROW_BLOCK-row blocks; the weights are read once per call. */
-static void matmul(float *out, const float *x, const Matrix *w, int n_tokens, State *s) {
-    int rows = w->rows, cols = w->cols;
-    bool q8_int = w->dtype == MM_Q8_0 && n_tokens < Q8_F32_MIN_TOKENS;
-    if (q8_int)
+/* out_j[t, r] = W_j[r, :] . x[t, :] for t < n_tokens, for a few matrices W_j that read the same x
+ * (q, k, v; gate, up): one parallel loop over all their rows, so one fork and join of the threads.
+ * x: [n_tokens, cols], out_j: [n_tokens, W_j.rows]. Threads take contiguous ranges of
+ * ROW_BLOCK-row blocks; every weight is read once per call. */
+typedef struct { float *out; const Matrix *w; } MatmulJob;
+
+static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens, State *s) {
+    int cols = jobs[0].w->cols, first_block[4], total = 0;
+    bool q8_int = false;
+    for (int j = 0; j < n_jobs; j++) {
+        first_block[j] = total;
+        total += (jobs[j].w->rows + ROW_BLOCK - 1) / ROW_BLOCK;
+        q8_int |= jobs[j].w->dtype == MM_Q8_0 && n_tokens < Q8_F32_MIN_TOKENS;
+    }
+    if (q8_int)  /* the activations quantised once for every q8_0 matrix of the call */
         for (int t = 0; t < n_tokens; t++)
             quantize_q8(s->xq + (size_t)t * cols, s->xs + (size_t)t * (cols / MM_Q8_GROUP), x + (size_t)t * cols, cols);
-    int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
     #pragma omp parallel for schedule(static)
-    for (int b = 0; b < n_blocks; b++) {
-        int r0 = b * ROW_BLOCK, R = rows - r0 < ROW_BLOCK ? rows - r0 : ROW_BLOCK;
-        matmul_block(out, x, w, n_tokens, r0, R, q8_int, s, s->row_buf + (size_t)thread_id() * s->row_buf_len);
+    for (int b = 0; b < total; b++) {
+        int j = n_jobs - 1;
+        while (b < first_block[j]) j--;
+        const Matrix *w = jobs[j].w;
+        int r0 = (b - first_block[j]) * ROW_BLOCK, R = w->rows - r0 < ROW_BLOCK ? w->rows - r0 : ROW_BLOCK;
+        matmul_block(jobs[j].out, x, w, n_tokens, r0, R, q8_int && w->dtype == MM_Q8_0, s,
+                     s->row_buf + (size_t)thread_id() * s->row_buf_len);
     }
+}
+
+/* out[t, r] = W[r, :] . x[t, :] for t < n_tokens.  x: [n_tokens, W.cols], out: [n_tokens, W.rows] */
+static void matmul(float *out, const float *x, const Matrix *w, int n_tokens, State *s) {
+    matmuls(&(MatmulJob){out, w}, 1, x, n_tokens, s);
 }
 
 /* out = w * x / sqrt(mean(x^2) + eps), in fp32 */
@@ -830,30 +868,37 @@ static void attention_head(float *out, const float *q, const void *keys, const v
 #define KV_TILE 128     /* key positions per tile */
 #define ATT_TOKENS 16   /* tokens per unit of attention work (with all heads of one kv head) */
 
+#ifdef HAVE_AVX2
+static ALWAYS_INLINE void attention_scores_avx2(float *S, int ldS, const float *q, int nq, const void *k,
+                                                int kv_dtype, int kv_dim, int hd, int n_keys, float scale) {
+    size_t elem = kv_dtype == MM_F32 ? 4 : 2;
+    int t = 0;
+    for (; t + TILE_ROWS <= n_keys; t += TILE_ROWS) {  /* keys play the weight rows, queries the tokens */
+        const void *kt = (const uint8_t *)k + (size_t)t * kv_dim * elem;
+        int j = 0;
+        for (; j + TILE_TOKENS <= nq; j += TILE_TOKENS)
+            tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, kv_dim, q + (size_t)j * hd, hd, hd,
+                      TILE_ROWS, TILE_TOKENS);
+        for (; j < nq; j++)
+            tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, kv_dim, q + (size_t)j * hd, hd, hd, TILE_ROWS, 1);
+    }
+    for (; t < n_keys; t++)
+        for (int j = 0; j < nq; j++)
+            tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, (const uint8_t *)k + (size_t)t * kv_dim * elem,
+                      kv_dim, q + (size_t)j * hd, hd, hd, 1, 1);
+    for (int j = 0; j < nq; j++)
+        for (int t2 = 0; t2 < n_keys; t2++) S[(size_t)j * ldS + t2] *= scale;
+}
+#endif
+
 /* S[j * ldS + t] = q_j . k_t * scale for queries j < nq (head_dim apart) and keys t < n_keys
  * (kv_dim apart from k); buf: [head_dim] */
 static void attention_scores(float *S, int ldS, const float *q, int nq, const void *k, int kv_dtype,
                              int kv_dim, int hd, int n_keys, float scale, float *buf) {
 #ifdef HAVE_AVX2
     if (!reference_kernels) {
-        size_t elem = kv_dtype == MM_F32 ? 4 : 2;
-        int t = 0;
-        for (; t + TILE_ROWS <= n_keys; t += TILE_ROWS) {
-            const void *kt = (const uint8_t *)k + (size_t)t * kv_dim * elem;
-            int j = 0;
-            for (; j + TILE_TOKENS <= nq; j += TILE_TOKENS)
-                tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, kv_dim, q + (size_t)j * hd, hd, hd,
-                          TILE_ROWS, TILE_TOKENS);
-            for (; j < nq; j++)
-                tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, kv_dim, q + (size_t)j * hd, hd, hd,
-                          TILE_ROWS, 1);
-        }
-        for (; t < n_keys; t++)
-            for (int j = 0; j < nq; j++)
-                tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, (const uint8_t *)k + (size_t)t * kv_dim * elem,
-                          kv_dim, q + (size_t)j * hd, hd, hd, 1, 1);
-        for (int j = 0; j < nq; j++)
-            for (int t2 = 0; t2 < n_keys; t2++) S[(size_t)j * ldS + t2] *= scale;
+        if (kv_dtype == MM_F32) attention_scores_avx2(S, ldS, q, nq, k, MM_F32, kv_dim, hd, n_keys, scale);
+        else attention_scores_avx2(S, ldS, q, nq, k, MM_F16, kv_dim, hd, n_keys, scale);
         return;
     }
 #endif
@@ -945,8 +990,7 @@ static void route(int *idx, float *w, float *probs, const mm_header *h) {
 /* out[t] = down(silu(gate x[t]) * up x[t]) for n rows */
 static void swiglu_ffn(float *out, const float *x, const FFN *f, int n, State *s) {
     int hidden = f->gate.rows;
-    matmul(s->hb, x, &f->gate, n, s);
-    matmul(s->hb2, x, &f->up, n, s);
+    matmuls((MatmulJob[]){{s->hb, &f->gate}, {s->hb2, &f->up}}, 2, x, n, s);
     for (size_t i = 0; i < (size_t)n * hidden; i++) s->hb[i] = silu(s->hb[i]) * s->hb2[i];
     matmul(out, s->hb, &f->down, n, s);
 }
@@ -1085,9 +1129,7 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
 
         for (int t = 0; t < n; t++)
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, L->input_norm, dim, h->rms_eps);
-        matmul(s->q, s->xb, &L->wq, n, s);
-        matmul(k, s->xb, &L->wk, n, s);
-        matmul(v, s->xb, &L->wv, n, s);
+        matmuls((MatmulJob[]){{s->q, &L->wq}, {k, &L->wk}, {v, &L->wv}}, 3, s->xb, n, s);
         for (int t = 0; t < n; t++) {
             const float *c = s->cos + (size_t)t * half, *sn = s->sin + (size_t)t * half;
             for (int hh = 0; hh < n_heads; hh++) {
