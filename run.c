@@ -632,31 +632,41 @@ static ALWAYS_INLINE void matmul_block_avx2(float *out, const float *x, int n, i
         tile_avx2(o + (size_t)t * ldo, ldo, dtype, w, K, x + (size_t)t * K, K, K, TILE_ROWS, 1);
 }
 
-/* q8_0 weights x q8_0 activations for one token and R <= TILE_ROWS rows from r0: per group of 32,
- * |w| (unsigned) times x with w's sign (signed) in 16-bit pairs, summed to 32 bits, then scaled */
+/* q8_0 weights x q8_0 activations for one token and R <= TILE_ROWS rows from r0. Per group of 32:
+ * |w| (unsigned) times x with w's sign (signed) in 16-bit pairs, summed to 32 bits. Eight groups'
+ * sums are reduced into one vector of eight, so the conversion to float and the two scales cost one
+ * instruction each per eight groups. */
+static ALWAYS_INLINE __m256i group_dot_q8(const int8_t *w, const int8_t *x) {
+    __m256i wv = _mm256_loadu_si256((const __m256i *)w), xv = _mm256_loadu_si256((const __m256i *)x);
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));   /* 8 partial sums of the group */
+}
+
 static ALWAYS_INLINE void tile_q8_avx2(float *out, const Matrix *w, int r0, const int8_t *xq,
                                        const float *xs, const int R) {
     int cols = w->cols, groups = cols / MM_Q8_GROUP;
-    const int8_t *wq[TILE_ROWS];
-    const float *ws[TILE_ROWS];
     for (int r = 0; r < R; r++) {
-        wq[r] = (const int8_t *)w->data + (size_t)(r0 + r) * cols;
-        ws[r] = w->scales + (size_t)(r0 + r) * groups;
-    }
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[TILE_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int g = 0; g < groups; g++) {
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)g * MM_Q8_GROUP));
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(wq[r] + (size_t)g * MM_Q8_GROUP + 512), _MM_HINT_T0);
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(wq[r] + (size_t)g * MM_Q8_GROUP));
-            __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-            __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-            acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[r][g] * xs[g]), acc[r]);
+        const int8_t *wq = (const int8_t *)w->data + (size_t)(r0 + r) * cols;
+        const float *ws = w->scales + (size_t)(r0 + r) * groups;
+        __m256 acc = _mm256_setzero_ps();
+        int g = 0;
+        for (; g + 8 <= groups; g += 8) {
+            __m256i d[8];
+            for (int j = 0; j < 8; j++)
+                d[j] = group_dot_q8(wq + (size_t)(g + j) * MM_Q8_GROUP, xq + (size_t)(g + j) * MM_Q8_GROUP);
+            __m256i h03 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+            __m256i h47 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
+            __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(h03, h47, 0x20),
+                                            _mm256_permute2x128_si256(h03, h47, 0x31));  /* group g+j in lane j */
+            __m256 scales = _mm256_mul_ps(_mm256_loadu_ps(ws + g), _mm256_loadu_ps(xs + g));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc);
         }
+        for (; g < groups; g++) {
+            __m256 sums = _mm256_cvtepi32_ps(group_dot_q8(wq + (size_t)g * MM_Q8_GROUP, xq + (size_t)g * MM_Q8_GROUP));
+            acc = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[g] * xs[g]), acc);
+        }
+        out[r0 + r] = hsum8(acc);
     }
-    for (int r = 0; r < R; r++) out[r0 + r] = hsum8(acc[r]);
 }
 
 /* row r of a q8_0 matrix as f32 (the fast twin of matrix_row: the same values) */
@@ -891,6 +901,74 @@ static ALWAYS_INLINE void attention_scores_avx2(float *S, int ldS, const float *
 }
 #endif
 
+/* x[i] = exp(x[i] - m) for i < n (every x[i] <= m); returns their sum */
+static float exp_shifted(float *x, int n, float m) {
+    float sum = 0;
+    int i = 0;
+#ifdef HAVE_AVX2
+    if (!reference_kernels) {  /* exp(r) = 2^k exp(f): k = round(r / ln 2), f in [-ln2/2, ln2/2] */
+        const __m256 log2e = _mm256_set1_ps(1.44269504f), ln2_hi = _mm256_set1_ps(0.693359375f),
+                     ln2_lo = _mm256_set1_ps(-2.12194440e-4f), lo = _mm256_set1_ps(-87.0f), vm = _mm256_set1_ps(m);
+        static const float c[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
+                                   1.6666665459e-1f, 5.0000001201e-1f};  /* exp(f) - 1 - f, over f^2 */
+        __m256 acc = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) {
+            __m256 r = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), lo);
+            __m256 k = _mm256_round_ps(_mm256_mul_ps(r, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m256 f = _mm256_fnmadd_ps(k, ln2_lo, _mm256_fnmadd_ps(k, ln2_hi, r));
+            __m256 y = _mm256_set1_ps(c[0]);
+            for (int j = 1; j < 6; j++) y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(c[j]));
+            y = _mm256_fmadd_ps(y, _mm256_mul_ps(f, f), _mm256_add_ps(f, _mm256_set1_ps(1.0f)));
+            __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+            y = _mm256_mul_ps(y, _mm256_castsi256_ps(two_k));
+            _mm256_storeu_ps(x + i, y);
+            acc = _mm256_add_ps(acc, y);
+        }
+        sum = hsum8(acc);
+    }
+#endif
+    for (; i < n; i++) { x[i] = expf(x[i] - m); sum += x[i]; }
+    return sum;
+}
+
+/* O[r, :] += sum over t < nt of P[r, t] v_t for rows r < nr (P rows KV_TILE apart, O rows hd
+ * apart); v_t: the cache rows from v, kv_dim apart; row: [hd] scratch */
+static void attention_pv(float *O, const float *P, int nr, const void *v, int kv_dtype, int kv_dim, int hd,
+                         int nt, float *row) {
+    int d = 0;
+#ifdef HAVE_AVX2
+    if (!reference_kernels) {  /* up to 4 rows x 16 columns of O in registers, over all t */
+        size_t elem = kv_dtype == MM_F32 ? 4 : 2;
+        for (; d + 16 <= hd; d += 16)
+            for (int r0 = 0; r0 < nr; r0 += 4) {
+                int R = nr - r0 < 4 ? nr - r0 : 4;
+                __m256 acc[4][2];
+                for (int r = 0; r < R; r++)
+                    for (int h = 0; h < 2; h++) acc[r][h] = _mm256_loadu_ps(O + (size_t)(r0 + r) * hd + d + 8 * h);
+                for (int t = 0; t < nt; t++) {
+                    const uint8_t *vt = (const uint8_t *)v + ((size_t)t * kv_dim + d) * elem;
+                    __m256 v0 = load8(kv_dtype, vt, 0), v1 = load8(kv_dtype, vt, 8);
+                    for (int r = 0; r < R; r++) {
+                        __m256 p = _mm256_broadcast_ss(P + (size_t)(r0 + r) * KV_TILE + t);
+                        acc[r][0] = _mm256_fmadd_ps(p, v0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(p, v1, acc[r][1]);
+                    }
+                }
+                for (int r = 0; r < R; r++)
+                    for (int h = 0; h < 2; h++) _mm256_storeu_ps(O + (size_t)(r0 + r) * hd + d + 8 * h, acc[r][h]);
+            }
+        if (d == hd) return;
+    }
+#endif
+    for (int t = 0; t < nt; t++) {  /* the plain loop, for the columns left */
+        const float *vt = kv_row(v, kv_dtype, (size_t)t * kv_dim, hd, row);
+        for (int r = 0; r < nr; r++) {
+            float p = P[(size_t)r * KV_TILE + t], *o = O + (size_t)r * hd;
+            for (int c = d; c < hd; c++) o[c] += p * vt[c];
+        }
+    }
+}
+
 /* S[j * ldS + t] = q_j . k_t * scale for queries j < nq (head_dim apart) and keys t < n_keys
  * (kv_dim apart from k); buf: [head_dim] */
 static void attention_scores(float *S, int ldS, const float *q, int nq, const void *k, int kv_dtype,
@@ -939,23 +1017,19 @@ static void attention_group(float *out, const float *q, int n, int q_dim, int gr
                 int r = i * group + j;
                 float *sr = Si + (size_t)j * KV_TILE, m = mx[r];
                 for (int t = 0; t < see; t++) m = sr[t] > m ? sr[t] : m;
-                float corr = expf(mx[r] - m), add = 0;
-                for (int t = 0; t < see; t++) { sr[t] = expf(sr[t] - m); add += sr[t]; }
-                sum[r] = sum[r] * corr + add;
+                float corr = expf(mx[r] - m);
+                sum[r] = sum[r] * corr + exp_shifted(sr, see, m);
                 mx[r] = m;
                 if (corr != 1.0f)
                     for (int d = 0; d < hd; d++) O[(size_t)r * hd + d] *= corr;
             }
         }
-        for (int t = 0; t < nt; t++) {  /* O += P . V: each value row once for all queries */
-            const float *v = kv_row(values, kv_dtype, k_at + (size_t)t * kv_dim, hd, row);
-            int first = t0 + t - pos0 > 0 ? t0 + t - pos0 : 0;  /* tokens before it don't see it */
-            for (int i = first; i < n; i++)
-                for (int j = 0; j < group; j++) {
-                    float p = S[((size_t)i * group + j) * KV_TILE + t], *o = O + ((size_t)i * group + j) * hd;
-                    #pragma omp simd
-                    for (int d = 0; d < hd; d++) o[d] += p * v[d];
-                }
+        const void *v = (const uint8_t *)values + k_at * (kv_dtype == MM_F32 ? 4 : 2);
+        for (int i = 0; i < n; i++) {  /* O += P . V, each token's heads together over its keys */
+            int see = pos0 + i - t0 + 1 < nt ? pos0 + i - t0 + 1 : nt;
+            if (see > 0)
+                attention_pv(O + (size_t)i * group * hd, S + (size_t)i * group * KV_TILE, group, v, kv_dtype,
+                             kv_dim, hd, see, row);
         }
     }
     for (int i = 0; i < n; i++)
