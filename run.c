@@ -586,9 +586,10 @@ static ALWAYS_INLINE float load1(int dtype, const void *p, size_t i) {
     return dtype == MM_F16 ? f16_to_f32(h) : bf16_to_f32(h);
 }
 
-/* out[t * ldo + r] = w[r, :] . x[t, :] for r < R, t < T; w rows ldw elements apart (f32/f16/bf16) */
+/* out[t * ldo + r] (+)= w[r, :K] . x[t, :K] for r < R, t < T; w rows ldw elements apart (f32/f16/bf16),
+ * x rows ldx apart; add: accumulate onto out (a later chunk of the columns) */
 static ALWAYS_INLINE void tile_avx2(float *out, int ldo, int dtype, const void *w, int ldw,
-                                    const float *x, int ldx, int K, const int R, const int T) {
+                                    const float *x, int ldx, int K, const int R, const int T, bool add) {
     size_t elem = dtype == MM_F32 ? 4 : 2;
     const uint8_t *wr[TILE_ROWS];
     const float *xt[TILE_TOKENS];
@@ -610,26 +611,27 @@ static ALWAYS_INLINE void tile_avx2(float *out, int ldo, int dtype, const void *
         for (int t = 0; t < T; t++) {
             float sum = hsum8(acc[r][t]);
             for (int kk = k; kk < K; kk++) sum += load1(dtype, wr[r], (size_t)kk) * xt[t][kk];
-            out[(size_t)t * ldo + r] = sum;
+            out[(size_t)t * ldo + r] = add ? out[(size_t)t * ldo + r] + sum : sum;
         }
 }
 
-/* rows r0 .. r0+R (R <= TILE_ROWS) of a f32/f16/bf16 matrix whose row r0 starts at w, every token */
-static ALWAYS_INLINE void matmul_block_avx2(float *out, const float *x, int n, int ldo, int dtype,
-                                           const void *w, int K, int r0, int R) {
+/* rows r0 .. r0+R (R <= TILE_ROWS) of out (+)= W x over kc columns, every token: w points at row r0
+ * of those columns (rows ldw apart), x at the same columns of token 0 (rows ldx apart) */
+static ALWAYS_INLINE void matmul_block_avx2(float *out, int ldo, const float *x, int ldx, int n, int dtype,
+                                           const void *w, int ldw, int kc, int r0, int R, bool add) {
     float *o = out + r0;
     if (R < TILE_ROWS) {   /* the last rows of a matrix whose height is not a multiple of 4 */
         for (int r = 0; r < R; r++)
             for (int t = 0; t < n; t++)
-                tile_avx2(o + (size_t)t * ldo + r, ldo, dtype, (const uint8_t *)w + (size_t)r * K *
-                          (dtype == MM_F32 ? 4 : 2), K, x + (size_t)t * K, K, K, 1, 1);
+                tile_avx2(o + (size_t)t * ldo + r, ldo, dtype, (const uint8_t *)w + (size_t)r * ldw *
+                          (dtype == MM_F32 ? 4 : 2), ldw, x + (size_t)t * ldx, ldx, kc, 1, 1, add);
         return;
     }
     int t = 0;
     for (; t + TILE_TOKENS <= n; t += TILE_TOKENS)
-        tile_avx2(o + (size_t)t * ldo, ldo, dtype, w, K, x + (size_t)t * K, K, K, TILE_ROWS, TILE_TOKENS);
+        tile_avx2(o + (size_t)t * ldo, ldo, dtype, w, ldw, x + (size_t)t * ldx, ldx, kc, TILE_ROWS, TILE_TOKENS, add);
     for (; t < n; t++)
-        tile_avx2(o + (size_t)t * ldo, ldo, dtype, w, K, x + (size_t)t * K, K, K, TILE_ROWS, 1);
+        tile_avx2(o + (size_t)t * ldo, ldo, dtype, w, ldw, x + (size_t)t * ldx, ldx, kc, TILE_ROWS, 1, add);
 }
 
 /* q8_0 weights x q8_0 activations for one token and R <= TILE_ROWS rows from r0. Per group of 32:
@@ -669,11 +671,12 @@ static ALWAYS_INLINE void tile_q8_avx2(float *out, const Matrix *w, int r0, cons
     }
 }
 
-/* row r of a q8_0 matrix as f32 (the fast twin of matrix_row: the same values) */
-static void dequantize_q8_avx2(float *out, const Matrix *w, int r) {
-    const int8_t *q = (const int8_t *)w->data + (size_t)r * w->cols;
-    const float *scale = w->scales + (size_t)r * (w->cols / MM_Q8_GROUP);
-    for (int c = 0; c < w->cols; c += 8) {
+/* columns k0 .. k0+kc of row r of a q8_0 matrix as f32 (the fast twin of matrix_row: the same
+ * values); k0 and kc are multiples of 32 */
+static void dequantize_q8_avx2(float *out, const Matrix *w, int r, int k0, int kc) {
+    const int8_t *q = (const int8_t *)w->data + (size_t)r * w->cols + k0;
+    const float *scale = w->scales + ((size_t)r * w->cols + k0) / MM_Q8_GROUP;
+    for (int c = 0; c < kc; c += 8) {
         __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + c))));
         _mm256_storeu_ps(out + c, _mm256_mul_ps(v, _mm256_set1_ps(scale[c / MM_Q8_GROUP])));
     }
@@ -710,6 +713,7 @@ static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
 /* q8_0 matrices switch from integer dot products to f32 (weights converted once per row block)
  * at this many tokens: the conversion then costs less than quantising every token */
 #define Q8_F32_MIN_TOKENS 4
+#define K_CHUNK 512              /* columns per pass of a prefill matmul (a multiple of 32) */
 
 /* --ref-kernels: every matmul through the plain reference, for testing the fast path */
 static bool reference_kernels = false;
@@ -721,9 +725,10 @@ static void quantize_q8(int8_t *q, float *scale, const float *x, int n) {
     quantize_q8_ref(q, scale, x, n);
 }
 
-/* rows r0 .. r0+R of out = W x, every token: the fast kernels, or the reference */
-static void matmul_block(float *out, const float *x, const Matrix *w, int n, int r0, int R, bool q8_int,
-                         const State *s, float *buf) {
+/* rows r0 .. r0+R of out = W x, every token: the fast kernels, or the reference. The fast path
+ * for prefill blocks takes the columns in chunks (k0, kc) and accumulates, see matmuls. */
+static void matmul_block(float *out, const float *x, const Matrix *w, int n, int r0, int R, int k0, int kc,
+                         bool q8_int, const State *s, float *buf) {
     int rows = w->rows, cols = w->cols, groups = cols / MM_Q8_GROUP;
 #ifdef HAVE_AVX2
     if (!reference_kernels) {
@@ -735,19 +740,23 @@ static void matmul_block(float *out, const float *x, const Matrix *w, int n, int
                 if (R == TILE_ROWS) tile_q8_avx2(o, w, r0, xq, xs, TILE_ROWS);
                 else for (int r = r0; r < r0 + R; r++) tile_q8_avx2(o, w, r, xq, xs, 1);
             }
-        } else if (w->dtype == MM_Q8_0) {   /* the block's rows converted to f32 once, then f32 tiles */
-            for (int r = 0; r < R; r++) dequantize_q8_avx2(buf + (size_t)r * cols, w, r0 + r);
-            matmul_block_avx2(out, x, n, rows, MM_F32, buf, cols, r0, R);
-        } else {  /* one instance per dtype, so that the weight loads are decided at compile time */
-            const uint8_t *w0 = (const uint8_t *)w->data + (size_t)r0 * cols * (w->dtype == MM_F32 ? 4 : 2);
-            if (w->dtype == MM_F32) matmul_block_avx2(out, x, n, rows, MM_F32, w0, cols, r0, R);
-            else if (w->dtype == MM_F16) matmul_block_avx2(out, x, n, rows, MM_F16, w0, cols, r0, R);
-            else matmul_block_avx2(out, x, n, rows, MM_BF16, w0, cols, r0, R);
+            return;
         }
+        bool add = k0 > 0;
+        if (w->dtype == MM_Q8_0) {   /* the block's rows converted to f32 once, then f32 tiles */
+            for (int r = 0; r < R; r++) dequantize_q8_avx2(buf + (size_t)r * kc, w, r0 + r, k0, kc);
+            matmul_block_avx2(out, rows, x + k0, cols, n, MM_F32, buf, kc, kc, r0, R, add);
+            return;
+        }
+        /* one instance per dtype, so that the weight loads are decided at compile time */
+        const uint8_t *w0 = (const uint8_t *)w->data + ((size_t)r0 * cols + k0) * (w->dtype == MM_F32 ? 4 : 2);
+        if (w->dtype == MM_F32) matmul_block_avx2(out, rows, x + k0, cols, n, MM_F32, w0, cols, kc, r0, R, add);
+        else if (w->dtype == MM_F16) matmul_block_avx2(out, rows, x + k0, cols, n, MM_F16, w0, cols, kc, r0, R, add);
+        else matmul_block_avx2(out, rows, x + k0, cols, n, MM_BF16, w0, cols, kc, r0, R, add);
         return;
     }
 #endif
-    (void)rows, (void)groups;
+    (void)rows, (void)groups, (void)k0, (void)kc;
     if (q8_int) matmul_rows_q8_ref(out, s->xq, s->xs, w, n, r0, r0 + R);
     else matmul_rows_ref(out, x, w, n, r0, r0 + R, buf);
 }
@@ -769,14 +778,30 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
     if (q8_int)  /* the activations quantised once for every q8_0 matrix of the call */
         for (int t = 0; t < n_tokens; t++)
             quantize_q8(s->xq + (size_t)t * cols, s->xs + (size_t)t * (cols / MM_Q8_GROUP), x + (size_t)t * cols, cols);
-    #pragma omp parallel for schedule(static)
-    for (int b = 0; b < total; b++) {
-        int j = n_jobs - 1;
-        while (b < first_block[j]) j--;
-        const Matrix *w = jobs[j].w;
-        int r0 = (b - first_block[j]) * ROW_BLOCK, R = w->rows - r0 < ROW_BLOCK ? w->rows - r0 : ROW_BLOCK;
-        matmul_block(jobs[j].out, x, w, n_tokens, r0, R, q8_int && w->dtype == MM_Q8_0, s,
-                     s->row_buf + (size_t)thread_id() * s->row_buf_len);
+    /* A prefill block takes the columns K_CHUNK at a time, all of a thread's rows for each chunk:
+     * the chunk of every token's x (n_tokens x K_CHUNK floats) stays in the L2 cache while the
+     * weights stream past it once. Each output element still sums in a fixed order. */
+    int chunk = cols;
+#ifdef HAVE_AVX2
+    if (!reference_kernels && !q8_int) chunk = K_CHUNK;
+#endif
+    #pragma omp parallel
+    {
+        int nth = 1, id = 0;
+#ifdef _OPENMP
+        nth = omp_get_num_threads(), id = omp_get_thread_num();
+#endif
+        int b0 = (int)((long)total * id / nth), b1 = (int)((long)total * (id + 1) / nth);
+        float *buf = s->row_buf + (size_t)id * s->row_buf_len;
+        for (int k0 = 0; k0 < cols; k0 += chunk)
+            for (int b = b0; b < b1; b++) {
+                int j = n_jobs - 1;
+                while (b < first_block[j]) j--;
+                const Matrix *w = jobs[j].w;
+                int r0 = (b - first_block[j]) * ROW_BLOCK, R = w->rows - r0 < ROW_BLOCK ? w->rows - r0 : ROW_BLOCK;
+                matmul_block(jobs[j].out, x, w, n_tokens, r0, R, k0, cols - k0 < chunk ? cols - k0 : chunk,
+                             q8_int && w->dtype == MM_Q8_0, s, buf);
+            }
     }
 }
 
@@ -888,14 +913,14 @@ static ALWAYS_INLINE void attention_scores_avx2(float *S, int ldS, const float *
         int j = 0;
         for (; j + TILE_TOKENS <= nq; j += TILE_TOKENS)
             tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, kv_dim, q + (size_t)j * hd, hd, hd,
-                      TILE_ROWS, TILE_TOKENS);
+                      TILE_ROWS, TILE_TOKENS, false);
         for (; j < nq; j++)
-            tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, kv_dim, q + (size_t)j * hd, hd, hd, TILE_ROWS, 1);
+            tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, kv_dim, q + (size_t)j * hd, hd, hd, TILE_ROWS, 1, false);
     }
     for (; t < n_keys; t++)
         for (int j = 0; j < nq; j++)
             tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, (const uint8_t *)k + (size_t)t * kv_dim * elem,
-                      kv_dim, q + (size_t)j * hd, hd, hd, 1, 1);
+                      kv_dim, q + (size_t)j * hd, hd, hd, 1, 1, false);
     for (int j = 0; j < nq; j++)
         for (int t2 = 0; t2 < n_keys; t2++) S[(size_t)j * ldS + t2] *= scale;
 }

@@ -181,12 +181,13 @@ def consistency_tests(binary, cases):
                 worst = max(worst, rel_diff(out, ref, range(len(c["ids"])), c["vocab"]))
             return worst < 1e-5, f"rel {worst:.1e} over --batch 64/5/1"
 
-        @test(f"{tag}: threads 1 and 2 give identical logits, {cname}")
-        def _():
-            model = export(c["checkpoint"], f"{c['name']}.q8_0.bin", "q8_0", c["export_args"])
-            a = logits(binary, model, c["ids"], ["--threads", "1", "--batch", "7"], "t1")
-            b = logits(binary, model, c["ids"], ["--threads", "2", "--batch", "7"], "t2")
-            return a == b, "bit-identical" if a == b else "outputs differ"
+        for dtype in ("f32", "f16", "bf16", "q8_0"):  # with parity at 2 threads: parity at 1 too
+            @test(f"{tag}: threads 1 and 2 give identical logits, {cname} {dtype}")
+            def _():
+                model = export(c["checkpoint"], f"{c['name']}.{dtype}.bin", dtype, c["export_args"])
+                a = logits(binary, model, c["ids"], ["--threads", "1", "--batch", "7"], "t1")
+                b = logits(binary, model, c["ids"], ["--threads", "2", "--batch", "7"], "t2")
+                return a == b, "bit-identical" if a == b else "outputs differ"
 
     c = next(x for x in cases if x["name"] == "m2_moe")
 
