@@ -615,6 +615,20 @@ static ALWAYS_INLINE void tile_avx2(float *out, int ldo, int dtype, const void *
         }
 }
 
+/* The full tile as a function of its own per dtype: out of line, the register allocator keeps its
+ * twelve accumulators and seven pointers in registers (inlined into a large caller it spills) */
+#define FULL_TILE(name, dtype)                                                                          \
+    static __attribute__((noinline)) void name(float *out, int ldo, const void *w, int ldw, const float *x, \
+                                               int ldx, int K, bool add) {                              \
+        tile_avx2(out, ldo, dtype, w, ldw, x, ldx, K, TILE_ROWS, TILE_TOKENS, add);                      \
+    }
+FULL_TILE(full_tile_f32, MM_F32)
+FULL_TILE(full_tile_f16, MM_F16)
+FULL_TILE(full_tile_bf16, MM_BF16)
+#undef FULL_TILE
+static void (*const full_tile_avx2[])(float *, int, const void *, int, const float *, int, int, bool) = {
+    [MM_F32] = full_tile_f32, [MM_F16] = full_tile_f16, [MM_BF16] = full_tile_bf16};
+
 /* rows r0 .. r0+R (R <= TILE_ROWS) of out (+)= W x over kc columns, every token: w points at row r0
  * of those columns (rows ldw apart), x at the same columns of token 0 (rows ldx apart) */
 static ALWAYS_INLINE void matmul_block_avx2(float *out, int ldo, const float *x, int ldx, int n, int dtype,
@@ -629,7 +643,7 @@ static ALWAYS_INLINE void matmul_block_avx2(float *out, int ldo, const float *x,
     }
     int t = 0;
     for (; t + TILE_TOKENS <= n; t += TILE_TOKENS)
-        tile_avx2(o + (size_t)t * ldo, ldo, dtype, w, ldw, x + (size_t)t * ldx, ldx, kc, TILE_ROWS, TILE_TOKENS, add);
+        full_tile_avx2[dtype](o + (size_t)t * ldo, ldo, w, ldw, x + (size_t)t * ldx, ldx, kc, add);
     for (; t < n; t++)
         tile_avx2(o + (size_t)t * ldo, ldo, dtype, w, ldw, x + (size_t)t * ldx, ldx, kc, TILE_ROWS, 1, add);
 }
@@ -715,7 +729,7 @@ static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
 #define Q8_F32_MIN_TOKENS 4
 #define K_CHUNK 512              /* columns per pass of a prefill matmul (a multiple of 32) */
 
-/* --ref-kernels: every matmul through the plain reference, for testing the fast path */
+/* --ref-kernels: every matmul and attention through the plain reference, for testing */
 static bool reference_kernels = false;
 
 static void quantize_q8(int8_t *q, float *scale, const float *x, int n) {
@@ -956,6 +970,28 @@ static float exp_shifted(float *x, int n, float m) {
     return sum;
 }
 
+#ifdef HAVE_AVX2
+/* O[r, 0..16) += sum over t < nt of P[r, t] v_t[0..16) for r < R: 16 columns of R rows in registers */
+static ALWAYS_INLINE void pv_tile_avx2(float *O, int ldo, const float *P, const void *v, int kv_dtype, int kv_dim,
+                                       int nt, const int R) {
+    size_t elem = kv_dtype == MM_F32 ? 4 : 2;
+    __m256 acc[4][2];
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < 2; h++) acc[r][h] = _mm256_loadu_ps(O + (size_t)r * ldo + 8 * h);
+    for (int t = 0; t < nt; t++) {
+        const uint8_t *vt = (const uint8_t *)v + (size_t)t * kv_dim * elem;
+        __m256 v0 = load8(kv_dtype, vt, 0), v1 = load8(kv_dtype, vt, 8);
+        for (int r = 0; r < R; r++) {
+            __m256 p = _mm256_broadcast_ss(P + (size_t)r * KV_TILE + t);
+            acc[r][0] = _mm256_fmadd_ps(p, v0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(p, v1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < 2; h++) _mm256_storeu_ps(O + (size_t)r * ldo + 8 * h, acc[r][h]);
+}
+#endif
+
 /* O[r, :] += sum over t < nt of P[r, t] v_t for rows r < nr (P rows KV_TILE apart, O rows hd
  * apart); v_t: the cache rows from v, kv_dim apart; row: [hd] scratch */
 static void attention_pv(float *O, const float *P, int nr, const void *v, int kv_dtype, int kv_dim, int hd,
@@ -963,24 +999,21 @@ static void attention_pv(float *O, const float *P, int nr, const void *v, int kv
     int d = 0;
 #ifdef HAVE_AVX2
     if (!reference_kernels) {  /* up to 4 rows x 16 columns of O in registers, over all t */
-        size_t elem = kv_dtype == MM_F32 ? 4 : 2;
         for (; d + 16 <= hd; d += 16)
             for (int r0 = 0; r0 < nr; r0 += 4) {
-                int R = nr - r0 < 4 ? nr - r0 : 4;
-                __m256 acc[4][2];
-                for (int r = 0; r < R; r++)
-                    for (int h = 0; h < 2; h++) acc[r][h] = _mm256_loadu_ps(O + (size_t)(r0 + r) * hd + d + 8 * h);
-                for (int t = 0; t < nt; t++) {
-                    const uint8_t *vt = (const uint8_t *)v + ((size_t)t * kv_dim + d) * elem;
-                    __m256 v0 = load8(kv_dtype, vt, 0), v1 = load8(kv_dtype, vt, 8);
-                    for (int r = 0; r < R; r++) {
-                        __m256 p = _mm256_broadcast_ss(P + (size_t)(r0 + r) * KV_TILE + t);
-                        acc[r][0] = _mm256_fmadd_ps(p, v0, acc[r][0]);
-                        acc[r][1] = _mm256_fmadd_ps(p, v1, acc[r][1]);
-                    }
+                float *o = O + (size_t)r0 * hd + d;
+                const float *p = P + (size_t)r0 * KV_TILE;
+                const uint8_t *vd = (const uint8_t *)v + (size_t)d * (kv_dtype == MM_F32 ? 4 : 2);
+                switch ((nr - r0 < 4 ? nr - r0 : 4) + 4 * (kv_dtype == MM_F16)) {  /* registers need constants */
+                case 1: pv_tile_avx2(o, hd, p, vd, MM_F32, kv_dim, nt, 1); break;
+                case 2: pv_tile_avx2(o, hd, p, vd, MM_F32, kv_dim, nt, 2); break;
+                case 3: pv_tile_avx2(o, hd, p, vd, MM_F32, kv_dim, nt, 3); break;
+                case 4: pv_tile_avx2(o, hd, p, vd, MM_F32, kv_dim, nt, 4); break;
+                case 5: pv_tile_avx2(o, hd, p, vd, MM_F16, kv_dim, nt, 1); break;
+                case 6: pv_tile_avx2(o, hd, p, vd, MM_F16, kv_dim, nt, 2); break;
+                case 7: pv_tile_avx2(o, hd, p, vd, MM_F16, kv_dim, nt, 3); break;
+                default: pv_tile_avx2(o, hd, p, vd, MM_F16, kv_dim, nt, 4); break;
                 }
-                for (int r = 0; r < R; r++)
-                    for (int h = 0; h < 2; h++) _mm256_storeu_ps(O + (size_t)(r0 + r) * hd + d + 8 * h, acc[r][h]);
             }
         if (d == hd) return;
     }
@@ -1660,7 +1693,7 @@ static void usage(FILE *f) {
 "                         @FILE reads them from FILE (logits, ppl, decode)\n"
 "  -o FILE                logits mode: write float32 little-endian logits, one row of vocab\n"
 "                         values per input position  [required in logits mode]\n"
-"  -n N                   generate at most N tokens (per chat reply)  [256]\n"
+"  -n N                   generate at most N tokens (per chat reply; bench: decode N)  [256]\n"
 "  -t F                   temperature; 0 = greedy  [0.85]\n"
 "  -p F                   top-p (nucleus) sampling  [0.95]\n"
 "  -k N                   top-k sampling; 0 = off  [50]\n"
@@ -1677,7 +1710,8 @@ static void usage(FILE *f) {
 "  --batch N              prompt tokens per forward pass  [64]\n"
 "  --kv T                 KV cache type: f32 | f16 (half the memory)  [f32]\n"
 "  --no-batch             run logits/ppl token by token through the reference path\n"
-"  --ref-kernels          matmuls through the plain C reference kernels (for testing)\n"
+"  --ref-kernels          matmuls and attention through the plain C reference kernels\n"
+"                         instead of the SIMD ones (for testing; slower)\n"
 "  --rope-base F          RoPE theta  [the model's rope_theta]\n"
 "  --rope-scaling S       none | linear | yarn  [the model's config.json, else none]\n"
 "  --rope-scale F         scaling factor  [yarn: 16; linear: required]\n"
@@ -1685,12 +1719,14 @@ static void usage(FILE *f) {
 "  --yarn-beta-fast F     YaRN high-frequency ramp end, in rotations  [32]\n"
 "  --yarn-beta-slow F     YaRN low-frequency ramp end, in rotations  [1]\n"
 "  --yarn-attn-factor F   YaRN factor on cos and sin  [1.0]\n"
-"  -v, --verbose          print the model's config, timings and per-window ppl on stderr\n"
+"  -v, --verbose          print the model's config, timings, per-window ppl and memory\n"
+"                         (peak RSS, model file, KV cache) on stderr\n"
 "  -h, --help             this text\n"
 "generate feeds <|im_start|> + the text, as MiniMind does for pretrained checkpoints; chat\n"
 "renders each turn with the checkpoint's chat template. YaRN defaults are MiniMind's\n"
 "inference_rope_scaling=True; values from the checkpoint's config.json (stored at export)\n"
-"come next; explicit flags win.\n", f);
+"come next; explicit flags win. bench times a 512-token prompt and -n decoded tokens after\n"
+"16, 2048 and 4096 tokens of context on random ids, and prints one CSV row (make bench).\n", f);
 }
 
 static long parse_int(const char *flag, const char *v, long lo, long hi) {
