@@ -556,8 +556,9 @@ static void matmul_rows_q8_ref(float *out, const int8_t *xq, const float *xs, co
 /* ---- matmul, the fast path (x86-64 AVX2 + FMA + F16C; other machines use the reference) ----
  * A register tile of TILE_ROWS weight rows x TILE_TOKENS tokens: each weight vector loaded is
  * used for every token of the tile, each activation vector for every row. Every output element
- * is its own chain of 8-lane FMAs over the columns and one fixed horizontal sum, so its value
- * does not depend on the tile shape, the block size or the thread that computes it. */
+ * is its own chain of 8-lane FMAs over each K_CHUNK of columns, a fixed horizontal sum per chunk,
+ * and the chunks added in order, so its value does not depend on the tile shape, the block size
+ * or the thread that computes it. */
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define KERNELS "avx2"
@@ -727,7 +728,7 @@ static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
 /* q8_0 matrices switch from integer dot products to f32 (weights converted once per row block)
  * at this many tokens: the conversion then costs less than quantising every token */
 #define Q8_F32_MIN_TOKENS 4
-#define K_CHUNK 512              /* columns per pass of a prefill matmul (a multiple of 32) */
+#define K_CHUNK 512              /* columns per pass of an f32-activation matmul (multiple of 32) */
 
 /* --ref-kernels: every matmul and attention through the plain reference, for testing */
 static bool reference_kernels = false;
