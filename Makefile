@@ -49,7 +49,8 @@ tests/tokenizer_test-asan: tests/tokenizer_test.c tokenizer.c model.h
 
 TEST_BINARIES = .run-built run-asan run-portable tests/tokenizer_test tests/tokenizer_test-asan \
                 tests/kernel_test tests/kernel_test-asan
-test: $(TEST_BINARIES)
+test:  # the seven builds in parallel (about 20 s on two cores), then the suite
+	@$(MAKE) --no-print-directory -j2 $(TEST_BINARIES)
 	$(PYTHON) tests/run_tests.py ./run:tests/tokenizer_test:tests/kernel_test \
 	    ./run-asan:tests/tokenizer_test-asan:tests/kernel_test-asan ./run-portable
 
