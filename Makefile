@@ -32,6 +32,11 @@ run-asan: run.c tokenizer.c model.h
 run-portable: run.c tokenizer.c model.h
 	$(CC) $(WARN) -O2 $(OMP) -o $@ run.c -lm
 
+# the AVX2 kernels, which machines without AVX-512 run: built and tested here too (x86-64 only)
+AVX2 = -mavx2 -mfma -mf16c
+run-avx2: run.c tokenizer.c model.h
+	$(CC) $(WARN) -O2 $(AVX2) $(OMP) -o $@ run.c -lm
+
 # the kernel test driver (tests/kernel_test.c includes run.c): fast kernels vs references
 KERNEL_TEST = $(CC) $(WARN) -Wno-unused-function
 tests/kernel_test: tests/kernel_test.c run.c tokenizer.c model.h
@@ -39,6 +44,9 @@ tests/kernel_test: tests/kernel_test.c run.c tokenizer.c model.h
 
 tests/kernel_test-asan: tests/kernel_test.c run.c tokenizer.c model.h
 	$(KERNEL_TEST) $(SANITIZE) $(ARCH) $(OMP) -o $@ tests/kernel_test.c -lm
+
+tests/kernel_test-avx2: tests/kernel_test.c run.c tokenizer.c model.h
+	$(KERNEL_TEST) -O2 $(AVX2) $(OMP) -o $@ tests/kernel_test.c -lm
 
 # the tokenizer test driver (tests/tokenizer_test.c includes tokenizer.c)
 tests/tokenizer_test: tests/tokenizer_test.c tokenizer.c model.h
@@ -49,10 +57,15 @@ tests/tokenizer_test-asan: tests/tokenizer_test.c tokenizer.c model.h
 
 TEST_BINARIES = .run-built run-asan run-portable tests/tokenizer_test tests/tokenizer_test-asan \
                 tests/kernel_test tests/kernel_test-asan
-test:  # the seven builds in parallel (about 20 s on two cores), then the suite
+TEST_SPECS = ./run:tests/tokenizer_test:tests/kernel_test ./run-asan:tests/tokenizer_test-asan:tests/kernel_test-asan \
+             ./run-portable
+ifeq ($(shell uname -m),x86_64)
+TEST_BINARIES += run-avx2 tests/kernel_test-avx2
+TEST_SPECS += ./run-avx2::tests/kernel_test-avx2
+endif
+test:  # the builds in parallel (about 25 s on two cores), then the suite
 	@$(MAKE) --no-print-directory -j2 $(TEST_BINARIES)
-	$(PYTHON) tests/run_tests.py ./run:tests/tokenizer_test:tests/kernel_test \
-	    ./run-asan:tests/tokenizer_test-asan:tests/kernel_test-asan ./run-portable
+	$(PYTHON) tests/run_tests.py $(TEST_SPECS)
 
 # speed figures (never timed tests). The engine: random-weight models of the three MiniMind shapes
 # through export.py, every dtype, threads 1 and 2, medians of BENCH_RUNS runs (tests/bench.py;
@@ -74,5 +87,5 @@ fixtures:
 	/usr/bin/python3 tests/gen_fixtures.py
 
 clean:
-	rm -f run .run-built run-asan run-portable tests/tokenizer_test tests/tokenizer_test-asan \
-	    tests/kernel_test tests/kernel_test-asan
+	rm -f run .run-built run-asan run-portable run-avx2 tests/tokenizer_test tests/tokenizer_test-asan \
+	    tests/kernel_test tests/kernel_test-asan tests/kernel_test-avx2

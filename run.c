@@ -553,32 +553,120 @@ static void matmul_rows_q8_ref(float *out, const int8_t *xq, const float *xs, co
                                                       xs + (size_t)t * groups, cols);
 }
 
-/* ---- matmul, the fast path (x86-64 AVX2 + FMA + F16C; other machines use the reference) ----
+/* ---- matmul, the fast path (x86-64: AVX-512 where the compiler targets it, else AVX2 + FMA +
+ * F16C; other machines use the reference) ----
  * A register tile of TILE_ROWS weight rows x TILE_TOKENS tokens: each weight vector loaded is
  * used for every token of the tile, each activation vector for every row. Every output element
- * is its own chain of 8-lane FMAs over each K_CHUNK of columns, a fixed horizontal sum per chunk,
+ * is its own chain of VL-lane FMAs over each K_CHUNK of columns, a fixed horizontal sum per chunk,
  * and the chunks added in order, so its value does not depend on the tile shape, the block size
  * or the thread that computes it. */
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
-#define KERNELS "avx2"
-#define HAVE_AVX2 1
+#define HAVE_SIMD 1
 #define ALWAYS_INLINE inline __attribute__((always_inline))
-enum { TILE_ROWS = ROW_BLOCK, TILE_TOKENS = 3 };
 
-static ALWAYS_INLINE float hsum8(__m256 v) {
+/* The vector layer: the few operations the kernels use, on a vector of VL floats. The kernels
+ * below are written once over it; only this block knows the instruction set. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define KERNELS "avx512"
+#define HAVE_AVX512 1
+enum { VL = 16, TILE_ROWS = ROW_BLOCK };  /* vf_hsum4 sums a tile of four rows */
+#define TILE_TOKENS 6       /* 24 of the 32 registers accumulate */
+typedef __m512 vf;
+static ALWAYS_INLINE vf vf_zero(void) { return _mm512_setzero_ps(); }
+static ALWAYS_INLINE vf vf_set1(float a) { return _mm512_set1_ps(a); }
+static ALWAYS_INLINE vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
+static ALWAYS_INLINE void vf_store(float *p, vf v) { _mm512_storeu_ps(p, v); }
+static ALWAYS_INLINE vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static ALWAYS_INLINE vf vf_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static ALWAYS_INLINE vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static ALWAYS_INLINE vf vf_div(vf a, vf b) { return _mm512_div_ps(a, b); }
+static ALWAYS_INLINE vf vf_min(vf a, vf b) { return _mm512_min_ps(a, b); }
+static ALWAYS_INLINE vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+static ALWAYS_INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }    /* a b + c */
+static ALWAYS_INLINE vf vf_fnmadd(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }  /* c - a b */
+static ALWAYS_INLINE float vf_hsum(vf v) { return _mm512_reduce_add_ps(v); }
+static ALWAYS_INLINE __m128 vf_hsum4(vf a, vf b, vf c, vf d) {  /* [sum a, sum b, sum c, sum d] */
+    vf ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  /* a b a b per 128 bits */
+    vf cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    vf abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+                            _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+static ALWAYS_INLINE vf vf_round(vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static ALWAYS_INLINE vf vf_exp2i(vf k) {  /* 2^k for whole k in [-126, 127]: k + 127 in the exponent */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23));
+}
+static ALWAYS_INLINE vf vf_load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static ALWAYS_INLINE vf vf_load_bf16(const uint16_t *p) {  /* bf16 is the top half of an f32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static ALWAYS_INLINE vf vf_load_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#else
+#define KERNELS "avx2"
+enum { VL = 8, TILE_ROWS = ROW_BLOCK };
+#define TILE_TOKENS 3       /* 12 of the 16 registers accumulate */
+typedef __m256 vf;
+static ALWAYS_INLINE vf vf_zero(void) { return _mm256_setzero_ps(); }
+static ALWAYS_INLINE vf vf_set1(float a) { return _mm256_set1_ps(a); }
+static ALWAYS_INLINE vf vf_load(const float *p) { return _mm256_loadu_ps(p); }
+static ALWAYS_INLINE void vf_store(float *p, vf v) { _mm256_storeu_ps(p, v); }
+static ALWAYS_INLINE vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static ALWAYS_INLINE vf vf_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static ALWAYS_INLINE vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static ALWAYS_INLINE vf vf_div(vf a, vf b) { return _mm256_div_ps(a, b); }
+static ALWAYS_INLINE vf vf_min(vf a, vf b) { return _mm256_min_ps(a, b); }
+static ALWAYS_INLINE vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+static ALWAYS_INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static ALWAYS_INLINE vf vf_fnmadd(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+static ALWAYS_INLINE float vf_hsum(vf v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+static ALWAYS_INLINE __m128 vf_hsum4(vf a, vf b, vf c, vf d) {
+    vf ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+    vf cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+    vf abcd = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(ab), _mm256_castps_pd(cd))),
+                            _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(ab), _mm256_castps_pd(cd))));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+static ALWAYS_INLINE vf vf_round(vf v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static ALWAYS_INLINE vf vf_exp2i(vf k) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23));
+}
+static ALWAYS_INLINE vf vf_load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static ALWAYS_INLINE vf vf_load_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static ALWAYS_INLINE vf vf_load_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+#endif
 
-/* 8 weights from element i of p, as f32 */
-static ALWAYS_INLINE __m256 load8(int dtype, const void *p, size_t i) {
-    if (dtype == MM_F32) return _mm256_loadu_ps((const float *)p + i);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-    if (dtype == MM_F16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  /* bf16 */
+_Static_assert(TILE_ROWS == 4, "the tile epilogue sums four rows at once (vf_hsum4)");
+
+/* exp(r) for r in [-87, 88.7], within 2 ulp of expf (and inf for r in [88.7, 89]): r = k ln2 + f with k = round(r / ln2) and f in
+ * [-ln2/2, ln2/2] (ln2 in two parts, so f is exact), exp(f) by its Taylor polynomial, times 2^k */
+static ALWAYS_INLINE vf vf_exp(vf r) {
+    static const float c[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
+                               1.6666665459e-1f, 5.0000001201e-1f};  /* exp(f) - 1 - f, over f^2 */
+    vf k = vf_round(vf_mul(r, vf_set1(1.44269504f)));
+    vf f = vf_fnmadd(k, vf_set1(-2.12194440e-4f), vf_fnmadd(k, vf_set1(0.693359375f), r));
+    vf y = vf_set1(c[0]);
+    for (int j = 1; j < 6; j++) y = vf_fmadd(y, f, vf_set1(c[j]));
+    return vf_mul(vf_fmadd(y, vf_mul(f, f), vf_add(f, vf_set1(1.0f))), vf_exp2i(k));
+}
+
+/* VL weights from element i of p, as f32 */
+static ALWAYS_INLINE vf load_w(int dtype, const void *p, size_t i) {
+    if (dtype == MM_F32) return vf_load((const float *)p + i);
+    if (dtype == MM_F16) return vf_load_f16((const uint16_t *)p + i);
+    return vf_load_bf16((const uint16_t *)p + i);
 }
 
 static ALWAYS_INLINE float load1(int dtype, const void *p, size_t i) {
@@ -589,78 +677,115 @@ static ALWAYS_INLINE float load1(int dtype, const void *p, size_t i) {
 
 /* out[t * ldo + r] (+)= w[r, :K] . x[t, :K] for r < R, t < T; w rows ldw elements apart (f32/f16/bf16),
  * x rows ldx apart; add: accumulate onto out (a later chunk of the columns) */
-static ALWAYS_INLINE void tile_avx2(float *out, int ldo, int dtype, const void *w, int ldw,
-                                    const float *x, int ldx, int K, const int R, const int T, bool add) {
+static ALWAYS_INLINE void tile(float *out, int ldo, int dtype, const void *w, int ldw,
+                               const float *x, int ldx, int K, const int R, const int T, bool add) {
     size_t elem = dtype == MM_F32 ? 4 : 2;
     const uint8_t *wr[TILE_ROWS];
     const float *xt[TILE_TOKENS];
     for (int r = 0; r < R; r++) wr[r] = (const uint8_t *)w + (size_t)r * ldw * elem;
     for (int t = 0; t < T; t++) xt[t] = x + (size_t)t * ldx;
-    __m256 acc[TILE_ROWS][TILE_TOKENS];
+    vf acc[TILE_ROWS][TILE_TOKENS];
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+        for (int t = 0; t < T; t++) acc[r][t] = vf_zero();
     int k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 xv[TILE_TOKENS];
-        for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_ps(xt[t] + k);
+    for (; k + VL <= K; k += VL) {
+        vf xv[TILE_TOKENS];
+        for (int t = 0; t < T; t++) {
+            xv[t] = vf_load(xt[t] + k);
+            __asm__("" : "+v"(xv[t]));  /* keep it in a register: folded into each FMA it loads R times */
+        }
         for (int r = 0; r < R; r++) {
-            __m256 wv = load8(dtype, wr[r], (size_t)k);
-            for (int t = 0; t < T; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+            vf wv = load_w(dtype, wr[r], (size_t)k);
+            for (int t = 0; t < T; t++) acc[r][t] = vf_fmadd(wv, xv[t], acc[r][t]);
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) {
-            float sum = hsum8(acc[r][t]);
+    for (int t = 0; t < T; t++) {
+        float sums[TILE_ROWS];  /* a full tile's four rows are summed together: fewer shuffles */
+        if (R == TILE_ROWS) _mm_storeu_ps(sums, vf_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+        else for (int r = 0; r < R; r++) sums[r] = vf_hsum(acc[r][t]);
+        for (int r = 0; r < R; r++) {
+            float sum = sums[r];
             for (int kk = k; kk < K; kk++) sum += load1(dtype, wr[r], (size_t)kk) * xt[t][kk];
             out[(size_t)t * ldo + r] = add ? out[(size_t)t * ldo + r] + sum : sum;
         }
+    }
 }
 
 /* The full tile as a function of its own per dtype: out of line, the register allocator keeps its
- * twelve accumulators and seven pointers in registers (inlined into a large caller it spills) */
+ * accumulators and pointers in registers (inlined into a large caller it spills) */
 #define FULL_TILE(name, dtype)                                                                          \
     static __attribute__((noinline)) void name(float *out, int ldo, const void *w, int ldw, const float *x, \
                                                int ldx, int K, bool add) {                              \
-        tile_avx2(out, ldo, dtype, w, ldw, x, ldx, K, TILE_ROWS, TILE_TOKENS, add);                      \
+        tile(out, ldo, dtype, w, ldw, x, ldx, K, TILE_ROWS, TILE_TOKENS, add);                           \
     }
 FULL_TILE(full_tile_f32, MM_F32)
 FULL_TILE(full_tile_f16, MM_F16)
 FULL_TILE(full_tile_bf16, MM_BF16)
 #undef FULL_TILE
-static void (*const full_tile_avx2[])(float *, int, const void *, int, const float *, int, int, bool) = {
+static void (*const full_tile[])(float *, int, const void *, int, const float *, int, int, bool) = {
     [MM_F32] = full_tile_f32, [MM_F16] = full_tile_f16, [MM_BF16] = full_tile_bf16};
 
 /* rows r0 .. r0+R (R <= TILE_ROWS) of out (+)= W x over kc columns, every token: w points at row r0
  * of those columns (rows ldw apart), x at the same columns of token 0 (rows ldx apart) */
-static ALWAYS_INLINE void matmul_block_avx2(float *out, int ldo, const float *x, int ldx, int n, int dtype,
-                                           const void *w, int ldw, int kc, int r0, int R, bool add) {
+static ALWAYS_INLINE void matmul_block_simd(float *out, int ldo, const float *x, int ldx, int n, int dtype,
+                                            const void *w, int ldw, int kc, int r0, int R, bool add) {
     float *o = out + r0;
-    if (R < TILE_ROWS) {   /* the last rows of a matrix whose height is not a multiple of 4 */
+    if (R < TILE_ROWS) {   /* the last rows of a matrix whose height is not a multiple of the tile's */
         for (int r = 0; r < R; r++)
             for (int t = 0; t < n; t++)
-                tile_avx2(o + (size_t)t * ldo + r, ldo, dtype, (const uint8_t *)w + (size_t)r * ldw *
-                          (dtype == MM_F32 ? 4 : 2), ldw, x + (size_t)t * ldx, ldx, kc, 1, 1, add);
+                tile(o + (size_t)t * ldo + r, ldo, dtype, (const uint8_t *)w + (size_t)r * ldw *
+                     (dtype == MM_F32 ? 4 : 2), ldw, x + (size_t)t * ldx, ldx, kc, 1, 1, add);
         return;
+    }
+    if (n >= TILE_TOKENS) {  /* the next block's weights come from memory while this one computes */
+        size_t elem = dtype == MM_F32 ? 4 : 2;
+        const char *next = (const char *)w + (size_t)TILE_ROWS * ldw * elem;
+        for (int r = 0; r < TILE_ROWS; r++)
+            for (size_t b = 0; b < (size_t)kc * elem; b += 64) _mm_prefetch(next + (size_t)r * ldw * elem + b, _MM_HINT_T0);
     }
     int t = 0;
     for (; t + TILE_TOKENS <= n; t += TILE_TOKENS)
-        full_tile_avx2[dtype](o + (size_t)t * ldo, ldo, w, ldw, x + (size_t)t * ldx, ldx, kc, add);
-    for (; t < n; t++)
-        tile_avx2(o + (size_t)t * ldo, ldo, dtype, w, ldw, x + (size_t)t * ldx, ldx, kc, TILE_ROWS, 1, add);
+        full_tile[dtype](o + (size_t)t * ldo, ldo, w, ldw, x + (size_t)t * ldx, ldx, kc, add);
+    /* the tokens left, in one tile of their number (a constant: its accumulators are registers) */
+#define TAIL(T) tile(o + (size_t)t * ldo, ldo, dtype, w, ldw, x + (size_t)t * ldx, ldx, kc, TILE_ROWS, T, add)
+    switch (n - t) {
+    case 1: TAIL(1); break;
+    case 2: TAIL(2); break;
+#if TILE_TOKENS > 3
+    case 3: TAIL(3); break;
+    case 4: TAIL(4); break;
+    case 5: TAIL(5); break;
+#endif
+    }
+#undef TAIL
 }
 
-/* q8_0 weights x q8_0 activations for one token and R <= TILE_ROWS rows from r0. Per group of 32:
- * |w| (unsigned) times x with w's sign (signed) in 16-bit pairs, summed to 32 bits. Eight groups'
- * sums are reduced into one vector of eight, so the conversion to float and the two scales cost one
- * instruction each per eight groups. */
+/* q8_0 weights x q8_0 activations for one token and R <= TILE_ROWS rows from r0: exact int32 sums
+ * per group of 32, each times its two scales. The byte products need one unsigned operand: |w|
+ * times x with w's sign (the sign trick) gives the same products. With VNNI one vpdpbusd multiplies
+ * and sums them four to an int32 lane; without, maddubs makes 16-bit pairs and madd sums those.
+ * Eight groups' sums are reduced into one vector of eight, so the conversion to float and the two
+ * scales cost one instruction each per eight groups. (256-bit vectors: decoding is bound by memory,
+ * and this measured faster than 512-bit pairs of groups.) */
 static ALWAYS_INLINE __m256i group_dot_q8(const int8_t *w, const int8_t *x) {
     __m256i wv = _mm256_loadu_si256((const __m256i *)w), xv = _mm256_loadu_si256((const __m256i *)x);
-    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));   /* 8 partial sums of the group */
+    __m256i w_abs = _mm256_sign_epi8(wv, wv), x_signed = _mm256_sign_epi8(xv, wv);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_abs, x_signed);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, x_signed), _mm256_set1_epi16(1));
+#endif
 }
 
-static ALWAYS_INLINE void tile_q8_avx2(float *out, const Matrix *w, int r0, const int8_t *xq,
-                                       const float *xs, const int R) {
+static ALWAYS_INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static ALWAYS_INLINE void tile_q8(float *out, const Matrix *w, int r0, const int8_t *xq, const float *xs,
+                                  const int R) {
     int cols = w->cols, groups = cols / MM_Q8_GROUP;
     for (int r = 0; r < R; r++) {
         const int8_t *wq = (const int8_t *)w->data + (size_t)(r0 + r) * cols;
@@ -688,16 +813,14 @@ static ALWAYS_INLINE void tile_q8_avx2(float *out, const Matrix *w, int r0, cons
 
 /* columns k0 .. k0+kc of row r of a q8_0 matrix as f32 (the fast twin of matrix_row: the same
  * values); k0 and kc are multiples of 32 */
-static void dequantize_q8_avx2(float *out, const Matrix *w, int r, int k0, int kc) {
+static void dequantize_q8(float *out, const Matrix *w, int r, int k0, int kc) {
     const int8_t *q = (const int8_t *)w->data + (size_t)r * w->cols + k0;
     const float *scale = w->scales + ((size_t)r * w->cols + k0) / MM_Q8_GROUP;
-    for (int c = 0; c < kc; c += 8) {
-        __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + c))));
-        _mm256_storeu_ps(out + c, _mm256_mul_ps(v, _mm256_set1_ps(scale[c / MM_Q8_GROUP])));
-    }
+    for (int c = 0; c < kc; c += VL) vf_store(out + c, vf_mul(vf_load_i8(q + c), vf_set1(scale[c / MM_Q8_GROUP])));
 }
 
-/* the q8_0 activations of n rows of x (the fast twin of quantize_q8_ref: the same codes) */
+/* the q8_0 activations of n rows of x (the fast twin of quantize_q8_ref: the same codes); AVX2, which
+ * an AVX-512 machine runs too */
 static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     for (int g = 0; g < n / MM_Q8_GROUP; g++) {
@@ -734,7 +857,7 @@ static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
 static bool reference_kernels = false;
 
 static void quantize_q8(int8_t *q, float *scale, const float *x, int n) {
-#ifdef HAVE_AVX2
+#ifdef HAVE_SIMD
     if (!reference_kernels) { quantize_q8_avx2(q, scale, x, n); return; }
 #endif
     quantize_q8_ref(q, scale, x, n);
@@ -745,29 +868,29 @@ static void quantize_q8(int8_t *q, float *scale, const float *x, int n) {
 static void matmul_block(float *out, const float *x, const Matrix *w, int n, int r0, int R, int k0, int kc,
                          bool q8_int, const State *s, float *buf) {
     int rows = w->rows, cols = w->cols, groups = cols / MM_Q8_GROUP;
-#ifdef HAVE_AVX2
+#ifdef HAVE_SIMD
     if (!reference_kernels) {
         if (q8_int) {
             for (int t = 0; t < n; t++) {
                 const int8_t *xq = s->xq + (size_t)t * cols;
                 const float *xs = s->xs + (size_t)t * groups;
                 float *o = out + (size_t)t * rows;
-                if (R == TILE_ROWS) tile_q8_avx2(o, w, r0, xq, xs, TILE_ROWS);
-                else for (int r = r0; r < r0 + R; r++) tile_q8_avx2(o, w, r, xq, xs, 1);
+                if (R == TILE_ROWS) tile_q8(o, w, r0, xq, xs, TILE_ROWS);
+                else for (int r = r0; r < r0 + R; r++) tile_q8(o, w, r, xq, xs, 1);
             }
             return;
         }
         bool add = k0 > 0;
         if (w->dtype == MM_Q8_0) {   /* the block's rows converted to f32 once, then f32 tiles */
-            for (int r = 0; r < R; r++) dequantize_q8_avx2(buf + (size_t)r * kc, w, r0 + r, k0, kc);
-            matmul_block_avx2(out, rows, x + k0, cols, n, MM_F32, buf, kc, kc, r0, R, add);
+            for (int r = 0; r < R; r++) dequantize_q8(buf + (size_t)r * kc, w, r0 + r, k0, kc);
+            matmul_block_simd(out, rows, x + k0, cols, n, MM_F32, buf, kc, kc, r0, R, add);
             return;
         }
         /* one instance per dtype, so that the weight loads are decided at compile time */
         const uint8_t *w0 = (const uint8_t *)w->data + ((size_t)r0 * cols + k0) * (w->dtype == MM_F32 ? 4 : 2);
-        if (w->dtype == MM_F32) matmul_block_avx2(out, rows, x + k0, cols, n, MM_F32, w0, cols, kc, r0, R, add);
-        else if (w->dtype == MM_F16) matmul_block_avx2(out, rows, x + k0, cols, n, MM_F16, w0, cols, kc, r0, R, add);
-        else matmul_block_avx2(out, rows, x + k0, cols, n, MM_BF16, w0, cols, kc, r0, R, add);
+        if (w->dtype == MM_F32) matmul_block_simd(out, rows, x + k0, cols, n, MM_F32, w0, cols, kc, r0, R, add);
+        else if (w->dtype == MM_F16) matmul_block_simd(out, rows, x + k0, cols, n, MM_F16, w0, cols, kc, r0, R, add);
+        else matmul_block_simd(out, rows, x + k0, cols, n, MM_BF16, w0, cols, kc, r0, R, add);
         return;
     }
 #endif
@@ -797,7 +920,7 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
      * the chunk of every token's x (n_tokens x K_CHUNK floats) stays in the L2 cache while the
      * weights stream past it once. Each output element still sums in a fixed order. */
     int chunk = cols;
-#ifdef HAVE_AVX2
+#ifdef HAVE_SIMD
     if (!reference_kernels && !q8_int) chunk = K_CHUNK;
 #endif
     #pragma omp parallel
@@ -842,6 +965,19 @@ static void softmax(float *x, int n) {
 }
 
 static float silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* gate[i] = silu(gate[i]) * up[i] for i < n: SwiGLU's product */
+static void swiglu(float *gate, const float *up, int n) {
+    int i = 0;
+#ifdef HAVE_SIMD
+    if (!reference_kernels)
+        for (; i + VL <= n; i += VL) {  /* exp(-x) clamped to [e^-87, inf]: silu is then x or -0 */
+            vf x = vf_load(gate + i), e = vf_exp(vf_min(vf_max(vf_sub(vf_zero(), x), vf_set1(-87.0f)), vf_set1(89.0f)));
+            vf_store(gate + i, vf_mul(vf_div(x, vf_add(vf_set1(1.0f), e)), vf_load(up + i)));
+        }
+#endif
+    for (; i < n; i++) gate[i] = silu(gate[i]) * up[i];
+}
 
 /* cos/sin of position pos for every pair: the angle pos * inv_freq is rounded to fp32 first,
  * as upstream does, because at large positions that rounding shows in the logits */
@@ -918,23 +1054,30 @@ static void attention_head(float *out, const float *q, const void *keys, const v
 #define KV_TILE 128     /* key positions per tile */
 #define ATT_TOKENS 16   /* tokens per unit of attention work (with all heads of one kv head) */
 
-#ifdef HAVE_AVX2
-static ALWAYS_INLINE void attention_scores_avx2(float *S, int ldS, const float *q, int nq, const void *k,
+#ifdef HAVE_SIMD
+static ALWAYS_INLINE void attention_scores_simd(float *S, int ldS, const float *q, int nq, const void *k,
                                                 int kv_dtype, int kv_dim, int hd, int n_keys, float scale) {
     size_t elem = kv_dtype == MM_F32 ? 4 : 2;
     int t = 0;
     for (; t + TILE_ROWS <= n_keys; t += TILE_ROWS) {  /* keys play the weight rows, queries the tokens */
         const void *kt = (const uint8_t *)k + (size_t)t * kv_dim * elem;
         int j = 0;
-        for (; j + TILE_TOKENS <= nq; j += TILE_TOKENS)
-            tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, kv_dim, q + (size_t)j * hd, hd, hd,
-                      TILE_ROWS, TILE_TOKENS, false);
-        for (; j < nq; j++)
-            tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, kv_dim, q + (size_t)j * hd, hd, hd, TILE_ROWS, 1, false);
+#define QUERIES(T) tile(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, kv_dim, q + (size_t)j * hd, hd, hd, TILE_ROWS, T, false)
+        for (; j + TILE_TOKENS <= nq; j += TILE_TOKENS) QUERIES(TILE_TOKENS);
+        switch (nq - j) {  /* the queries left (a group of 2 or 4 heads when decoding) in one tile */
+        case 1: QUERIES(1); break;
+        case 2: QUERIES(2); break;
+#if TILE_TOKENS > 3
+        case 3: QUERIES(3); break;
+        case 4: QUERIES(4); break;
+        case 5: QUERIES(5); break;
+#endif
+        }
+#undef QUERIES
     }
     for (; t < n_keys; t++)
         for (int j = 0; j < nq; j++)
-            tile_avx2(S + (size_t)j * ldS + t, ldS, kv_dtype, (const uint8_t *)k + (size_t)t * kv_dim * elem,
+            tile(S + (size_t)j * ldS + t, ldS, kv_dtype, (const uint8_t *)k + (size_t)t * kv_dim * elem,
                       kv_dim, q + (size_t)j * hd, hd, hd, 1, 1, false);
     for (int j = 0; j < nq; j++)
         for (int t2 = 0; t2 < n_keys; t2++) S[(size_t)j * ldS + t2] *= scale;
@@ -945,51 +1088,42 @@ static ALWAYS_INLINE void attention_scores_avx2(float *S, int ldS, const float *
 static float exp_shifted(float *x, int n, float m) {
     float sum = 0;
     int i = 0;
-#ifdef HAVE_AVX2
-    if (!reference_kernels) {  /* exp(r) = 2^k exp(f): k = round(r / ln 2), f in [-ln2/2, ln2/2] */
-        const __m256 log2e = _mm256_set1_ps(1.44269504f), ln2_hi = _mm256_set1_ps(0.693359375f),
-                     ln2_lo = _mm256_set1_ps(-2.12194440e-4f), lo = _mm256_set1_ps(-87.0f), vm = _mm256_set1_ps(m);
-        static const float c[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
-                                   1.6666665459e-1f, 5.0000001201e-1f};  /* exp(f) - 1 - f, over f^2 */
-        __m256 acc = _mm256_setzero_ps();
-        for (; i + 8 <= n; i += 8) {
-            __m256 r = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), lo);
-            __m256 k = _mm256_round_ps(_mm256_mul_ps(r, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            __m256 f = _mm256_fnmadd_ps(k, ln2_lo, _mm256_fnmadd_ps(k, ln2_hi, r));
-            __m256 y = _mm256_set1_ps(c[0]);
-            for (int j = 1; j < 6; j++) y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(c[j]));
-            y = _mm256_fmadd_ps(y, _mm256_mul_ps(f, f), _mm256_add_ps(f, _mm256_set1_ps(1.0f)));
-            __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-            y = _mm256_mul_ps(y, _mm256_castsi256_ps(two_k));
-            _mm256_storeu_ps(x + i, y);
-            acc = _mm256_add_ps(acc, y);
+#ifdef HAVE_SIMD
+    if (!reference_kernels) {
+        vf acc = vf_zero();
+        for (; i + VL <= n; i += VL) {
+            vf y = vf_exp(vf_max(vf_sub(vf_load(x + i), vf_set1(m)), vf_set1(-87.0f)));
+            vf_store(x + i, y);
+            acc = vf_add(acc, y);
         }
-        sum = hsum8(acc);
+        sum = vf_hsum(acc);
     }
 #endif
     for (; i < n; i++) { x[i] = expf(x[i] - m); sum += x[i]; }
     return sum;
 }
 
-#ifdef HAVE_AVX2
-/* O[r, 0..16) += sum over t < nt of P[r, t] v_t[0..16) for r < R: 16 columns of R rows in registers */
-static ALWAYS_INLINE void pv_tile_avx2(float *O, int ldo, const float *P, const void *v, int kv_dtype, int kv_dim,
-                                       int nt, const int R) {
+#ifdef HAVE_SIMD
+/* O[r, 0..PV_COLS) += sum over t < nt of P[r, t] v_t[0..PV_COLS) for r < R: two vectors of columns
+ * of R rows in registers */
+enum { PV_COLS = 2 * VL };
+static ALWAYS_INLINE void pv_tile(float *O, int ldo, const float *P, const void *v, int kv_dtype, int kv_dim,
+                                  int nt, const int R) {
     size_t elem = kv_dtype == MM_F32 ? 4 : 2;
-    __m256 acc[4][2];
+    vf acc[4][2];
     for (int r = 0; r < R; r++)
-        for (int h = 0; h < 2; h++) acc[r][h] = _mm256_loadu_ps(O + (size_t)r * ldo + 8 * h);
+        for (int h = 0; h < 2; h++) acc[r][h] = vf_load(O + (size_t)r * ldo + VL * h);
     for (int t = 0; t < nt; t++) {
         const uint8_t *vt = (const uint8_t *)v + (size_t)t * kv_dim * elem;
-        __m256 v0 = load8(kv_dtype, vt, 0), v1 = load8(kv_dtype, vt, 8);
+        vf v0 = load_w(kv_dtype, vt, 0), v1 = load_w(kv_dtype, vt, VL);
         for (int r = 0; r < R; r++) {
-            __m256 p = _mm256_broadcast_ss(P + (size_t)r * KV_TILE + t);
-            acc[r][0] = _mm256_fmadd_ps(p, v0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(p, v1, acc[r][1]);
+            vf p = vf_set1(P[(size_t)r * KV_TILE + t]);
+            acc[r][0] = vf_fmadd(p, v0, acc[r][0]);
+            acc[r][1] = vf_fmadd(p, v1, acc[r][1]);
         }
     }
     for (int r = 0; r < R; r++)
-        for (int h = 0; h < 2; h++) _mm256_storeu_ps(O + (size_t)r * ldo + 8 * h, acc[r][h]);
+        for (int h = 0; h < 2; h++) vf_store(O + (size_t)r * ldo + VL * h, acc[r][h]);
 }
 #endif
 
@@ -998,22 +1132,22 @@ static ALWAYS_INLINE void pv_tile_avx2(float *O, int ldo, const float *P, const 
 static void attention_pv(float *O, const float *P, int nr, const void *v, int kv_dtype, int kv_dim, int hd,
                          int nt, float *row) {
     int d = 0;
-#ifdef HAVE_AVX2
-    if (!reference_kernels) {  /* up to 4 rows x 16 columns of O in registers, over all t */
-        for (; d + 16 <= hd; d += 16)
+#ifdef HAVE_SIMD
+    if (!reference_kernels) {  /* up to 4 rows x PV_COLS columns of O in registers, over all t */
+        for (; d + PV_COLS <= hd; d += PV_COLS)
             for (int r0 = 0; r0 < nr; r0 += 4) {
                 float *o = O + (size_t)r0 * hd + d;
                 const float *p = P + (size_t)r0 * KV_TILE;
                 const uint8_t *vd = (const uint8_t *)v + (size_t)d * (kv_dtype == MM_F32 ? 4 : 2);
                 switch ((nr - r0 < 4 ? nr - r0 : 4) + 4 * (kv_dtype == MM_F16)) {  /* registers need constants */
-                case 1: pv_tile_avx2(o, hd, p, vd, MM_F32, kv_dim, nt, 1); break;
-                case 2: pv_tile_avx2(o, hd, p, vd, MM_F32, kv_dim, nt, 2); break;
-                case 3: pv_tile_avx2(o, hd, p, vd, MM_F32, kv_dim, nt, 3); break;
-                case 4: pv_tile_avx2(o, hd, p, vd, MM_F32, kv_dim, nt, 4); break;
-                case 5: pv_tile_avx2(o, hd, p, vd, MM_F16, kv_dim, nt, 1); break;
-                case 6: pv_tile_avx2(o, hd, p, vd, MM_F16, kv_dim, nt, 2); break;
-                case 7: pv_tile_avx2(o, hd, p, vd, MM_F16, kv_dim, nt, 3); break;
-                default: pv_tile_avx2(o, hd, p, vd, MM_F16, kv_dim, nt, 4); break;
+                case 1: pv_tile(o, hd, p, vd, MM_F32, kv_dim, nt, 1); break;
+                case 2: pv_tile(o, hd, p, vd, MM_F32, kv_dim, nt, 2); break;
+                case 3: pv_tile(o, hd, p, vd, MM_F32, kv_dim, nt, 3); break;
+                case 4: pv_tile(o, hd, p, vd, MM_F32, kv_dim, nt, 4); break;
+                case 5: pv_tile(o, hd, p, vd, MM_F16, kv_dim, nt, 1); break;
+                case 6: pv_tile(o, hd, p, vd, MM_F16, kv_dim, nt, 2); break;
+                case 7: pv_tile(o, hd, p, vd, MM_F16, kv_dim, nt, 3); break;
+                default: pv_tile(o, hd, p, vd, MM_F16, kv_dim, nt, 4); break;
                 }
             }
         if (d == hd) return;
@@ -1032,10 +1166,10 @@ static void attention_pv(float *O, const float *P, int nr, const void *v, int kv
  * (kv_dim apart from k); buf: [head_dim] */
 static void attention_scores(float *S, int ldS, const float *q, int nq, const void *k, int kv_dtype,
                              int kv_dim, int hd, int n_keys, float scale, float *buf) {
-#ifdef HAVE_AVX2
+#ifdef HAVE_SIMD
     if (!reference_kernels) {
-        if (kv_dtype == MM_F32) attention_scores_avx2(S, ldS, q, nq, k, MM_F32, kv_dim, hd, n_keys, scale);
-        else attention_scores_avx2(S, ldS, q, nq, k, MM_F16, kv_dim, hd, n_keys, scale);
+        if (kv_dtype == MM_F32) attention_scores_simd(S, ldS, q, nq, k, MM_F32, kv_dim, hd, n_keys, scale);
+        else attention_scores_simd(S, ldS, q, nq, k, MM_F16, kv_dim, hd, n_keys, scale);
         return;
     }
 #endif
@@ -1124,7 +1258,8 @@ static void route(int *idx, float *w, float *probs, const mm_header *h) {
 static void swiglu_ffn(float *out, const float *x, const FFN *f, int n, State *s) {
     int hidden = f->gate.rows;
     matmuls((MatmulJob[]){{s->hb, &f->gate}, {s->hb2, &f->up}}, 2, x, n, s);
-    for (size_t i = 0; i < (size_t)n * hidden; i++) s->hb[i] = silu(s->hb[i]) * s->hb2[i];
+    #pragma omp parallel for if (n > 1)
+    for (int t = 0; t < n; t++) swiglu(s->hb + (size_t)t * hidden, s->hb2 + (size_t)t * hidden, hidden);
     matmul(out, s->hb, &f->down, n, s);
 }
 

@@ -163,6 +163,29 @@ static void test_attention(int kv_dtype, int n_kv_heads, int group, int hd, int 
     free(keys); free(values); free(row); free(q); free(ref); free(fast); free(scores); free(buf);
 }
 
+/* the vectorised SwiGLU product (its polynomial exp) against silu with libm's expf, over the whole
+ * range where exp overflows or underflows too; n not a multiple of the vector width */
+static void test_swiglu(int n) {
+    float *g = xcalloc((size_t)n, sizeof(float), "test"), *up = xcalloc((size_t)n, sizeof(float), "test");
+    float *ref = xcalloc((size_t)n, sizeof(float), "test");
+    for (int i = 0; i < n; i++) g[i] = frand() * (i % 3 == 0 ? 120.0f : 8.0f), up[i] = frand();
+    g[0] = 0.0f, g[1] = -1e30f, g[2] = 1e30f, g[3] = -87.5f, g[4] = 88.5f;
+    memcpy(ref, g, (size_t)n * sizeof(float));
+    reference_kernels = true;
+    swiglu(ref, up, n);
+    reference_kernels = false;
+    swiglu(g, up, n);
+    double worst = 0;
+    for (int i = 0; i < n; i++) {
+        double e = fabs((double)g[i] - ref[i]) / (fabs((double)ref[i]) + 1e-24);  /* 0 where both underflow */
+        worst = e > worst ? e : worst;
+    }
+    char name[64];
+    snprintf(name, sizeof name, "swiglu of %d values in [-120, 120] and beyond", n);
+    check(worst < 1e-6, name, "max relative error %.1e", worst);
+    free(g); free(up); free(ref);
+}
+
 /* f32_to_f16 inverts f16_to_f32 on every finite half, and rounds to nearest even in between */
 static void test_f16(void) {
     int bad = 0;
@@ -186,12 +209,13 @@ int main(void) {
     static const int f_shapes[][3] = {{1, 1, 1}, {3, 7, 2}, {5, 33, 3}, {13, 100, 4}, {37, 515, 7},
                                       {8, 64, 1}, {64, 512, 64}, {4, 24, 6}};
     static const int q_shapes[][3] = {{1, 32, 1}, {3, 96, 2}, {5, 160, 3}, {13, 544, 1}, {37, 96, 4},
-                                      {9, 64, 7}, {64, 512, 64}};
+                                      {9, 64, 7}, {64, 512, 64}, {9, 1408, 2}};
     for (int dt = MM_F32; dt <= MM_BF16; dt++)
         for (size_t i = 0; i < sizeof f_shapes / sizeof f_shapes[0]; i++)
             test_matmul(dt, f_shapes[i][0], f_shapes[i][1], f_shapes[i][2]);
     for (size_t i = 0; i < sizeof q_shapes / sizeof q_shapes[0]; i++)
         test_matmul(MM_Q8_0, q_shapes[i][0], q_shapes[i][1], q_shapes[i][2]);
+    test_swiglu(1000);
     test_quantize(32);
     test_quantize(2432);
     static const int a_cases[][5] = {{1, 1, 2, 0, 1}, {2, 4, 64, 0, 5}, {2, 4, 64, 300, 1}, {4, 2, 96, 130, 16},
