@@ -725,23 +725,38 @@ FULL_TILE(full_tile_bf16, MM_BF16)
 static void (*const full_tile[])(float *, int, const void *, int, const float *, int, int, bool) = {
     [MM_F32] = full_tile_f32, [MM_F16] = full_tile_f16, [MM_BF16] = full_tile_bf16};
 
+/* w[:K] . x[:K] for one row when decoding a single token: the rows are read one after another, a
+ * single stream through memory that the prefetcher runs ahead of (four rows at a time, it is four
+ * short streams), with four chains of FMAs so that their latency is hidden */
+static ALWAYS_INLINE float dot_row(int dtype, const void *w, const float *x, int K) {
+    vf acc[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
+    int k = 0;
+    for (; k + 4 * VL <= K; k += 4 * VL)
+        for (int j = 0; j < 4; j++) acc[j] = vf_fmadd(load_w(dtype, w, (size_t)(k + j * VL)), vf_load(x + k + j * VL), acc[j]);
+    for (; k + VL <= K; k += VL) acc[0] = vf_fmadd(load_w(dtype, w, (size_t)k), vf_load(x + k), acc[0]);
+    float sum = vf_hsum(vf_add(vf_add(acc[0], acc[1]), vf_add(acc[2], acc[3])));
+    for (; k < K; k++) sum += load1(dtype, w, (size_t)k) * x[k];
+    return sum;
+}
+
 /* rows r0 .. r0+R (R <= TILE_ROWS) of out (+)= W x over kc columns, every token: w points at row r0
  * of those columns (rows ldw apart), x at the same columns of token 0 (rows ldx apart) */
 static ALWAYS_INLINE void matmul_block_simd(float *out, int ldo, const float *x, int ldx, int n, int dtype,
                                             const void *w, int ldw, int kc, int r0, int R, bool add) {
     float *o = out + r0;
+    if (n == 1) {  /* decoding: bound by reading the weights */
+        for (int r = 0; r < R; r++) {
+            float sum = dot_row(dtype, (const uint8_t *)w + (size_t)r * ldw * (dtype == MM_F32 ? 4 : 2), x, kc);
+            o[r] = add ? o[r] + sum : sum;
+        }
+        return;
+    }
     if (R < TILE_ROWS) {   /* the last rows of a matrix whose height is not a multiple of the tile's */
         for (int r = 0; r < R; r++)
             for (int t = 0; t < n; t++)
                 tile(o + (size_t)t * ldo + r, ldo, dtype, (const uint8_t *)w + (size_t)r * ldw *
                      (dtype == MM_F32 ? 4 : 2), ldw, x + (size_t)t * ldx, ldx, kc, 1, 1, add);
         return;
-    }
-    if (n >= TILE_TOKENS) {  /* the next block's weights come from memory while this one computes */
-        size_t elem = dtype == MM_F32 ? 4 : 2;
-        const char *next = (const char *)w + (size_t)TILE_ROWS * ldw * elem;
-        for (int r = 0; r < TILE_ROWS; r++)
-            for (size_t b = 0; b < (size_t)kc * elem; b += 64) _mm_prefetch(next + (size_t)r * ldw * elem + b, _MM_HINT_T0);
     }
     int t = 0;
     for (; t + TILE_TOKENS <= n; t += TILE_TOKENS)
@@ -921,7 +936,7 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
      * weights stream past it once. Each output element still sums in a fixed order. */
     int chunk = cols;
 #ifdef HAVE_SIMD
-    if (!reference_kernels && !q8_int) chunk = K_CHUNK;
+    if (!reference_kernels && !q8_int && n_tokens > 1) chunk = K_CHUNK;  /* one token: whole rows, in order */
 #endif
     #pragma omp parallel
     {
