@@ -6,6 +6,7 @@
  * The maths follows MiniMind's model/model_minimind.py; the layout of a model file is model.h.
  */
 #define _POSIX_C_SOURCE 200809L  /* mmap, clock_gettime */
+#define _DEFAULT_SOURCE          /* MAP_POPULATE (Linux) */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -32,6 +33,14 @@
 _Static_assert(sizeof(mm_header) == 256, "mm_header must be 256 bytes");
 _Static_assert(offsetof(mm_header, tokenizer_offset) == 128, "mm_header layout");
 _Static_assert(sizeof(mm_tensor_entry) == 104, "mm_tensor_entry must be 104 bytes");
+
+/* Every weight is read for every token, so the model's pages are mapped in at load (Linux), not
+ * one page fault at a time during the first prompt */
+#ifdef MAP_POPULATE
+#define MAP_POPULATE_IF_ANY MAP_POPULATE
+#else
+#define MAP_POPULATE_IF_ANY 0
+#endif
 
 static void die(const char *fmt, ...) {
     va_list ap;
@@ -240,7 +249,7 @@ static void model_load(Model *m, const char *path) {
         die("%s: file is %llu bytes, too short for the %zu-byte header (truncated?)", path,
             (unsigned long long)size, sizeof(mm_header));
     m->map_size = (size_t)size;
-    m->map = mmap(NULL, m->map_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    m->map = mmap(NULL, m->map_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE_IF_ANY, fd, 0);
     close(fd);
     if (m->map == MAP_FAILED) die("%s: mmap failed (%s)", path, strerror(errno));
     memcpy(&m->cfg, m->map, sizeof(mm_header));
@@ -362,6 +371,8 @@ static void rope_inv_freq(float *inv_freq, const Rope *r, int head_dim, int max_
  * ============================================================================================ */
 
 #define ROW_BLOCK 4              /* weight rows per unit of matmul work (the fast path's tile) */
+#define PANEL_ROWS 12            /* weight rows a prompt block's tile converts to f32 at once */
+#define XT_TOKENS 32             /* the transposed activations are padded to a multiple of this */
 
 typedef struct {
     int max_tokens;             /* tokens per forward call (the prefill block) */
@@ -382,7 +393,8 @@ typedef struct {
     float *inv_freq;            /* [head_dim/2] */
     float attn_factor;
     float *scores;              /* [threads, ctx] attention scores, one row per thread */
-    float *row_buf;             /* [threads, ROW_BLOCK * max cols] weight rows converted to f32 */
+    float *row_buf;             /* [threads, PANEL_ROWS * max cols] weight rows converted to f32 */
+    float *xT;                  /* [max cols, max_tokens rounded up to XT_TOKENS] a block's x transposed */
     int row_buf_len;
     int8_t *xq;                 /* [max_tokens, max cols] activations quantised for q8_0 matrices */
     float *xs;                  /* [max_tokens, max cols / 32] their scales */
@@ -429,8 +441,9 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
     s->scores = xcalloc(nt * (size_t)ctx, sizeof(float), "attention scores");
     size_t max_cols = dim > q_dim ? dim : q_dim;
     if (ffn > max_cols) max_cols = ffn;
-    s->row_buf_len = ROW_BLOCK * (int)max_cols;
+    s->row_buf_len = PANEL_ROWS * (int)max_cols;
     s->row_buf = xcalloc(nt * (size_t)s->row_buf_len, sizeof(float), "weight row buffer");
+    s->xT = xcalloc(max_cols * ((T + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS), sizeof(float), "activations");
     s->xq = xcalloc(T * max_cols, 1, "quantised activations");
     s->xs = xcalloc(T * max_cols / MM_Q8_GROUP + 1, sizeof(float), "quantised activations");
     s->logits = xcalloc(T * h->vocab_size, sizeof(float), "logits");
@@ -448,7 +461,7 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
 static void state_free(State *s) {
     void *bufs[] = {s->x, s->xb, s->delta, s->q, s->att_out, s->hb, s->hb2, s->moe_in, s->moe_out,
                     s->moe_rows, s->moe_w, s->router, s->top_idx, s->top_w, s->cos, s->sin, s->inv_freq,
-                    s->scores, s->row_buf, s->xq, s->xs, s->logits, s->key_cache, s->value_cache,
+                    s->scores, s->row_buf, s->xT, s->xq, s->xs, s->logits, s->key_cache, s->value_cache,
                     s->k_new, s->v_new, s->att_buf};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
@@ -834,6 +847,78 @@ static void dequantize_q8(float *out, const Matrix *w, int r, int k0, int kc) {
     for (int c = 0; c < kc; c += VL) vf_store(out + c, vf_mul(vf_load_i8(q + c), vf_set1(scale[c / MM_Q8_GROUP])));
 }
 
+/* ---- matmul for prompt blocks: the outer-product form ----
+ * OP_ROWS weight rows times OP_TOKENS tokens: for every column k, each row's weight is broadcast and
+ * multiplied into a vector of VL tokens' activations, which are stored transposed for this
+ * (xT[k, token], every token's x of the block). No horizontal sums: each output element is one
+ * chain of FMAs over k = 0 .. K-1 in order, whatever the tile, the block or the thread. Weights
+ * that are not f32 are converted a panel of OP_ROWS rows at a time, once per prompt block. */
+#ifdef HAVE_AVX512
+#define OP_ROWS PANEL_ROWS   /* 24 accumulators + 2 activation vectors + 1 broadcast of 32 registers */
+#else
+#define OP_ROWS 6            /* 12 + 2 + 1 of 16 */
+#endif
+enum { OP_TOKENS = 2 * VL };
+_Static_assert(OP_ROWS <= PANEL_ROWS && OP_TOKENS <= XT_TOKENS, "the panel and xT buffers hold a tile");
+
+/* out[t * ldo + r] = w[r, :K] . x[t, :K] for r < R, t < T (T <= OP_TOKENS): w f32 rows ldw apart,
+ * xT the columns' activations ldxT apart from this tile's first token; V: vectors of tokens used */
+static ALWAYS_INLINE void op_tile(float *out, int ldo, const float *w, int ldw, const float *xT, int ldxT, int K,
+                                  const int R, const int V, int T) {
+    vf acc[OP_ROWS][2];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) acc[r][v] = vf_zero();
+    for (int k = 0; k < K; k++) {
+        vf xv[2];
+        for (int v = 0; v < V; v++) xv[v] = vf_load(xT + (size_t)k * ldxT + v * VL);
+        for (int r = 0; r < R; r++) {
+            vf wv = vf_set1(w[(size_t)r * ldw + k]);
+            for (int v = 0; v < V; v++) acc[r][v] = vf_fmadd(wv, xv[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float col[OP_TOKENS];
+        for (int v = 0; v < V; v++) vf_store(col + v * VL, acc[r][v]);
+        for (int t = 0; t < T; t++) out[(size_t)t * ldo + r] = col[t];
+    }
+}
+
+/* the full tile out of line: its accumulators stay in registers */
+static __attribute__((noinline)) void op_tile_full(float *out, int ldo, const float *w, int ldw, const float *xT,
+                                                   int ldxT, int K, int T) {
+    op_tile(out, ldo, w, ldw, xT, ldxT, K, OP_ROWS, 2, T);
+}
+
+/* rows r0 .. r1 of out = W x for the n tokens whose x is in xT ([W.cols, ldxT]) */
+static void op_rows(float *out, const Matrix *w, const float *xT, int ldxT, int n, int r0, int r1, float *buf) {
+    int cols = w->cols;
+    for (int r = r0; r < r1; r += OP_ROWS) {
+        int R = r1 - r < OP_ROWS ? r1 - r : OP_ROWS;
+        const float *panel = (const float *)w->data + (size_t)r * cols;
+        if (w->dtype != MM_F32) {  /* the panel's rows converted once, used by every token */
+            for (int i = 0; i < R; i++) {
+                float *dst = buf + (size_t)i * cols;
+                if (w->dtype == MM_Q8_0) { dequantize_q8(dst, w, r + i, 0, cols); continue; }
+                const void *src = (const uint16_t *)w->data + (size_t)(r + i) * cols;
+                int c = 0;
+                for (; c + VL <= cols; c += VL) vf_store(dst + c, load_w(w->dtype, src, (size_t)c));
+                for (; c < cols; c++) dst[c] = load1(w->dtype, src, (size_t)c);
+            }
+            panel = buf;
+        }
+        for (int t = 0; t < n; t += OP_TOKENS) {
+            int T = n - t < OP_TOKENS ? n - t : OP_TOKENS;
+            float *o = out + (size_t)t * w->rows + r;
+            const float *xt = xT + t;
+            if (R == OP_ROWS && T > VL) { op_tile_full(o, w->rows, panel, cols, xt, ldxT, cols, T); continue; }
+            for (int i = 0; i < R; i++) {  /* the last rows, or a last run of at most VL tokens */
+                if (T > VL) op_tile(o + i, w->rows, panel + (size_t)i * cols, cols, xt, ldxT, cols, 1, 2, T);
+                else op_tile(o + i, w->rows, panel + (size_t)i * cols, cols, xt, ldxT, cols, 1, 1, T);
+            }
+        }
+    }
+}
+
 /* the q8_0 activations of n rows of x (the fast twin of quantize_q8_ref: the same codes); AVX2, which
  * an AVX-512 machine runs too */
 static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
@@ -867,6 +952,7 @@ static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
  * at this many tokens: the conversion then costs less than quantising every token */
 #define Q8_F32_MIN_TOKENS 4
 #define K_CHUNK 512              /* columns per pass of an f32-activation matmul (multiple of 32) */
+#define OP_MIN_TOKENS 16         /* prompt blocks of this many tokens take the outer-product form */
 
 /* --ref-kernels: every matmul and attention through the plain reference, for testing */
 static bool reference_kernels = false;
@@ -935,8 +1021,16 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
      * the chunk of every token's x (n_tokens x K_CHUNK floats) stays in the L2 cache while the
      * weights stream past it once. Each output element still sums in a fixed order. */
     int chunk = cols;
+    bool outer = false;
 #ifdef HAVE_SIMD
     if (!reference_kernels && !q8_int && n_tokens > 1) chunk = K_CHUNK;  /* one token: whole rows, in order */
+    outer = !reference_kernels && n_tokens >= OP_MIN_TOKENS;
+    int ldxT = (n_tokens + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS;
+    if (outer) {  /* the block's activations transposed once for every matrix of the call */
+        #pragma omp parallel for
+        for (int k = 0; k < cols; k++)
+            for (int t = 0; t < ldxT; t++) s->xT[(size_t)k * ldxT + t] = t < n_tokens ? x[(size_t)t * cols + k] : 0.0f;
+    }
 #endif
     #pragma omp parallel
     {
@@ -946,7 +1040,16 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
 #endif
         int b0 = (int)((long)total * id / nth), b1 = (int)((long)total * (id + 1) / nth);
         float *buf = s->row_buf + (size_t)id * s->row_buf_len;
-        for (int k0 = 0; k0 < cols; k0 += chunk)
+#ifdef HAVE_SIMD
+        for (int j = 0; outer && j < n_jobs; j++) {  /* this thread's rows of each matrix */
+            int rows = jobs[j].w->rows, end = j + 1 < n_jobs ? first_block[j + 1] : total;
+            int r0 = (b0 > first_block[j] ? b0 - first_block[j] : 0) * ROW_BLOCK;
+            int r1 = (b1 < end ? b1 - first_block[j] : end - first_block[j]) * ROW_BLOCK;
+            if (r1 > rows) r1 = rows;
+            if (r0 < r1) op_rows(jobs[j].out, jobs[j].w, s->xT, ldxT, n_tokens, r0, r1, buf);
+        }
+#endif
+        for (int k0 = 0; !outer && k0 < cols; k0 += chunk)
             for (int b = b0; b < b1; b++) {
                 int j = n_jobs - 1;
                 while (b < first_block[j]) j--;
@@ -1774,14 +1877,16 @@ static double bench_decode(const Model *m, State *s, Context *c, float *logits, 
 }
 
 /* -m bench: this model's speed on this machine, on seeded random token ids (tests/bench.py runs
- * it for make bench). One CSV row: a 512-token prompt (prefill tokens/s, time to first token),
+ * it for make bench), after a warm-up of a 32-token prompt and one token. One CSV row: a 512-token prompt (prefill tokens/s, time to first token),
  * n tokens decoded after a 16-token prompt, and after 2048 and 4096 tokens of context (left
  * empty when -c is smaller), and the peak resident memory. */
 static void bench(const Model *m, State *s, Context *c, int n) {
-    enum { PROMPT = 512, SHORT = 16, DEPTH1 = 2048, DEPTH2 = 4096 };
+    enum { WARMUP = 32, PROMPT = 512, SHORT = 16, DEPTH1 = 2048, DEPTH2 = 4096 };
     uint64_t rng = 0x2545F4914F6CDD1Dull;
     for (int i = 0; i < s->ctx; i++) c->tokens[i] = (int)(random_f32(&rng) * (float)m->cfg.vocab_size) % (int)m->cfg.vocab_size;
     if (s->ctx < PROMPT || s->ctx < SHORT + n) die("-m bench needs a context (-c) of at least %d", PROMPT > SHORT + n ? PROMPT : SHORT + n);
+    c->n_cached = 0, c->n = WARMUP;  /* a warm-up first, as llama-bench does: caches, threads, pages */
+    bench_decode(m, s, c, prefill(m, s, c), 1);
     c->n_cached = 0, c->n = PROMPT;
     double t0 = now_seconds();
     float *logits = prefill(m, s, c);

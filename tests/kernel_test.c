@@ -64,8 +64,9 @@ static Matrix random_matrix(int dtype, int rows, int cols, void **storage) {
 /* the scratch that matmul uses, sized for cols and n tokens */
 static State scratch_state(int n, int cols) {
     State s = {0};
-    s.row_buf_len = ROW_BLOCK * cols;
+    s.row_buf_len = PANEL_ROWS * cols;
     s.row_buf = xcalloc(4 * (size_t)s.row_buf_len, sizeof(float), "test");
+    s.xT = xcalloc((size_t)cols * ((n + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS), sizeof(float), "test");
     s.xq = xcalloc((size_t)n * cols, 1, "test");
     s.xs = xcalloc((size_t)n * cols / MM_Q8_GROUP + 1, sizeof(float), "test");
     return s;
@@ -106,7 +107,7 @@ static void test_matmul(int dtype, int rows, int cols, int n) {
     snprintf(name + strlen(name), sizeof name - strlen(name), ", threads 1 == 2");
     check(memcmp(fast, fast2, out_n * sizeof(float)) == 0, name, "bit-identical");
     free(storage); free(x); free(ref); free(fast); free(fast2);
-    free(s.row_buf); free(s.xq); free(s.xs);
+    free(s.row_buf); free(s.xT); free(s.xq); free(s.xs);
 }
 
 /* the fast quantiser gives the reference's codes and scales exactly */
@@ -206,10 +207,13 @@ static void test_f16(void) {
 
 int main(void) {
     printf("kernels: %s\n", KERNELS);
+    /* up to 15 tokens: the dot-product tiles; from 16: the outer-product tiles (rows and tokens
+     * past a whole tile of 12 x 32, and a last run of at most 16 tokens) */
     static const int f_shapes[][3] = {{1, 1, 1}, {3, 7, 2}, {5, 33, 3}, {13, 100, 4}, {37, 515, 7},
-                                      {8, 64, 1}, {64, 512, 64}, {4, 24, 6}};
+                                      {8, 64, 1}, {64, 512, 64}, {4, 24, 6}, {37, 515, 17}, {13, 100, 33},
+                                      {5, 33, 16}, {26, 64, 45}};
     static const int q_shapes[][3] = {{1, 32, 1}, {3, 96, 2}, {5, 160, 3}, {13, 544, 1}, {37, 96, 4},
-                                      {9, 64, 7}, {64, 512, 64}, {9, 1408, 2}};
+                                      {9, 64, 7}, {64, 512, 64}, {9, 1408, 2}, {37, 96, 20}, {13, 544, 48}};
     for (int dt = MM_F32; dt <= MM_BF16; dt++)
         for (size_t i = 0; i < sizeof f_shapes / sizeof f_shapes[0]; i++)
             test_matmul(dt, f_shapes[i][0], f_shapes[i][1], f_shapes[i][2]);
