@@ -956,6 +956,29 @@ def export_tests():
 
 
 # ----------------------------------------------------------------------------------------------
+# The fuzz targets (tests/fuzz/), a few seconds each on their committed corpora: every seed and
+# crash reproducer there runs first, then new inputs. make test builds them when clang can.
+
+def fuzz_tests():
+    seconds = int(os.environ.get("FUZZ_SECONDS", "3"))
+    for target in ("loader", "tokenizer", "chat", "args"):
+        @test(f"fuzz: {target}_fuzz, {seconds} s from its corpus (libFuzzer, ASan, UBSan)")
+        def _():
+            binary = os.path.join(ROOT, "tests", "fuzz", f"{target}_fuzz")
+            if not os.path.exists(binary):
+                why = "not built: clang's libFuzzer runtime is missing (apt-get install clang libclang-rt-14-dev)"
+                return (False if os.environ.get("CI") else None), why + (" but CI must run it" if os.environ.get("CI") else "")
+            scratch = os.path.join(TMP, "fuzz", target)
+            os.makedirs(scratch, exist_ok=True)
+            fuzz = os.path.join(ROOT, "tests", "fuzz")
+            p = subprocess.run([binary, f"-max_total_time={seconds}", "-timeout=10", f"-dict={fuzz}/{target}.dict",
+                                f"-artifact_prefix={scratch}/", scratch, os.path.join(fuzz, "corpus", target)],
+                               capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=seconds + 300)
+            done = re.search(r"#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+) corp: (\S+)", p.stderr)
+            if p.returncode != 0 or not done:
+                return False, f"exit {p.returncode}: " + p.stderr[-600:]
+            return True, f"{done.group(1)} executions, cov {done.group(2)}, ft {done.group(3)}, corpus {done.group(4)}"
+
 
 def main():
     binaries = sys.argv[1:] or [os.path.join(ROOT, "run") + ":" + os.path.join(ROOT, "tests", "tokenizer_test")]
@@ -967,6 +990,7 @@ def main():
         c["checkpoint"] = os.path.join(FIX, c["checkpoint"])
         c["export_args"] = [os.path.join(FIX, a) if a.endswith(".pth") else a for a in c["export_args"]]
     export_tests()
+    fuzz_tests()
     models = tokenizer_models()
     with open(os.path.join(FIX, "text_expected.json"), encoding="utf-8") as f:
         expected = json.load(f)  # made by tests/reference/gen_text_fixtures.mjs
