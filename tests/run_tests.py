@@ -955,6 +955,28 @@ def export_tests():
         return ok, f"{n_vocab} tokens, {n_merges} merges, bos {hdr[F['bos_id']]}, template {hdr[F['chat_template']]}"
 
 
+def export_mutation_tests():
+    """tests/export_mutations.py: corrupted .pth, safetensors and tokenizer files, malicious pickles"""
+    import export_mutations as mut
+    work, marker = os.path.join(TMP, "mutations"), os.path.join(TMP, "pwned_by_mutation")
+    groups = {}
+    for label, files in mut.cases(marker):
+        group = ("malicious pickles" if "pickle" in label and any(w in label for w in ("GLOBAL", "INST", "OBJ",
+                 "STACK_GLOBAL", "hostile", "rebuild", "persistent")) else label.split(":")[0].split(" ")[0])
+        groups.setdefault(group, []).append((label, files))
+    for group, items in groups.items():
+        @test(f"export.py mutation test: {group} ({len(items)} corrupted inputs): a clean error or a whole file")
+        def _():
+            bad, refused = [], 0
+            for label, files in items:
+                rc, err, out = mut.run_case(files, work)
+                problem = mut.verdict(rc, err, out, marker)
+                if problem:
+                    bad.append(f"{label}: {problem}")
+                refused += rc == 1
+            return not bad, "; ".join(bad[:3]) if bad else f"{refused} refused, {len(items) - refused} exported"
+
+
 # ----------------------------------------------------------------------------------------------
 # The fuzz targets (tests/fuzz/), a few seconds each on their committed corpora: every seed and
 # crash reproducer there runs first, then new inputs. make test builds them when clang can.
@@ -990,6 +1012,7 @@ def main():
         c["checkpoint"] = os.path.join(FIX, c["checkpoint"])
         c["export_args"] = [os.path.join(FIX, a) if a.endswith(".pth") else a for a in c["export_args"]]
     export_tests()
+    export_mutation_tests()
     fuzz_tests()
     models = tokenizer_models()
     with open(os.path.join(FIX, "text_expected.json"), encoding="utf-8") as f:
