@@ -988,7 +988,7 @@ def fuzz_tests():
         def _():
             binary = os.path.join(ROOT, "tests", "fuzz", f"{target}_fuzz")
             if not os.path.exists(binary):
-                why = "not built: clang's libFuzzer runtime is missing (apt-get install clang libclang-rt-14-dev)"
+                why = "not built: no clang that links libFuzzer here (Debian: apt-get install clang libclang-rt-14-dev)"
                 return (False if os.environ.get("CI") else None), why + (" but CI must run it" if os.environ.get("CI") else "")
             scratch = os.path.join(TMP, "fuzz", target)
             os.makedirs(scratch, exist_ok=True)
