@@ -1,8 +1,10 @@
-/* args_fuzz.c: the input is a command line, arguments separated by NUL bytes. parse_args
- * accepts it or refuses it with one line; an accepted one then goes through what main does
- * with flags before any file is read: the RoPE settings against a small model's header, --ids
- * (not @FILE: the fuzzer does not read files), and the memory check for -c and --batch.
- * Inputs holding -h or --help are skipped: usage() exits 0 by design. */
+/* args_fuzz.c: the input is a command line after `run model.bin`, arguments separated by NUL
+ * bytes. parse_args accepts it or refuses it with one line; an accepted one then goes through
+ * what main does with flags before any file is read: the RoPE settings against a small model's
+ * header, --ids (not @FILE: the fuzzer does not read files), and the memory check for -c and
+ * --batch. The model path is always given (without one, parse_args prints the whole usage to
+ * stderr before its error, thousands of times a second), and inputs holding -h or --help are
+ * skipped (usage() exits 0 by design). */
 #include "fuzz.h"
 
 enum { MAX_ARGS = 64 };
@@ -32,8 +34,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     char *text = malloc(size + 1);
     memcpy(text, data, size);
     text[size] = 0;
-    char *argv[MAX_ARGS + 1] = {"run"};
-    int argc = 1;
+    char *argv[MAX_ARGS + 1] = {"run", "model.bin"};
+    int argc = 2;
     for (char *p = text; p <= text + size && argc < MAX_ARGS; p += strlen(p) + 1) {
         if (!strcmp(p, "-h") || !strcmp(p, "--help")) { free(text); return 0; }
         argv[argc++] = p;

@@ -6,7 +6,7 @@ fixtures only (Python standard library; no torch):
              export.py with tests/fixtures/tokenizer (dense and MoE, both generations, every dtype)
   tokenizer  texts from tests/reference/corpus.json (the tokenizer parity corpus)
   chat       conversations from tests/reference/chats.json, in chat_fuzz.c's input format
-  args       command lines, arguments separated by NUL bytes
+  args       command lines after `run model.bin`, arguments separated by NUL bytes
 
     python3 tests/fuzz/gen_corpus.py   (make fuzz-corpus: rewrites the four folders, deterministic;
                                         the crash reproducers, regress-*, are kept)
@@ -134,17 +134,17 @@ def chat_seeds(out):
                 f.write(bytes([flags]) + b"\0".join(msgs))
 
 
-ARGS = [
-    ["model.bin", "-i", "hello", "-n", "16", "-s", "42"],
-    ["model.bin", "-m", "chat", "-y", "You are a poet.", "--think", "-t", "0.7", "-p", "0.9", "-k", "20"],
-    ["model.bin", "-m", "logits", "--ids", "1,2,3", "-o", "out.f32", "--no-batch", "--ref-kernels"],
-    ["model.bin", "-m", "ppl", "-f", "text.txt", "-c", "32", "--csv", "-v"],
-    ["model.bin", "-m", "tokenize", "-i", "x", "--show-tokens", "--threads", "2", "--batch", "8"],
-    ["model.bin", "--rope-scaling", "yarn", "--rope-scale", "4", "--yarn-orig-ctx", "2048",
+ARGS = [  # after `run model.bin`
+    ["-i", "hello", "-n", "16", "-s", "42"],
+    ["-m", "chat", "-y", "You are a poet.", "--think", "-t", "0.7", "-p", "0.9", "-k", "20"],
+    ["-m", "logits", "--ids", "1,2,3", "-o", "out.f32", "--no-batch", "--ref-kernels"],
+    ["-m", "ppl", "-f", "text.txt", "-c", "32", "--csv", "-v"],
+    ["-m", "tokenize", "-i", "x", "--show-tokens", "--threads", "2", "--batch", "8"],
+    ["--rope-scaling", "yarn", "--rope-scale", "4", "--yarn-orig-ctx", "2048",
      "--yarn-beta-fast", "32", "--yarn-beta-slow", "1", "--yarn-attn-factor", "1.0", "--rope-base", "10000"],
-    ["model.bin", "--rope-scaling", "linear", "--rope-scale", "2", "--kv", "f16", "--ctx", "100000"],
-    ["model.bin", "-m", "decode", "--ids", "5 6\n7", "--repeat-penalty", "1.1"],
-    ["model.bin", "-m", "bench", "-n", "4", "-c", "600"],
+    ["--rope-scaling", "linear", "--rope-scale", "2", "--kv", "f16", "--ctx", "100000"],
+    ["-m", "decode", "--ids", "5 6\n7", "--repeat-penalty", "1.1"],
+    ["-m", "bench", "-n", "4", "-c", "600"],
 ]
 
 
