@@ -66,13 +66,14 @@ tests/fuzz/%_fuzz: tests/fuzz/%_fuzz.c tests/fuzz/fuzz.h run.c tokenizer.c model
 fuzz-build: $(FUZZ_BINARIES)
 
 # each target FUZZ_SECONDS on its committed corpus (new inputs go to tests/tmp/fuzz/, crashes
-# to tests/tmp/fuzz/TARGET-crash-*); the last lines of each are its executions and coverage
+# to tests/tmp/fuzz/TARGET-crash-*); the last lines of each are its executions and coverage.
+# FUZZ_TARGETS=loader runs one; FUZZ_ARGS passes libFuzzer flags (e.g. -timeout=300 on a busy machine)
 fuzz: fuzz-build
 	@for t in $(FUZZ_TARGETS); do \
 	  mkdir -p tests/tmp/fuzz/$$t; \
 	  echo "== $$t: $(FUZZ_SECONDS) s (log: tests/tmp/fuzz/$$t.log)"; \
 	  tests/fuzz/$${t}_fuzz -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 \
-	    -dict=tests/fuzz/$$t.dict -artifact_prefix=tests/tmp/fuzz/$$t- \
+	    -dict=tests/fuzz/$$t.dict -artifact_prefix=tests/tmp/fuzz/$$t- $(FUZZ_ARGS) \
 	    tests/tmp/fuzz/$$t tests/fuzz/corpus/$$t >tests/tmp/fuzz/$$t.log 2>&1; rc=$$?; \
 	  grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)|^Done|ERROR|SUMMARY|^fuzz:' tests/tmp/fuzz/$$t.log; \
 	  [ $$rc = 0 ] || { echo "$$t: failed (exit $$rc), see tests/tmp/fuzz/$$t.log"; exit 1; }; \
