@@ -1,5 +1,6 @@
 # minimind.c: `make` builds ./run; `make run` builds it and generates from the demo model;
-# `make test` runs the test suite (normal and ASan/UBSan builds); `make bench` prints speeds.
+# `make test` runs the test suite (normal and ASan/UBSan builds); `make bench` prints speeds;
+# `make fuzz` builds the libFuzzer targets of tests/fuzz/ and runs each FUZZ_SECONDS.
 CC      ?= gcc
 ARCH    ?= -march=native   # the SIMD kernels this machine has (make ARCH= for a portable build)
 CFLAGS  ?= -O3
@@ -11,7 +12,7 @@ ifeq ($(strip $(OMP)),)
 WARN    += -Wno-unknown-pragmas   # built without OpenMP (make OMP=): its pragmas are ignored
 endif
 
-.PHONY: all run test bench fixtures clean
+.PHONY: all run test bench fixtures fuzz fuzz-build fuzz-corpus clean
 
 all: .run-built
 
@@ -55,6 +56,41 @@ tests/tokenizer_test: tests/tokenizer_test.c tokenizer.c model.h
 tests/tokenizer_test-asan: tests/tokenizer_test.c tokenizer.c model.h
 	$(CC) $(WARN) $(SANITIZE) -o $@ tests/tokenizer_test.c
 
+# The fuzz targets (README.md, "Fuzzing"): clang's libFuzzer with AddressSanitizer and UBSan.
+# Debian: apt-get install clang libclang-rt-14-dev (the runtime of this clang's version).
+FUZZ_CC      ?= clang
+FUZZ_FLAGS    = -std=c11 -Wall -Wextra -Wno-unused-function -Wno-unknown-pragmas -Wno-pass-failed \
+                -fopenmp-simd -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+FUZZ_TARGETS  = loader tokenizer chat args
+FUZZ_BINARIES = $(FUZZ_TARGETS:%=tests/fuzz/%_fuzz)
+FUZZ_SECONDS ?= 10
+# does $(FUZZ_CC) link a libFuzzer target here? (make test skips the fuzz smoke runs when not)
+FUZZ_WORKS    = printf 'int LLVMFuzzerTestOneInput(const char *d, long n) { return 0; }' | \
+                $(FUZZ_CC) -fsanitize=fuzzer -x c - -o /dev/null >/dev/null 2>&1
+
+tests/fuzz/%_fuzz: tests/fuzz/%_fuzz.c tests/fuzz/fuzz.h run.c tokenizer.c model.h
+	$(FUZZ_CC) $(FUZZ_FLAGS) $(ARCH) -o $@ $< -lm
+
+fuzz-build: $(FUZZ_BINARIES)
+
+# each target FUZZ_SECONDS on its committed corpus (new inputs go to tests/tmp/fuzz/, crashes
+# to tests/tmp/fuzz/TARGET-crash-*); the last lines of each are its executions and coverage.
+# FUZZ_TARGETS=loader runs one; FUZZ_ARGS passes libFuzzer flags (e.g. -timeout=300 on a busy machine)
+fuzz: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p tests/tmp/fuzz/$$t; \
+	  echo "== $$t: $(FUZZ_SECONDS) s (log: tests/tmp/fuzz/$$t.log)"; \
+	  tests/fuzz/$${t}_fuzz -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 \
+	    -dict=tests/fuzz/$$t.dict -artifact_prefix=tests/tmp/fuzz/$$t- $(FUZZ_ARGS) \
+	    tests/tmp/fuzz/$$t tests/fuzz/corpus/$$t >tests/tmp/fuzz/$$t.log 2>&1; rc=$$?; \
+	  grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)|^Done|ERROR|SUMMARY|^fuzz:' tests/tmp/fuzz/$$t.log; \
+	  [ $$rc = 0 ] || { echo "$$t: failed (exit $$rc), see tests/tmp/fuzz/$$t.log"; exit 1; }; \
+	done
+
+# regenerate the seed corpora (tests/fuzz/gen_corpus.py: from the fixtures, through export.py)
+fuzz-corpus:
+	$(PYTHON) tests/fuzz/gen_corpus.py
+
 TEST_BINARIES = .run-built run-asan run-portable tests/tokenizer_test tests/tokenizer_test-asan \
                 tests/kernel_test tests/kernel_test-asan
 TEST_SPECS = ./run:tests/tokenizer_test:tests/kernel_test ./run-asan:tests/tokenizer_test-asan:tests/kernel_test-asan \
@@ -63,9 +99,12 @@ ifeq ($(shell uname -m),x86_64)
 TEST_BINARIES += run-avx2 tests/kernel_test-avx2
 TEST_SPECS += ./run-avx2::tests/kernel_test-avx2
 endif
-test:  # the builds in parallel (about 25 s on two cores), then the suite
+FUZZ_SMOKE_SECONDS ?= 3
+test:  # the builds in parallel (about 25 s on two cores), the fuzz targets when clang can, then the suite
 	@$(MAKE) --no-print-directory -j2 $(TEST_BINARIES)
-	$(PYTHON) tests/run_tests.py $(TEST_SPECS)
+	@if $(FUZZ_WORKS); then $(MAKE) --no-print-directory -j2 $(FUZZ_BINARIES); \
+	 else rm -f $(FUZZ_BINARIES); echo "no libFuzzer ($(FUZZ_CC) -fsanitize=fuzzer): the fuzz smoke runs will be skipped"; fi
+	FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) $(PYTHON) tests/run_tests.py $(TEST_SPECS)
 
 # speed figures (never timed tests). The engine: random-weight models of the three MiniMind shapes
 # through export.py, every dtype, threads 1 and 2, medians of BENCH_RUNS runs (tests/bench.py;
@@ -88,4 +127,4 @@ fixtures:
 
 clean:
 	rm -f run .run-built run-asan run-portable run-avx2 tests/tokenizer_test tests/tokenizer_test-asan \
-	    tests/kernel_test tests/kernel_test-asan tests/kernel_test-avx2
+	    tests/kernel_test tests/kernel_test-asan tests/kernel_test-avx2 $(FUZZ_BINARIES)

@@ -258,8 +258,8 @@ def read_safetensors(path):
         fail(f"{path}: safetensors header length {hlen} exceeds the file ({len(raw)} bytes)")
     try:
         header = json.loads(raw[8: 8 + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(f"{path}: safetensors header is not valid JSON ({e})")
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested past Python's stack
+        fail(f"{path}: safetensors header is not valid JSON ({type(e).__name__}: {e})")
     if not isinstance(header, dict):
         fail(f"{path}: safetensors header is not a JSON object")
     body = memoryview(raw)[8 + hlen:]
@@ -269,7 +269,7 @@ def read_safetensors(path):
             continue
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             fail(f"{path}: tensor {name}: header entry lacks dtype, shape or data_offsets")
-        if info["dtype"] not in _ST_DTYPES:
+        if not isinstance(info["dtype"], str) or info["dtype"] not in _ST_DTYPES:
             fail(f"{path}: tensor {name} has dtype {info['dtype']}; supported: F16, BF16, F32")
         shape, offs = info["shape"], info["data_offsets"]
         if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
@@ -291,8 +291,8 @@ def read_json(path, what):
             return json.loads(f.read().decode("utf-8"))
     except OSError as e:
         fail(f"{path}: cannot read {what} ({e.strerror})")
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(f"{path}: {what} is not valid JSON ({e})")
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested past Python's stack
+        fail(f"{path}: {what} is not valid JSON ({type(e).__name__}: {e})")
 
 
 def read_state_file(path):
@@ -601,6 +601,8 @@ def load_tokenizer(path, vocab_size):
     cfg_path = os.path.join(os.path.dirname(tok_path), "tokenizer_config.json")
     tok = read_json(tok_path, "tokenizer")
     tcfg = read_json(cfg_path, "tokenizer config") if os.path.exists(cfg_path) else {}
+    if not isinstance(tcfg, dict):
+        fail(f"{cfg_path}: tokenizer config is not a JSON object")
     model = tok.get("model") if isinstance(tok, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         fail(f"{tok_path}: expected a BPE tokenizer.json (model.type \"BPE\" with a vocab)")
@@ -615,13 +617,18 @@ def load_tokenizer(path, vocab_size):
             tokens[i] = (TOKEN_NORMAL, bytes(dec[ch] for ch in s))
         except KeyError as e:
             fail(f"{tok_path}: token {s!r} has character {e.args[0]!r}, not byte-level BPE")
-    for a in tok.get("added_tokens") or []:
+    added = tok.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(a, dict) for a in added):
+        fail(f"{tok_path}: added_tokens is not a list of objects")
+    for a in added:
         i = a.get("id")
         if not isinstance(i, int) or not 0 <= i < vocab_size or not isinstance(a.get("content"), str):
             fail(f"{tok_path}: added token {a!r} has no valid id or content")
         tokens[i] = (TOKEN_SPECIAL if a.get("special") else TOKEN_ADDED, a["content"].encode("utf-8"))
     ids_of = {s: i for s, i in model["vocab"].items()}
     merges = []
+    if not isinstance(model.get("merges") or [], list):
+        fail(f"{tok_path}: model.merges is not a list")
     for rank, m in enumerate(model.get("merges") or []):
         pair = m.split(" ") if isinstance(m, str) else m
         if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
@@ -635,6 +642,8 @@ def load_tokenizer(path, vocab_size):
         v = tcfg.get(key)
         if isinstance(v, dict):
             v = v.get("content")
+        if v is not None and not isinstance(v, str):
+            fail(f"{cfg_path}: {key} is {v!r}, expected a token's text")
         for i, (kind, b) in tokens.items():
             if kind != TOKEN_NORMAL and v is not None and b == v.encode("utf-8"):
                 return i
@@ -642,7 +651,10 @@ def load_tokenizer(path, vocab_size):
 
     template = tcfg.get("chat_template") or ""
     if isinstance(template, list):  # list of named templates: take the default one
-        template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
+        template = next((t.get("template", "") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), "")
+    if not isinstance(template, str):
+        fail(f"{cfg_path}: chat_template is neither a template's text nor a list of named templates")
     # MiniMind2's template has a default system prompt (and a <think> only for
     # enable_thinking=false); minimind-3's renders reasoning_content in <think> blocks
     chat = (CHAT_NONE if "<|im_start|>" not in template else
@@ -771,12 +783,18 @@ def main(argv=None):
     try:
         export(args)
     except ExportError as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
+        error(str(e))
         return 1
     except OSError as e:
-        print(f"export.py: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        error(f"{e.filename or ''}: {e.strerror}")
         return 1
     return 0
+
+
+def error(msg):
+    """one line on stderr, whatever the file names and quoted values in msg hold"""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+    print(f"export.py: error: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

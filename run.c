@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -42,13 +43,36 @@ _Static_assert(sizeof(mm_tensor_entry) == 104, "mm_tensor_entry must be 104 byte
 #define MAP_POPULATE_IF_ANY 0
 #endif
 
+#ifdef MINIMIND_FUZZ
+/* The fuzz targets (tests/fuzz/) build with MINIMIND_FUZZ: die() keeps its message and jumps
+ * back to the target, which checks that it is one line, instead of exiting (libFuzzer would
+ * count an exit as a failure). Production builds never see this. */
+#include <setjmp.h>
+static jmp_buf *fuzz_die_jump;
+static char fuzz_die_message[4096];
+#endif
+
+/* The one-line error, then exit(1). Messages quote file names, flags and file contents: their
+ * control bytes are escaped (\n, \xNN), so that the error stays one line whatever they hold. */
 static void die(const char *fmt, ...) {
+    char msg[1024], line[4 * sizeof msg];  /* (long quoted values are cut short) */
     va_list ap;
     va_start(ap, fmt);
-    fputs("run: error: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    size_t n = 0;
+    for (const unsigned char *p = (const unsigned char *)msg; *p; p++) {
+        if (*p >= 0x20 && *p != 0x7F) line[n++] = (char)*p;
+        else n += (size_t)sprintf(line + n, *p == '\n' ? "\\n" : "\\x%02x", *p);
+    }
+    line[n] = 0;
+#ifdef MINIMIND_FUZZ
+    if (fuzz_die_jump) {
+        memcpy(fuzz_die_message, line, n + 1);
+        longjmp(*fuzz_die_jump, 1);
+    }
+#endif
+    fprintf(stderr, "run: error: %s\n", line);
     exit(1);
 }
 
@@ -116,6 +140,7 @@ typedef struct {
     const char *path;
     void *map;
     size_t map_size;
+    bool *tensor_used;          /* while loading: which tensor table entries were asked for */
 } Model;
 
 static const char *dtype_name(uint32_t dt) {
@@ -138,7 +163,7 @@ static uint64_t tensor_bytes(uint32_t dtype, uint64_t rows, uint64_t cols) {
 typedef struct {
     Model *m;
     const mm_tensor_entry *table;
-    bool *used;
+    bool *used;                 /* m->tensor_used */
 } Loader;
 
 static const mm_tensor_entry *find_tensor(Loader *ld, const char *name, uint32_t rows, uint32_t cols,
@@ -237,21 +262,14 @@ static void check_config(const Model *m) {
 #undef REQUIRE
 }
 
-static void model_load(Model *m, const char *path) {
-    memset(m, 0, sizeof *m);
-    m->path = path;
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) die("%s: cannot open model file (%s)", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
-    uint64_t size = (uint64_t)st.st_size;
+/* Check the model file's bytes (m->map, m->map_size bytes) and point the weights into them.
+ * Every number is checked before it is used: the file may come from anyone. */
+static void model_parse(Model *m) {
+    const char *path = m->path;
+    uint64_t size = m->map_size;
     if (size < sizeof(mm_header))
         die("%s: file is %llu bytes, too short for the %zu-byte header (truncated?)", path,
             (unsigned long long)size, sizeof(mm_header));
-    m->map_size = (size_t)size;
-    m->map = mmap(NULL, m->map_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE_IF_ANY, fd, 0);
-    close(fd);
-    if (m->map == MAP_FAILED) die("%s: mmap failed (%s)", path, strerror(errno));
     memcpy(&m->cfg, m->map, sizeof(mm_header));
     mm_header *h = &m->cfg;
 
@@ -280,7 +298,7 @@ static void model_load(Model *m, const char *path) {
             (unsigned long long)h->tensor_table_offset, h->n_tensors, (unsigned long long)size);
 
     Loader ld = {.m = m, .table = (const mm_tensor_entry *)((const uint8_t *)m->map + h->tensor_table_offset),
-                 .used = xcalloc(h->n_tensors, sizeof(bool), "tensor table marks")};
+                 .used = m->tensor_used = xcalloc(h->n_tensors, sizeof(bool), "tensor table marks")};
     uint32_t dim = h->dim, hd = h->head_dim, q_dim = h->n_heads * hd, kv_dim = h->n_kv_heads * hd;
     bool moe = h->flags & MM_FLAG_MOE;
     uint32_t n_ffn = moe ? h->n_experts + h->n_shared_experts : 1;
@@ -320,14 +338,33 @@ static void model_load(Model *m, const char *path) {
     for (uint32_t i = 0; i < h->n_tensors; i++)
         if (!ld.used[i])
             die("%s: unknown tensor %.*s in the tensor table", path, MM_NAME_LEN, ld.table[i].name);
-    free(ld.used);
+    free(m->tensor_used);
+    m->tensor_used = NULL;
 }
 
+static void model_load(Model *m, const char *path) {
+    memset(m, 0, sizeof *m);
+    m->path = path;
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("%s: cannot open model file (%s)", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
+    m->map_size = (size_t)st.st_size;
+    if (m->map_size > 0) {  /* (an empty file cannot be mapped; model_parse says it is too short) */
+        m->map = mmap(NULL, m->map_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE_IF_ANY, fd, 0);
+        if (m->map == MAP_FAILED) die("%s: mmap failed (%s)", path, strerror(errno));
+    }
+    close(fd);
+    model_parse(m);
+}
+
+/* (also after a failed model_parse: every pointer is NULL or allocated) */
 static void model_free(Model *m) {
     if (m->layers)
         for (uint32_t l = 0; l < m->cfg.n_layers; l++) free(m->layers[l].ffn);
     free(m->layers);
-    munmap(m->map, m->map_size);
+    free(m->tensor_used);
+    if (m->map) munmap(m->map, m->map_size);
 }
 
 /* ============================================================================================
@@ -464,6 +501,41 @@ static void state_free(State *s) {
                     s->scores, s->row_buf, s->xT, s->xq, s->xs, s->logits, s->key_cache, s->value_cache,
                     s->k_new, s->v_new, s->att_buf};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+}
+
+/* Bytes that state_init (and main's token buffers) allocate for max_tokens and ctx: the KV
+ * cache, which grows with the context, and the per-token activations and logits. */
+static uint64_t state_bytes(const mm_header *h, int max_tokens, int ctx, int kv_dtype, uint64_t *kv_bytes) {
+    uint64_t dim = h->dim, q_dim = (uint64_t)h->n_heads * h->head_dim, kv_dim = (uint64_t)h->n_kv_heads * h->head_dim;
+    uint64_t ffn = h->flags & MM_FLAG_MOE ? h->moe_hidden_dim : h->hidden_dim;
+    uint64_t T = (uint64_t)max_tokens, nt = (uint64_t)n_threads(), cols = dim;
+    if (q_dim > cols) cols = q_dim;
+    if (ffn > cols) cols = ffn;
+    *kv_bytes = 2 * (uint64_t)h->n_layers * (uint64_t)ctx * kv_dim * (kv_dtype == MM_F16 ? 2 : 4);
+    uint64_t per_token = 4 * (5 * dim + 2 * q_dim + 2 * ffn + 2 * kv_dim + h->head_dim + h->vocab_size +
+                              h->n_experts + 2 * (uint64_t)h->n_experts_per_tok + 2) + cols + cols / 8;
+    uint64_t xT = 4 * cols * ((T + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS);
+    return *kv_bytes + T * per_token + xT + (uint64_t)ctx * 4 * (nt + 1) + nt * 4 * PANEL_ROWS * cols +
+           (uint64_t)h->vocab_size * 16;
+}
+
+/* Refuse, before allocating, a state that cannot fit: this machine's memory, or the address
+ * space that RLIMIT_AS leaves beside the mapped model file. (Calloc'ed pages are only committed
+ * when used, so without this a huge -c would start and be killed part way.) */
+static void check_memory(const Model *m, int max_tokens, int ctx, int kv_dtype) {
+    uint64_t kv, need = state_bytes(&m->cfg, max_tokens, ctx, kv_dtype, &kv);
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    uint64_t have = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : UINT64_MAX;
+    const char *what = "memory";
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+        uint64_t left = rl.rlim_cur > m->map_size ? (uint64_t)rl.rlim_cur - m->map_size : 0;
+        if (left < have) have = left, what = "address space (ulimit -v) beside the model file";
+    }
+    if (need > have)
+        die("a context of %d positions needs %llu bytes (KV cache %llu, activations %llu), more than the "
+            "%llu bytes of %s; use a smaller -c%s", ctx, (unsigned long long)need, (unsigned long long)kv,
+            (unsigned long long)(need - kv), (unsigned long long)have, what, kv_dtype == MM_F16 ? "" : " or --kv f16");
 }
 
 /* ============================================================================================
@@ -1653,6 +1725,8 @@ static int by_logit_desc(const void *a, const void *b) {
 /* the next token from logits [vocab] (modified in place); seen[i]: token i is in the context */
 static int sample(Sampler *sp, float *logits, const uint8_t *seen) {
     int V = sp->vocab;
+    for (int i = 0; i < V; i++)  /* NaN compares false: no token would be a candidate */
+        if (isnan(logits[i])) die("the model computed a NaN logit for token %d (corrupt weights in the model file?)", i);
     if (sp->temperature > 0)
         for (int i = 0; i < V; i++) logits[i] /= sp->temperature;
     if (sp->repeat_penalty != 1.0f)  /* MiniMind: positive logits divided, negative multiplied */
@@ -1711,10 +1785,29 @@ typedef struct {
 
 typedef struct { long prompt, generated; double prefill_s, decode_s; } Stats;
 
-/* Process tokens[n_cached..n) in prompt-sized blocks; the logits of the last one. */
+/* Ctrl-C during generate or chat sets this; generation stops after the current token, the line
+ * and the stats are finished, and main exits with status 130 (128 + SIGINT), as shells expect. */
+static volatile sig_atomic_t interrupted;
+
+static void on_sigint(int sig) {
+    (void)sig;
+    interrupted = 1;
+}
+
+/* Without SA_RESTART, so that chat's read of the next line returns at once. */
+static void catch_sigint(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigint;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+}
+
+/* Process tokens[n_cached..n) in prompt-sized blocks; the logits of the last one (NULL when
+ * interrupted). */
 static float *prefill(const Model *m, State *s, Context *c) {
     float *logits = NULL;
-    while (c->n_cached < c->n) {
+    while (c->n_cached < c->n && !interrupted) {
         int len = c->n - c->n_cached < s->max_tokens ? c->n - c->n_cached : s->max_tokens;
         logits = forward(m, s, c->tokens + c->n_cached, len, c->n_cached, false);
         c->n_cached += len;
@@ -1744,7 +1837,7 @@ static void generate(const Model *m, State *s, const Tokenizer *tok, Sampler *sp
     double t1 = now_seconds();
     st->prefill_s += t1 - t0;
     Utf8Stream out = {0};
-    for (int i = 0; i < max_new; i++) {
+    for (int i = 0; i < max_new && !interrupted; i++) {
         int next = sample(sp, logits, c->seen);
         if (next == (int)m->cfg.eos_id) {
             if (c->n < s->ctx) c->tokens[c->n++] = next;  /* kept for the next turn, not yet run */
@@ -1850,6 +1943,7 @@ static void chat(const Model *m, State *s, const Tokenizer *tok, Sampler *sp, Co
         if (verbose) print_stats(&st);
         total.prompt += st.prompt; total.generated += st.generated;
         total.prefill_s += st.prefill_s; total.decode_s += st.decode_s;
+        if (interrupted) break;
     }
     free(line);
     for (int i = 0; i < n_msgs; i++) free((char *)msgs[i].content);
@@ -2115,14 +2209,9 @@ static char *read_file(const char *path, size_t *len) {
     return buf;
 }
 
-/* --ids "1,2,3" or --ids @FILE */
-static int *parse_ids(const char *arg, int *n_out, uint32_t vocab) {
-    size_t file_len = 0;
-    char *text = arg[0] == '@' ? read_file(arg + 1, &file_len) : NULL;
-    if (text && strlen(text) != file_len) die("%s: ids file contains a NUL byte", arg + 1);
-    const char *p = text ? text : arg;
-    int n = 0, cap = 256;
-    int *ids = xcalloc((size_t)cap, sizeof(int), "ids");
+/* The ids in text p, checked, written to ids when it is not NULL; their count. */
+static size_t scan_ids(const char *p, int *ids, uint32_t vocab) {
+    size_t n = 0;
     while (*p) {
         if (*p == ',' || *p == ' ' || *p == '\n' || *p == '\t' || *p == '\r') { p++; continue; }
         char *end;
@@ -2131,17 +2220,27 @@ static int *parse_ids(const char *arg, int *n_out, uint32_t vocab) {
         if (end == p || errno || (*end && !strchr(", \n\t\r", *end)))
             die("--ids: '%.20s' is not a token id (expected non-negative integers)", p);
         if (v < 0 || v >= (long)vocab) die("--ids: token id %ld is outside the vocab of %u", v, vocab);
-        if (n == cap) {
-            int *bigger = realloc(ids, sizeof(int) * (size_t)(cap *= 2));
-            if (!bigger) die("out of memory reading ids");
-            ids = bigger;
-        }
-        ids[n++] = (int)v;
+        if (ids) ids[n] = (int)v;
+        n++;
         p = end;
     }
-    free(text);
+    return n;
+}
+
+/* --ids "1,2,3" or --ids @FILE: checked and counted first, so that an error leaves nothing
+ * allocated but the file's text */
+static int *parse_ids(const char *arg, int *n_out, uint32_t vocab) {
+    size_t file_len = 0;
+    char *text = arg[0] == '@' ? read_file(arg + 1, &file_len) : NULL;
+    if (text && strlen(text) != file_len) die("%s: ids file contains a NUL byte", arg + 1);
+    const char *p = text ? text : arg;
+    size_t n = scan_ids(p, NULL, vocab);
     if (n == 0) die("--ids: no token ids given");
-    *n_out = n;
+    if (n > INT_MAX) die("--ids: %zu token ids, more than %d", n, INT_MAX);
+    int *ids = xcalloc(n, sizeof(int), "ids");
+    scan_ids(p, ids, vocab);
+    free(text);
+    *n_out = (int)n;
     return ids;
 }
 
@@ -2216,9 +2315,10 @@ int main(int argc, char **argv) {
     if (!ppl && n_ids > ctx)
         die("the prompt is %d tokens; it does not fit the context of %d positions (-c)", n_ids, ctx);
     if (!strcmp(o.mode, "logits") && !o.out_path) die("-m logits needs -o FILE for the logits");
-    int batch = o.batch < ctx ? o.batch : ctx;
+    int batch = o.batch < ctx ? o.batch : ctx, kv_dtype = !strcmp(o.kv, "f16") ? MM_F16 : MM_F32;
+    check_memory(&m, batch, ctx, kv_dtype);
     State s;
-    state_init(&s, &m, batch, ctx, &rope, !strcmp(o.kv, "f16") ? MM_F16 : MM_F32);
+    state_init(&s, &m, batch, ctx, &rope, kv_dtype);
     if (o.verbose) {
         static const char *scaling[] = {"none", "linear", "yarn"};
         fprintf(stderr, "%s: %s, hidden %u, %u layers, %u/%u heads of %u, %s %u, vocab %u, "
@@ -2246,6 +2346,7 @@ int main(int argc, char **argv) {
         sp.kth = xcalloc((size_t)(o.top_k > 0 ? o.top_k : 1), sizeof(float), "sampler");
         Context c = {.tokens = xcalloc((size_t)ctx, sizeof(int), "context"),
                      .seen = xcalloc(h->vocab_size, 1, "context")};
+        catch_sigint();
         if (generating) {
             memcpy(c.tokens, ids, sizeof(int) * (size_t)n_ids);
             c.n = n_ids;
@@ -2258,6 +2359,7 @@ int main(int argc, char **argv) {
             chat(&m, &s, &tok, &sp, &c, o.system, o.think, o.steps, o.verbose);
         }
         free(c.tokens); free(c.seen); free(sp.cand); free(sp.kth);
+        if (interrupted) fputs("[interrupted]\n", stderr);
     } else if (!ppl) {
         LogitsOut out = {.out = fopen(o.out_path, "wb"), .path = o.out_path, .vocab = (int)h->vocab_size};
         if (!out.out) die("%s: cannot open for writing (%s)", o.out_path, strerror(errno));
@@ -2293,6 +2395,6 @@ int main(int argc, char **argv) {
     state_free(&s);
     tokenizer_free(&tok);
     model_free(&m);
-    return 0;
+    return interrupted ? 128 + SIGINT : 0;
 }
 #endif

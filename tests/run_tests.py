@@ -16,10 +16,15 @@ import math
 import json
 import os
 import random
+import re
+import resource
+import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -363,6 +368,95 @@ def hostile_tests(binary):
                     (p.returncode == 1 and "error" not in p.stderr):
                 bad.append((i, p.returncode, p.stderr[-200:]))
         return not bad, f"{len(bad)} bad: {bad[:1]}" if bad else "all clean"
+
+
+# ----------------------------------------------------------------------------------------------
+# Limits that protect the user: memory for the context, prompts longer than it, Ctrl-C, NaN
+
+def tensor_data(data, name):
+    """(offset, size) of a tensor in a model file"""
+    hdr = HDR.unpack_from(data, 0)
+    for i in range(hdr[F["n_tensors"]]):
+        e = ENTRY.unpack_from(data, hdr[F["tensor_table_offset"]] + i * ENTRY.size)
+        if e[0].rstrip(b"\0") == name.encode():
+            return e[7], e[8]
+    raise KeyError(name)
+
+
+def limits_tests(binary):
+    tag = os.path.basename(binary)
+    demo = os.path.join(ROOT, "demo", "model.bin")
+    model = export(os.path.join(FIX, "m3_moe.pth"), "m3_moe.f32.bin", "f32")
+
+    def kv_bytes(path, ctx, elem=4):
+        h = HDR.unpack_from(open(path, "rb").read(256), 0)
+        return 2 * h[F["n_layers"]] * ctx * h[F["n_kv_heads"]] * h[F["head_dim"]] * elem
+
+    @test(f"{tag}: a context larger than this machine's memory is refused up front, with the bytes it needs")
+    def _():
+        mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        kv = kv_bytes(demo, 1 << 24)
+        if kv <= mem:
+            return None, f"this machine has {mem} bytes, more than the {kv} the largest -c needs"
+        t0 = time.time()
+        p = run([binary, demo, "-i", "x", "-n", "1", "-c", str(1 << 24)])
+        ok, detail = expect_error(p, "16777216 positions", "bytes of memory", "smaller -c")
+        need = re.search(r"needs (\d+) bytes", p.stderr)
+        if ok and not (need and int(need.group(1)) >= kv and str(mem) in p.stderr and time.time() - t0 < 20):
+            ok, detail = False, f"needs {need and need.group(1)}, expected >= {kv} vs {mem}: {p.stderr[-200:]}"
+        return ok, detail
+
+    if "asan" not in tag:  # (AddressSanitizer reserves terabytes of address space: no ulimit -v)
+        @test(f"{tag}: under ulimit -v, a context beyond the address space is refused up front")
+        def _():
+            limit = 2 << 30
+            p = subprocess.run([binary, demo, "-i", "x", "-n", "1", "-c", "1000000"], capture_output=True,
+                               text=True, env=ENV, timeout=60,
+                               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+            ok, detail = expect_error(p, "1000000 positions", "ulimit -v")
+            if ok and str(kv_bytes(demo, 1000000)) not in p.stderr:
+                ok, detail = False, f"the KV cache's {kv_bytes(demo, 1000000)} bytes not named: {p.stderr}"
+            return ok, detail
+
+    @test(f"{tag}: a prompt file longer than the context is an error (1 MB of text, -c 16)")
+    def _():
+        path = os.path.join(TMP, "long_prompt.txt")
+        with open(path, "w") as f:
+            f.write("the quick brown fox jumps over the lazy dog. " * 23000)
+        return expect_error(run([binary, model, "-f", path, "-c", "16", "-n", "1"]),
+                            "does not fit the context of 16")
+
+    @test(f"{tag}: Ctrl-C stops generation cleanly: the line and stats are finished, exit 130")
+    def _():
+        p = subprocess.Popen([binary, demo, "-i", "春", "-n", str(1 << 24), "-s", "1"], env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ready, _, _ = select.select([p.stdout], [], [], 60)  # some text has come out: generating
+        if ready:
+            os.read(p.stdout.fileno(), 1)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        err = err.decode(errors="replace")
+        ok = (ready and p.returncode == 130 and "[interrupted]" in err and "generated" in err
+              and out.endswith(b"\n") and "Sanitizer" not in err and "runtime error" not in err)
+        return ok, f"exit {p.returncode}: " + err.strip().replace("\n", " | ")[-150:]
+
+    @test(f"{tag}: NaN weights: generation stops with an error, not garbage or a crash")
+    def _():
+        data = bytearray(open(model, "rb").read())
+        off, size = tensor_data(data, "model.norm.weight")
+        data[off:off + size] = struct.pack("<f", float("nan")) * (size // 4)
+        path = os.path.join(TMP, "nan.bin")
+        with open(path, "wb") as f:
+            f.write(data)
+        return expect_error(run([binary, path, "-i", "the", "-n", "4", "-s", "1"]), "NaN logit")
+
+    @test(f"{tag}: an error quoting a newline stays on one line")
+    def _():
+        p = run([binary, model, "-m", "da\nnce", "-i", "x"])
+        ok, detail = expect_error(p, "da\\nnce")
+        if ok and len(p.stderr.strip().splitlines()) != 1:
+            ok, detail = False, f"{len(p.stderr.strip().splitlines())} lines: {p.stderr!r}"
+        return ok, detail
 
 
 # ----------------------------------------------------------------------------------------------
@@ -861,7 +955,52 @@ def export_tests():
         return ok, f"{n_vocab} tokens, {n_merges} merges, bos {hdr[F['bos_id']]}, template {hdr[F['chat_template']]}"
 
 
+def export_mutation_tests():
+    """tests/export_mutations.py: corrupted .pth, safetensors and tokenizer files, malicious pickles"""
+    import export_mutations as mut
+    work, marker = os.path.join(TMP, "mutations"), os.path.join(TMP, "pwned_by_mutation")
+    groups = {}
+    for label, files in mut.cases(marker):
+        group = ("malicious pickles" if "pickle" in label and any(w in label for w in ("GLOBAL", "INST", "OBJ",
+                 "STACK_GLOBAL", "hostile", "rebuild", "persistent")) else label.split(":")[0].split(" ")[0])
+        groups.setdefault(group, []).append((label, files))
+    for group, items in groups.items():
+        @test(f"export.py mutation test: {group} ({len(items)} corrupted inputs): a clean error or a whole file")
+        def _():
+            bad, refused = [], 0
+            for label, files in items:
+                rc, err, out = mut.run_case(files, work)
+                problem = mut.verdict(rc, err, out, marker)
+                if problem:
+                    bad.append(f"{label}: {problem}")
+                refused += rc == 1
+            return not bad, "; ".join(bad[:3]) if bad else f"{refused} refused, {len(items) - refused} exported"
+
+
 # ----------------------------------------------------------------------------------------------
+# The fuzz targets (tests/fuzz/), a few seconds each on their committed corpora: every seed and
+# crash reproducer there runs first, then new inputs. make test builds them when clang can.
+
+def fuzz_tests():
+    seconds = int(os.environ.get("FUZZ_SECONDS", "3"))
+    for target in ("loader", "tokenizer", "chat", "args"):
+        @test(f"fuzz: {target}_fuzz, {seconds} s from its corpus (libFuzzer, ASan, UBSan)")
+        def _():
+            binary = os.path.join(ROOT, "tests", "fuzz", f"{target}_fuzz")
+            if not os.path.exists(binary):
+                why = "not built: no clang that links libFuzzer here (Debian: apt-get install clang libclang-rt-14-dev)"
+                return (False if os.environ.get("CI") else None), why + (" but CI must run it" if os.environ.get("CI") else "")
+            scratch = os.path.join(TMP, "fuzz", target)
+            os.makedirs(scratch, exist_ok=True)
+            fuzz = os.path.join(ROOT, "tests", "fuzz")
+            p = subprocess.run([binary, f"-max_total_time={seconds}", "-timeout=10", f"-dict={fuzz}/{target}.dict",
+                                f"-artifact_prefix={scratch}/", scratch, os.path.join(fuzz, "corpus", target)],
+                               capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=seconds + 300)
+            done = re.search(r"#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+) corp: (\S+)", p.stderr)
+            if p.returncode != 0 or not done:
+                return False, f"exit {p.returncode}: " + p.stderr[-600:]
+            return True, f"{done.group(1)} executions, cov {done.group(2)}, ft {done.group(3)}, corpus {done.group(4)}"
+
 
 def main():
     binaries = sys.argv[1:] or [os.path.join(ROOT, "run") + ":" + os.path.join(ROOT, "tests", "tokenizer_test")]
@@ -873,6 +1012,8 @@ def main():
         c["checkpoint"] = os.path.join(FIX, c["checkpoint"])
         c["export_args"] = [os.path.join(FIX, a) if a.endswith(".pth") else a for a in c["export_args"]]
     export_tests()
+    export_mutation_tests()
+    fuzz_tests()
     models = tokenizer_models()
     with open(os.path.join(FIX, "text_expected.json"), encoding="utf-8") as f:
         expected = json.load(f)  # made by tests/reference/gen_text_fixtures.mjs
@@ -886,6 +1027,7 @@ def main():
         if driver:  # a build given without a tokenizer driver gets the numerical tests only
             tokenizer_tests(binary, driver, models, expected)
             hostile_tests(binary)
+            limits_tests(binary)
             cli_tests(binary, cases)
     print(f"{results['passed']} passed, {results['failed']} failed, {results['skipped']} skipped")
     return 1 if results["failed"] else 0
