@@ -735,6 +735,13 @@ static ALWAYS_INLINE vf vf_load_i8(const int8_t *p) {
 
 _Static_assert(TILE_ROWS == 4, "the tile epilogue sums four rows at once (vf_hsum4)");
 
+/* v, as a value the compiler must keep in a register: a vector loaded once for several FMAs is
+ * otherwise often folded into each of them as a memory operand, which loads it again every time */
+static ALWAYS_INLINE vf vf_keep(vf v) {
+    __asm__("" : "+v"(v));
+    return v;
+}
+
 /* exp(r) for r in [-87, 88.7], within 2 ulp of expf (and inf for r in [88.7, 89]): r = k ln2 + f with k = round(r / ln2) and f in
  * [-ln2/2, ln2/2] (ln2 in two parts, so f is exact), exp(f) by its Taylor polynomial, times 2^k */
 static ALWAYS_INLINE vf vf_exp(vf r) {
@@ -775,12 +782,9 @@ static ALWAYS_INLINE void tile(float *out, int ldo, int dtype, const void *w, in
     int k = 0;
     for (; k + VL <= K; k += VL) {
         vf xv[TILE_TOKENS];
-        for (int t = 0; t < T; t++) {
-            xv[t] = vf_load(xt[t] + k);
-            __asm__("" : "+v"(xv[t]));  /* keep it in a register: folded into each FMA it loads R times */
-        }
+        for (int t = 0; t < T; t++) xv[t] = vf_keep(vf_load(xt[t] + k));
         for (int r = 0; r < R; r++) {
-            vf wv = load_w(dtype, wr[r], (size_t)k);
+            vf wv = vf_keep(load_w(dtype, wr[r], (size_t)k));
             for (int t = 0; t < T; t++) acc[r][t] = vf_fmadd(wv, xv[t], acc[r][t]);
         }
     }
@@ -1305,7 +1309,7 @@ static ALWAYS_INLINE void pv_tile(float *O, int ldo, const float *P, const void 
         for (int h = 0; h < 2; h++) acc[r][h] = vf_load(O + (size_t)r * ldo + VL * h);
     for (int t = 0; t < nt; t++) {
         const uint8_t *vt = (const uint8_t *)v + (size_t)t * kv_dim * elem;
-        vf v0 = load_w(kv_dtype, vt, 0), v1 = load_w(kv_dtype, vt, VL);
+        vf v0 = vf_keep(load_w(kv_dtype, vt, 0)), v1 = vf_keep(load_w(kv_dtype, vt, VL));
         for (int r = 0; r < R; r++) {
             vf p = vf_set1(P[(size_t)r * KV_TILE + t]);
             acc[r][0] = vf_fmadd(p, v0, acc[r][0]);
