@@ -107,21 +107,45 @@ def numel(shape):
 # ----------------------------------------------------------------------------------------------
 # torch.save zip files (.pth, pytorch_model.bin), read with a restricted unpickler
 
+class _HostilePickle(ExportError):
+    """Raised while unpickling, where the file name is not at hand: read_torch_zip adds it."""
+
+
+def _refuse_build(self, state):
+    raise _HostilePickle("the pickle modifies a tensor object (BUILD), which a state dict does not")
+
+
 class _StorageRef:
+    __setstate__ = _refuse_build  # a BUILD opcode must not overwrite dtype or key
+
     def __init__(self, dtype, key):
         self.dtype, self.key = dtype, key
 
 
 class _TensorRef:
+    __setstate__ = _refuse_build  # a BUILD opcode must not overwrite storage, size or stride
+
     def __init__(self, storage, offset, size, stride):
-        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+
+def _is_count(v):
+    return type(v) is int and v >= 0  # not bool, not float, not negative
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
                        backward_hooks=None, metadata=None):
     if not isinstance(storage, _StorageRef):
-        fail("checkpoint: a tensor refers to something that is not a storage")
-    return _TensorRef(storage, storage_offset, size, stride)
+        raise _HostilePickle(f"a tensor refers to a {type(storage).__name__}, not a storage")
+    if not _is_count(storage_offset):
+        raise _HostilePickle(f"a tensor has storage offset {storage_offset!r}, not an integer >= 0")
+    for what, v in (("size", size), ("stride", stride)):
+        if not isinstance(v, (tuple, list)) or not all(_is_count(x) for x in v):
+            raise _HostilePickle(f"a tensor has {what} {v!r}, not a tuple of integers >= 0")
+    if len(size) != len(stride):
+        raise _HostilePickle(f"a tensor has size {tuple(size)} but stride {tuple(stride)} "
+                             f"(different lengths)")
+    return _TensorRef(storage, storage_offset, tuple(size), tuple(stride))
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
@@ -182,6 +206,8 @@ def read_torch_zip(path):
         prefix = pkls[0][: -len("data.pkl")]
         try:
             obj = _RestrictedUnpickler(io.BytesIO(zf.read(pkls[0])), path).load()
+        except _HostilePickle as e:
+            fail(f"{path}: {e}")
         except ExportError:
             raise
         except Exception as e:  # any malformed pickle is the file's fault, not ours
@@ -200,11 +226,16 @@ def read_torch_zip(path):
                     fail(f"{path}: cannot read storage {st.key} ({e})")
             buf = storages[st.key]
             size, stride = ref.size, ref.stride
-            n = numel(size)
-            if not all(isinstance(v, int) and v >= 0 for v in size + stride + (ref.offset,)):
+            # _rebuild_tensor_v2 checked these; check again before numel() and the loops use them
+            if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+                    and all(_is_count(v) for v in size + stride + (ref.offset,))):
                 fail(f"{path}: tensor {name} has an invalid size, stride or offset")
+            n = numel(size)
             if n == 0:
                 return Tensor(st.dtype, size, b"", f"{path}:{name}")
+            if n * es > len(buf):  # also bounds the element-by-element gather below
+                fail(f"{path}: tensor {name} has {n} elements of {es} bytes, more than its "
+                     f"storage's {len(buf)} bytes hold (a stride of 0 repeating elements?)")
             last = ref.offset + sum((s - 1) * d for s, d in zip(size, stride))
             if (last + 1) * es > len(buf):
                 fail(f"{path}: tensor {name} reaches past the end of its storage "
@@ -238,7 +269,12 @@ def read_torch_zip(path):
         for k, v in obj.items():
             if not isinstance(k, str) or not isinstance(v, _TensorRef):
                 fail(f"{path}: entry {k!r} of the state dict is not a named tensor")
-            state[k] = convert(v, k)
+            try:
+                state[k] = convert(v, k)
+            except ExportError:
+                raise
+            except Exception as e:  # a backstop: whatever else the pickle built is the file's fault
+                fail(f"{path}: tensor {k} cannot be read ({type(e).__name__}: {e})")
         return state
 
 
@@ -403,6 +439,19 @@ def cfg_get(config, key, default):
     return default if v is None else v
 
 
+def cfg_number(source, key, default, lo, hi, kind=float, where="config.json"):
+    """source[key] as a finite int or float in [lo, hi], else a one-line error; default when absent
+    (the callers check derived defaults themselves)."""
+    v = source.get(key) if source else None
+    if v is None:
+        return default
+    ok_type = isinstance(v, int) if kind is int else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok_type or not (math.isfinite(v) and lo <= v <= hi):
+        bounds = f"[{lo}, {hi}]" if kind is int else f"[{lo:g}, {hi:g}]"
+        fail(f"{where}: {key} = {v!r}, expected {'an integer' if kind is int else 'a number'} in {bounds}")
+    return kind(v)
+
+
 def infer_config(state, config, n_heads_flag, path):
     unknown = sorted(n for n in state if n not in GLOBAL_TENSORS and not LAYER_TENSOR.fullmatch(n))
     if unknown:
@@ -423,6 +472,8 @@ def infer_config(state, config, n_heads_flag, path):
         fail(f"{path}: model.embed_tokens.weight has shape {list(shape('model.embed_tokens.weight'))}, "
              f"expected [vocab, hidden]")
     vocab, dim = shape("model.embed_tokens.weight")
+    if vocab == 0 or dim == 0:  # else a zero-element [2^32-1, 0] embedding sets the tokenizer's loop count
+        fail(f"{path}: model.embed_tokens.weight has shape [{vocab}, {dim}], which holds no weights")
     layers, experts, shared = set(), set(), set()
     for n in state:
         m = LAYER_TENSOR.fullmatch(n)
@@ -445,10 +496,11 @@ def infer_config(state, config, n_heads_flag, path):
     q_out = shape("model.layers.0.self_attn.q_proj.weight")[0]
     if qk_norm:  # minimind-3: q_norm's length is head_dim, so the shapes give the head count
         head_dim = shape("model.layers.0.self_attn.q_norm.weight")[0]
-        n_heads = n_heads_flag or cfg_get(config, "num_attention_heads", q_out // max(head_dim, 1))
+        n_heads = n_heads_flag or cfg_number(config, "num_attention_heads", q_out // max(head_dim, 1), 1, 4096, int)
     else:  # MiniMind2: head_dim = hidden / heads, and heads are not in any shape (releases use 8)
-        n_heads = n_heads_flag or cfg_get(config, "num_attention_heads", 8)
-        head_dim = cfg_get(config, "head_dim", dim // n_heads if isinstance(n_heads, int) and n_heads > 0 else 0)
+        n_heads = n_heads_flag or cfg_number(config, "num_attention_heads", 8, 1, 4096, int)
+        head_dim = cfg_number(config, "head_dim", dim // n_heads if isinstance(n_heads, int) and n_heads > 0 else 0,
+                              0, 1 << 16, int)
     if not isinstance(n_heads, int) or n_heads <= 0 or head_dim <= 0 or q_out != n_heads * head_dim:
         fail(f"{path}: q_proj has {q_out} outputs, not n_heads {n_heads} x head_dim {head_dim} "
              f"(pass --n-heads or --config)")
@@ -478,9 +530,9 @@ def infer_config(state, config, n_heads_flag, path):
         c["hidden_dim"] = shape("model.layers.0.mlp.gate_proj.weight")[0]
 
     eps_default = 1e-5 if gen == GEN_MINIMIND2 else 1e-6
-    c.update(rms_eps=float(cfg_get(config, "rms_norm_eps", eps_default)),
-             rope_theta=float(cfg_get(config, "rope_theta", 1e6)),
-             max_seq_len=int(cfg_get(config, "max_position_embeddings", 32768)))
+    c.update(rms_eps=cfg_number(config, "rms_norm_eps", eps_default, 1e-12, 0.5),
+             rope_theta=cfg_number(config, "rope_theta", 1e6, 2.0, 1e12),
+             max_seq_len=cfg_number(config, "max_position_embeddings", 32768, 1, 1 << 24, int))
     c.update(rope_scaling_from_config(config))
     return c
 
@@ -500,18 +552,19 @@ def rope_scaling_from_config(config):
     if not isinstance(rs, dict):
         return off
     kind = rs.get("rope_type", rs.get("type"))
-    factor = float(rs.get("factor", 1.0))
+    def number(key, default, lo, hi, kind=float):
+        return cfg_number(rs, key, default, lo, hi, kind, "config.json rope_scaling")
+    factor = number("factor", 1.0, 1e-3, 1e6)
     if kind == "linear":
         off.update(rope_scaling=ROPE_LINEAR, rope_factor=factor)
     elif kind == "yarn":
-        attn = rs.get("attention_factor")
         off.update(rope_scaling=ROPE_YARN, rope_factor=factor,
-                   yarn_orig_ctx=int(rs.get("original_max_position_embeddings",
-                                            config.get("max_position_embeddings", 2048))),
-                   yarn_beta_fast=float(rs.get("beta_fast", 32.0)),
-                   yarn_beta_slow=float(rs.get("beta_slow", 1.0)),
-                   yarn_attn_factor=float(attn) if attn is not None else
-                   (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0))
+                   yarn_orig_ctx=number("original_max_position_embeddings",
+                                        cfg_get(config, "max_position_embeddings", 2048), 1, 1 << 24, int),
+                   yarn_beta_fast=number("beta_fast", 32.0, -1e6, 1e6),
+                   yarn_beta_slow=number("beta_slow", 1.0, -1e6, 1e6),
+                   yarn_attn_factor=number("attention_factor",
+                                           0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0, 1e-6, 1e6))
     elif kind not in (None, "default"):
         fail(f"config.json: rope_scaling type {kind!r} is not supported (none, linear, yarn)")
     return off

@@ -1789,8 +1789,10 @@ typedef struct {
 
 typedef struct { long prompt, generated; double prefill_s, decode_s; } Stats;
 
-/* Ctrl-C during generate or chat sets this; generation stops after the current token, the line
- * and the stats are finished, and main exits with status 130 (128 + SIGINT), as shells expect. */
+/* Ctrl-C during generate or chat sets this; generation stops after the current token (or prompt
+ * block), the line and the stats are finished, and main then dies by SIGINT itself, so that a
+ * shell sees 130 and stops a loop that runs ./run (a plain exit status would look handled). A
+ * second Ctrl-C stops at once; an inherited "ignore SIGINT" (nohup, background jobs) is kept. */
 static volatile sig_atomic_t interrupted;
 
 static void on_sigint(int sig) {
@@ -1800,9 +1802,11 @@ static void on_sigint(int sig) {
 
 /* Without SA_RESTART, so that chat's read of the next line returns at once. */
 static void catch_sigint(void) {
-    struct sigaction sa;
+    struct sigaction sa, old;
+    if (sigaction(SIGINT, NULL, &old) == 0 && old.sa_handler == SIG_IGN) return;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_sigint;
+    sa.sa_flags = SA_RESETHAND;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
 }
@@ -2399,6 +2403,10 @@ int main(int argc, char **argv) {
     state_free(&s);
     tokenizer_free(&tok);
     model_free(&m);
+    if (interrupted) {
+        signal(SIGINT, SIG_DFL);
+        raise(SIGINT);
+    }
     return interrupted ? 128 + SIGINT : 0;
 }
 #endif

@@ -91,12 +91,24 @@ def with_member(archive, name, data):
     return buf.getvalue()
 
 
-def zip_with_pickle(pkl):
+def zip_with_pickle(pkl, storages=None):
+    """a torch.save-like archive of the pickle pkl and storages {key: bytes} under archive/data/"""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("archive/data.pkl", pkl)
+        for key, data in (storages or {}).items():
+            z.writestr("archive/data/" + key, data)
         z.writestr("archive/version", "3\n")
     return buf.getvalue()
+
+
+def tensor_pickle(size, stride, after=b""):
+    """{"model.norm.weight": _rebuild_tensor_v2(<FloatStorage "0" of 64>, 0, size, stride, False)}
+    with the pickle ops size and stride, and the ops after applied to the rebuilt tensor"""
+    storage = (b"(" + unicode_op("storage") + b"ctorch\nFloatStorage\n" + unicode_op("0") +
+               unicode_op("cpu") + b"K\x40tQ")
+    return (b"\x80\x02}" + unicode_op("model.norm.weight") + b"ctorch._utils\n_rebuild_tensor_v2\n(" +
+            storage + b"K\x00" + size + stride + b"\x89tR" + after + b"s.")
 
 
 def unicode_op(s):
@@ -142,11 +154,23 @@ def pth_mutations(rng, marker):
          unicode_op("999") + unicode_op("cpu") + b"K\x40tQK\x00K\x40\x85K\x01\x85\x89tRs."),
     ]
     cases += [("pth pickle " + label, zip_with_pickle(p)) for label, p in evil]
+    floats = struct.pack("<64f", *range(64))  # a real storage, so a tensor gets as far as materialize
+    tensors = [  # tensors whose fields are not what torch writes (BUILD: pickle opcode "b")
+        ("rebuild_tensor_v2 with size a string", tensor_pickle(unicode_op("ab"), b"K\x01K\x01\x86")),
+        ("rebuild_tensor_v2 result given storage=5 by BUILD",
+         tensor_pickle(b"K\x40\x85", b"K\x01\x85", b"}" + unicode_op("storage") + b"K\x05sb")),
+        ("rebuild_tensor_v2 result given size [2, 2, 2] by BUILD",
+         tensor_pickle(b"K\x40\x85", b"K\x01\x85", b"}" + unicode_op("size") + b"(K\x02K\x02K\x02lsb")),
+        ("rebuild_tensor_v2 size 2^40 with stride 0 (a 2^40-step copy)",
+         tensor_pickle(b"\x8a\x06" + (2**40).to_bytes(6, "little") + b"\x85", b"K\x00\x85")),
+    ]
+    cases += [("pth pickle " + label, zip_with_pickle(p, {"0": floats})) for label, p in tensors]
     return [(label, {"model.pth": d}) for label, d in cases]
 
 
 def safetensors_bytes(rng):
     path = os.path.join(ROOT, "tests", "tmp", "mutations_src.safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)  # tests/tmp is not in a fresh clone
     shape = gen_corpus.MODELS[0][1]
     gen_corpus.write_safetensors(path, gen_corpus.checkpoint(**shape), "F32", rng)
     with open(path, "rb") as f:
@@ -228,9 +252,25 @@ def tokenizer_mutations(rng):
     return [("tokenizer: " + label, files) for label, files in cases]
 
 
+def config_mutations():
+    """config.json (--config) values of the wrong type or out of range"""
+    values = [("max_position_embeddings", 2**40), ("max_position_embeddings", "32768"), ("rms_norm_eps", "abc"),
+              ("rms_norm_eps", float("nan")), ("rope_theta", True), ("rope_theta", -1.0), ("head_dim", "x"),
+              ("num_attention_heads", 8.5), ("num_experts_per_tok", [1])]
+    cases = [(f"{key} = {v!r}", {key: v}) for key, v in values]
+    for key, v in [("factor", "x"), ("factor", 0), ("original_max_position_embeddings", 2**40),
+                   ("beta_fast", None), ("attention_factor", "big")]:
+        rs = {"rope_type": "yarn", "factor": 4.0}
+        rs[key] = v
+        cases.append((f"rope_scaling {key} = {v!r}", {"model_type": "qwen3", "rope_scaling": rs}))
+    cases.append(("a list", []))
+    return [("config.json " + label, {"config.json": json.dumps(c).encode()}) for label, c in cases]
+
+
 def cases(marker):
     rng = random.Random(6)
-    return pth_mutations(rng, marker) + safetensors_mutations(rng) + tokenizer_mutations(rng)
+    return (pth_mutations(rng, marker) + safetensors_mutations(rng) + tokenizer_mutations(rng) +
+            config_mutations())
 
 
 def run_case(files, work):
@@ -239,16 +279,18 @@ def run_case(files, work):
     os.makedirs(os.path.join(work, "tok"))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(FIX, "tokenizer", name), os.path.join(work, "tok", name))
-    checkpoint = os.path.join(FIX, "m2_dense.pth")
+    checkpoint, extra = os.path.join(FIX, "m2_dense.pth"), []
     for name, data in files.items():
         path = os.path.join(work, "tok", name) if name.startswith("tokenizer") else os.path.join(work, name)
         with open(path, "wb") as f:
             f.write(data)
-        if not name.startswith("tokenizer"):
+        if name == "config.json":
+            extra = ["--config", path]
+        elif not name.startswith("tokenizer"):
             checkpoint = path
     out = os.path.join(work, "out", "model.bin")
     os.makedirs(os.path.dirname(out))
-    rc, err = run_export([checkpoint, out, "--tokenizer", os.path.join(work, "tok")])
+    rc, err = run_export([checkpoint, out, "--tokenizer", os.path.join(work, "tok")] + extra)
     return rc, err, out
 
 
