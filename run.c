@@ -643,12 +643,21 @@ static void matmul_rows_q8_ref(float *out, const int8_t *xq, const float *xs, co
  * A register tile of TILE_ROWS weight rows x TILE_TOKENS tokens: each weight vector loaded is
  * used for every token of the tile, each activation vector for every row. Every output element
  * is its own chain of VL-lane FMAs over each K_CHUNK of columns, a fixed horizontal sum per chunk,
- * and the chunks added in order, so its value does not depend on the tile shape, the block size
- * or the thread that computes it. */
+ * and the chunks added in order, so its value does not depend on the tile shape or the thread
+ * that computes it. (One token, and prompt blocks of OP_MIN_TOKENS or more, take the other two
+ * forms below: each is its own fixed order too, so results never depend on the thread count.) */
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define HAVE_SIMD 1
 #define ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* the sum of 8 floats (AVX2; also the q8_0 decode kernel's, on either instruction set) */
+static ALWAYS_INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
 
 /* The vector layer: the few operations the kernels use, on a vector of VL floats. The kernels
  * below are written once over it; only this block knows the instruction set. */
@@ -707,12 +716,7 @@ static ALWAYS_INLINE vf vf_min(vf a, vf b) { return _mm256_min_ps(a, b); }
 static ALWAYS_INLINE vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
 static ALWAYS_INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static ALWAYS_INLINE vf vf_fnmadd(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
-static ALWAYS_INLINE float vf_hsum(vf v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+static ALWAYS_INLINE float vf_hsum(vf v) { return hsum8(v); }
 static ALWAYS_INLINE __m128 vf_hsum4(vf a, vf b, vf c, vf d) {
     vf ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
     vf cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
@@ -879,13 +883,6 @@ static ALWAYS_INLINE __m256i group_dot_q8(const int8_t *w, const int8_t *x) {
 #else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, x_signed), _mm256_set1_epi16(1));
 #endif
-}
-
-static ALWAYS_INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 static ALWAYS_INLINE void tile_q8(float *out, const Matrix *w, int r0, const int8_t *xq, const float *xs,
