@@ -984,7 +984,14 @@ static void op_rows(float *out, const Matrix *w, const float *xT, int ldxT, int 
             float *o = out + (size_t)t * w->rows + r;
             const float *xt = xT + t;
             if (R == OP_ROWS && T > VL) { op_tile_full(o, w->rows, panel, cols, xt, ldxT, cols, T); continue; }
-            for (int i = 0; i < R; i++) {  /* the last rows, or a last run of at most VL tokens */
+            /* the last rows (a thread's share ends on a multiple of 4, a matrix maybe not), or a
+             * last run of at most VL tokens: tiles of 4 rows, then of 1 */
+            int i = 0;
+            for (; i + 4 <= R; i += 4) {
+                if (T > VL) op_tile(o + i, w->rows, panel + (size_t)i * cols, cols, xt, ldxT, cols, 4, 2, T);
+                else op_tile(o + i, w->rows, panel + (size_t)i * cols, cols, xt, ldxT, cols, 4, 1, T);
+            }
+            for (; i < R; i++) {
                 if (T > VL) op_tile(o + i, w->rows, panel + (size_t)i * cols, cols, xt, ldxT, cols, 1, 2, T);
                 else op_tile(o + i, w->rows, panel + (size_t)i * cols, cols, xt, ldxT, cols, 1, 1, T);
             }
