@@ -430,11 +430,13 @@ typedef struct {
     float *inv_freq;            /* [head_dim/2] */
     float attn_factor;
     float *scores;              /* [threads, ctx] attention scores, one row per thread */
-    float *row_buf;             /* [threads, PANEL_ROWS * max cols] weight rows converted to f32 */
+    float *row_buf;             /* [threads, PANEL_ROWS * max cols] weight rows converted to f32,
+                                   or a packed q8_0 panel */
     float *xT;                  /* [max cols, max_tokens rounded up to XT_TOKENS] a block's x transposed */
     int row_buf_len;
     int8_t *xq;                 /* [max_tokens, max cols] activations quantised for q8_0 matrices */
     float *xs;                  /* [max_tokens, max cols / 32] their scales */
+    int32_t *xqsum;             /* [max_tokens, max cols / 32] -128 x the sum of each group's codes */
     float *logits;              /* [max_tokens, vocab] */
     int kv_dtype;               /* MM_F32, or MM_F16 (--kv f16) */
     void *key_cache;            /* [n_layers, ctx, n_kv_heads * head_dim] of kv_dtype */
@@ -483,6 +485,7 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
     s->xT = xcalloc(max_cols * ((T + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS), sizeof(float), "activations");
     s->xq = xcalloc(T * max_cols, 1, "quantised activations");
     s->xs = xcalloc(T * max_cols / MM_Q8_GROUP + 1, sizeof(float), "quantised activations");
+    s->xqsum = xcalloc(T * max_cols / MM_Q8_GROUP + 1, sizeof(int32_t), "quantised activations");
     s->logits = xcalloc(T * h->vocab_size, sizeof(float), "logits");
     /* calloc of this size maps fresh zero pages: memory is only committed for positions used */
     s->kv_dtype = kv_dtype;
@@ -498,7 +501,7 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
 static void state_free(State *s) {
     void *bufs[] = {s->x, s->xb, s->delta, s->q, s->att_out, s->hb, s->hb2, s->moe_in, s->moe_out,
                     s->moe_rows, s->moe_w, s->router, s->top_idx, s->top_w, s->cos, s->sin, s->inv_freq,
-                    s->scores, s->row_buf, s->xT, s->xq, s->xs, s->logits, s->key_cache, s->value_cache,
+                    s->scores, s->row_buf, s->xT, s->xq, s->xs, s->xqsum, s->logits, s->key_cache, s->value_cache,
                     s->k_new, s->v_new, s->att_buf};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
@@ -513,7 +516,7 @@ static uint64_t state_bytes(const mm_header *h, int max_tokens, int ctx, int kv_
     if (ffn > cols) cols = ffn;
     *kv_bytes = 2 * (uint64_t)h->n_layers * (uint64_t)ctx * kv_dim * (kv_dtype == MM_F16 ? 2 : 4);
     uint64_t per_token = 4 * (5 * dim + 2 * q_dim + 2 * ffn + 2 * kv_dim + h->head_dim + h->vocab_size +
-                              h->n_experts + 2 * (uint64_t)h->n_experts_per_tok + 2) + cols + cols / 8;
+                              h->n_experts + 2 * (uint64_t)h->n_experts_per_tok + 2) + cols + cols / 4;
     uint64_t xT = 4 * cols * ((T + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS);
     return *kv_bytes + T * per_token + xT + (uint64_t)ctx * 4 * (nt + 1) + nt * 4 * PANEL_ROWS * cols +
            (uint64_t)h->vocab_size * 16;
@@ -912,20 +915,13 @@ static ALWAYS_INLINE void tile_q8(float *out, const Matrix *w, int r0, const int
     }
 }
 
-/* columns k0 .. k0+kc of row r of a q8_0 matrix as f32 (the fast twin of matrix_row: the same
- * values); k0 and kc are multiples of 32 */
-static void dequantize_q8(float *out, const Matrix *w, int r, int k0, int kc) {
-    const int8_t *q = (const int8_t *)w->data + (size_t)r * w->cols + k0;
-    const float *scale = w->scales + ((size_t)r * w->cols + k0) / MM_Q8_GROUP;
-    for (int c = 0; c < kc; c += VL) vf_store(out + c, vf_mul(vf_load_i8(q + c), vf_set1(scale[c / MM_Q8_GROUP])));
-}
-
 /* ---- matmul for prompt blocks: the outer-product form ----
  * OP_ROWS weight rows times OP_TOKENS tokens: for every column k, each row's weight is broadcast and
  * multiplied into a vector of VL tokens' activations, which are stored transposed for this
  * (xT[k, token], every token's x of the block). No horizontal sums: each output element is one
- * chain of FMAs over k = 0 .. K-1 in order, whatever the tile, the block or the thread. Weights
- * that are not f32 are converted a panel of OP_ROWS rows at a time, once per prompt block. */
+ * chain of FMAs over k = 0 .. K-1 in order, whatever the tile, the block or the thread. f16 and
+ * bf16 weights are converted a panel of OP_ROWS rows at a time, once per prompt block. (q8_0
+ * matrices have integer tiles of their own, below.) */
 #ifdef HAVE_AVX512
 #define OP_ROWS PANEL_ROWS   /* 24 accumulators + 2 activation vectors + 1 broadcast of 32 registers */
 #else
@@ -971,7 +967,6 @@ static void op_rows(float *out, const Matrix *w, const float *xT, int ldxT, int 
         if (w->dtype != MM_F32) {  /* the panel's rows converted once, used by every token */
             for (int i = 0; i < R; i++) {
                 float *dst = buf + (size_t)i * cols;
-                if (w->dtype == MM_Q8_0) { dequantize_q8(dst, w, r + i, 0, cols); continue; }
                 const void *src = (const uint16_t *)w->data + (size_t)(r + i) * cols;
                 int c = 0;
                 for (; c + VL <= cols; c += VL) vf_store(dst + c, load_w(w->dtype, src, (size_t)c));
@@ -1024,13 +1019,155 @@ static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
         scale[g] = d;
     }
 }
+
+/* ---- q8_0 matmul for prompt blocks: integer tiles (AVX-512 VNNI) ----
+ * Lanes are weight rows: a vector holds 4 consecutive weight bytes of each of 16 rows, one
+ * token's 4 activation bytes at those columns are broadcast, and vpdpbusd adds the 4 byte products
+ * of each lane to its int32: 64 multiply-adds in one instruction (an f32 FMA does 16). A tile is
+ * Q8_PANEL = 32 rows x up to Q8_TILE_TOKENS = 6 tokens: 12 int32 sums for the current group of 32
+ * columns, 12 f32 accumulators, 2 weight vectors. After each group, its exact int32 sum is scaled by
+ * its two scales (w_scale of the row, x_scale of the token) and added in f32, the same sum in the
+ * same order as dot_q8_ref.
+ * vpdpbusd wants one operand unsigned: the weights are packed as w + 128 (0..255), which adds
+ * 128 * (the token's sum of the group's activation codes) to every lane; each int32 sum starts at
+ * minus that (xqsum), so no instruction is spent undoing it. Weights are packed a panel of 32 rows
+ * at a time, once per prompt block: [column/4][row/16][16 rows][4 bytes], then the 32 rows' scales
+ * [group][32]. */
+#if defined(HAVE_AVX512) && defined(__AVX512VNNI__)
+#define HAVE_Q8_GEMM 1
+enum { Q8_PANEL = 32, Q8_TILE_TOKENS = 6 };
+_Static_assert(Q8_PANEL + Q8_PANEL * sizeof(float) / MM_Q8_GROUP <= PANEL_ROWS * sizeof(float),
+               "a packed q8_0 panel (bytes per column) fits in the row buffer");
+
+/* r[i] holds 16 dwords of row i; afterwards r[u] holds dword u of every row: pairs of rows
+ * interleaved, then quads, then the 128-bit lanes put in place */
+static ALWAYS_INLINE void transpose16x16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  /* u[i + j]: dwords j, j+4, j+8, j+12 of rows i..i+3, a lane each */
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88), v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
+        __m512i w0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
+        r[j] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+        r[j + 8] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
+        r[j + 4] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+        r[j + 12] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
+    }
+}
+
+/* rows r0 .. r0+R (R <= Q8_PANEL) of a q8_0 matrix into the panel layout, rows past R zero:
+ * 16 rows x 64 bytes read in order, transposed as dwords in registers, written in order */
+static void q8_pack_panel(uint8_t *pw, float *ps, const Matrix *w, int r0, int R) {
+    int cols = w->cols, groups = cols / MM_Q8_GROUP, units = cols / 4;
+    const __m512i plus128 = _mm512_set1_epi32((int)0x80808080u);
+    for (int half = 0; half < Q8_PANEL / 16; half++)
+        for (int k4 = 0; k4 < units; k4 += 16) {
+            int n = units - k4 < 16 ? units - k4 : 16;  /* 8 at the end of a row of 32 x odd columns */
+            __mmask16 m = (__mmask16)((1u << n) - 1);
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) {
+                int row = half * 16 + i;
+                r[i] = _mm512_setzero_si512();  /* a zero weight */
+                if (row < R) r[i] = _mm512_maskz_loadu_epi32(m, (const uint8_t *)w->data + (size_t)(r0 + row) * cols + 4 * k4);
+                r[i] = _mm512_xor_si512(r[i], plus128);
+            }
+            transpose16x16(r);
+            for (int u = 0; u < n; u++) _mm512_storeu_si512(pw + ((size_t)(k4 + u) * 2 + half) * 64, r[u]);
+        }
+    for (int i = 0; i < Q8_PANEL; i++)
+        for (int g = 0; g < groups; g++) ps[g * Q8_PANEL + i] = i < R ? w->scales[(size_t)(r0 + i) * groups + g] : 0.0f;
+}
+
+/* out[t * ldo + r] = W[r] . x[t] for r < R (<= 32), t < T; pw, ps: a packed panel; xq, xs, xqsum: the
+ * block's activation codes, scales and minus 128 x their group sums, from this tile's first token */
+static ALWAYS_INLINE void q8_tile(float *out, int ldo, const uint8_t *pw, const float *ps, const int8_t *xq,
+                                  const float *xs, const int32_t *xqsum, int cols, int R, const int T) {
+    int groups = cols / MM_Q8_GROUP;
+    __m512 acc[2][Q8_TILE_TOKENS];
+    for (int t = 0; t < T; t++) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512i isum[2][Q8_TILE_TOKENS];
+        for (int t = 0; t < T; t++) isum[0][t] = isum[1][t] = _mm512_set1_epi32(xqsum[(size_t)t * groups + g]);
+        for (int j = 0; j < MM_Q8_GROUP / 4; j++) {
+            const uint8_t *wp = pw + ((size_t)g * MM_Q8_GROUP / 4 + j) * 2 * 64;
+            __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 64);
+            for (int t = 0; t < T; t++) {
+                int32_t x4;
+                memcpy(&x4, xq + (size_t)t * cols + g * MM_Q8_GROUP + 4 * j, 4);
+                __m512i xb = _mm512_set1_epi32(x4);
+                isum[0][t] = _mm512_dpbusd_epi32(isum[0][t], w0, xb);
+                isum[1][t] = _mm512_dpbusd_epi32(isum[1][t], w1, xb);
+            }
+        }
+        __m512 s0 = _mm512_loadu_ps(ps + (size_t)g * Q8_PANEL), s1 = _mm512_loadu_ps(ps + (size_t)g * Q8_PANEL + 16);
+        for (int t = 0; t < T; t++) {
+            __m512 sx = _mm512_set1_ps(xs[(size_t)t * groups + g]);
+            acc[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[0][t]), _mm512_mul_ps(s0, sx), acc[0][t]);
+            acc[1][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[1][t]), _mm512_mul_ps(s1, sx), acc[1][t]);
+        }
+    }
+    __mmask16 m0 = R >= 16 ? 0xffff : (__mmask16)((1u << R) - 1);
+    __mmask16 m1 = R >= 32 ? 0xffff : R <= 16 ? 0 : (__mmask16)((1u << (R - 16)) - 1);
+    for (int t = 0; t < T; t++) {
+        _mm512_mask_storeu_ps(out + (size_t)t * ldo, m0, acc[0][t]);
+        _mm512_mask_storeu_ps(out + (size_t)t * ldo + 16, m1, acc[1][t]);
+    }
+}
+
+static __attribute__((noinline)) void q8_tile_full(float *out, int ldo, const uint8_t *pw, const float *ps,
+                                                   const int8_t *xq, const float *xs, const int32_t *xqsum,
+                                                   int cols, int R) {
+    q8_tile(out, ldo, pw, ps, xq, xs, xqsum, cols, R, Q8_TILE_TOKENS);
+}
+
+/* rows r0 .. r1 of out = W x for the n tokens whose codes are in xq, xs, xqsum; buf: the panel */
+static void q8_rows(float *out, const Matrix *w, const int8_t *xq, const float *xs, const int32_t *xqsum,
+                    int n, int r0, int r1, void *buf) {
+    int cols = w->cols, groups = cols / MM_Q8_GROUP;
+    uint8_t *pw = buf;
+    float *ps = (float *)(pw + (size_t)Q8_PANEL * cols);
+    for (int r = r0; r < r1; r += Q8_PANEL) {
+        int R = r1 - r < Q8_PANEL ? r1 - r : Q8_PANEL;
+        q8_pack_panel(pw, ps, w, r, R);
+        /* the next panel's rows (one run of bytes) and scales are fetched from memory while this
+         * one is multiplied, a slice per tile: packing then reads them from the cache */
+        int next = r1 - (r + R) < Q8_PANEL ? r1 - (r + R) : Q8_PANEL, tiles = (n + Q8_TILE_TOKENS - 1) / Q8_TILE_TOKENS;
+        const char *ahead = (const char *)w->data + (size_t)(r + R) * cols;
+        const char *ahead_s = (const char *)(w->scales + (size_t)(r + R) * groups);
+        size_t slice = ((size_t)next * cols / tiles + 63) / 64 * 64, slice_s = ((size_t)next * groups * 4 / tiles + 63) / 64 * 64;
+        int t = 0;
+        for (; t + Q8_TILE_TOKENS <= n; t += Q8_TILE_TOKENS) {
+            size_t i = (size_t)(t / Q8_TILE_TOKENS);
+            for (size_t b = 0; next > 0 && b < slice; b += 64) _mm_prefetch(ahead + i * slice + b, _MM_HINT_T0);
+            for (size_t b = 0; next > 0 && b < slice_s; b += 64) _mm_prefetch(ahead_s + i * slice_s + b, _MM_HINT_T0);
+            q8_tile_full(out + (size_t)t * w->rows + r, w->rows, pw, ps, xq + (size_t)t * cols, xs + (size_t)t * groups,
+                         xqsum + (size_t)t * groups, cols, R);
+        }
+#define TAIL(T) q8_tile(out + (size_t)t * w->rows + r, w->rows, pw, ps, xq + (size_t)t * cols, xs + (size_t)t * groups, \
+                        xqsum + (size_t)t * groups, cols, R, T)
+        switch (n - t) {
+        case 1: TAIL(1); break;
+        case 2: TAIL(2); break;
+        case 3: TAIL(3); break;
+        case 4: TAIL(4); break;
+        case 5: TAIL(5); break;
+        }
+#undef TAIL
+    }
+}
+#endif
 #else
 #define KERNELS "portable"
 #endif
 
-/* q8_0 matrices switch from integer dot products to f32 (weights converted once per row block)
- * at this many tokens: the conversion then costs less than quantising every token */
-#define Q8_F32_MIN_TOKENS 4
 #define K_CHUNK 512              /* columns per pass of an f32-activation matmul (multiple of 32) */
 #define OP_MIN_TOKENS 16         /* prompt blocks of this many tokens take the outer-product form */
 
@@ -1045,13 +1182,14 @@ static void quantize_q8(int8_t *q, float *scale, const float *x, int n) {
 }
 
 /* rows r0 .. r0+R of out = W x, every token: the fast kernels, or the reference. The fast path
- * for prefill blocks takes the columns in chunks (k0, kc) and accumulates, see matmuls. */
+ * for f32-activation prefill blocks takes the columns in chunks (k0, kc) and accumulates, see
+ * matmuls. q8_0 matrices multiply the activations' codes (s->xq, s->xs), whole rows at once. */
 static void matmul_block(float *out, const float *x, const Matrix *w, int n, int r0, int R, int k0, int kc,
-                         bool q8_int, const State *s, float *buf) {
+                         const State *s, float *buf) {
     int rows = w->rows, cols = w->cols, groups = cols / MM_Q8_GROUP;
 #ifdef HAVE_SIMD
     if (!reference_kernels) {
-        if (q8_int) {
+        if (w->dtype == MM_Q8_0) {
             for (int t = 0; t < n; t++) {
                 const int8_t *xq = s->xq + (size_t)t * cols;
                 const float *xs = s->xs + (size_t)t * groups;
@@ -1062,11 +1200,6 @@ static void matmul_block(float *out, const float *x, const Matrix *w, int n, int
             return;
         }
         bool add = k0 > 0;
-        if (w->dtype == MM_Q8_0) {   /* the block's rows converted to f32 once, then f32 tiles */
-            for (int r = 0; r < R; r++) dequantize_q8(buf + (size_t)r * kc, w, r0 + r, k0, kc);
-            matmul_block_simd(out, rows, x + k0, cols, n, MM_F32, buf, kc, kc, r0, R, add);
-            return;
-        }
         /* one instance per dtype, so that the weight loads are decided at compile time */
         const uint8_t *w0 = (const uint8_t *)w->data + ((size_t)r0 * cols + k0) * (w->dtype == MM_F32 ? 4 : 2);
         if (w->dtype == MM_F32) matmul_block_simd(out, rows, x + k0, cols, n, MM_F32, w0, cols, kc, r0, R, add);
@@ -1076,7 +1209,7 @@ static void matmul_block(float *out, const float *x, const Matrix *w, int n, int
     }
 #endif
     (void)rows, (void)groups, (void)k0, (void)kc;
-    if (q8_int) matmul_rows_q8_ref(out, s->xq, s->xs, w, n, r0, r0 + R);
+    if (w->dtype == MM_Q8_0) matmul_rows_q8_ref(out, s->xq, s->xs, w, n, r0, r0 + R);
     else matmul_rows_ref(out, x, w, n, r0, r0 + R, buf);
 }
 
@@ -1087,26 +1220,41 @@ static void matmul_block(float *out, const float *x, const Matrix *w, int n, int
 typedef struct { float *out; const Matrix *w; } MatmulJob;
 
 static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens, State *s) {
-    int cols = jobs[0].w->cols, first_block[4], total = 0;
-    bool q8_int = false;
+    int cols = jobs[0].w->cols, groups = cols / MM_Q8_GROUP, first_block[4], total = 0;
+    bool q8 = jobs[0].w->dtype == MM_Q8_0;  /* the matrices of one call share a dtype (one layer's) */
     for (int j = 0; j < n_jobs; j++) {
         first_block[j] = total;
         total += (jobs[j].w->rows + ROW_BLOCK - 1) / ROW_BLOCK;
-        q8_int |= jobs[j].w->dtype == MM_Q8_0 && n_tokens < Q8_F32_MIN_TOKENS;
     }
-    if (q8_int)  /* the activations quantised once for every q8_0 matrix of the call */
-        for (int t = 0; t < n_tokens; t++)
-            quantize_q8(s->xq + (size_t)t * cols, s->xs + (size_t)t * (cols / MM_Q8_GROUP), x + (size_t)t * cols, cols);
-    /* A prefill block takes the columns K_CHUNK at a time, all of a thread's rows for each chunk:
-     * the chunk of every token's x (n_tokens x K_CHUNK floats) stays in the L2 cache while the
-     * weights stream past it once. Each output element still sums in a fixed order. */
-    int chunk = cols;
-    bool outer = false;
+    bool outer = false, q8_gemm = false;
 #ifdef HAVE_SIMD
-    if (!reference_kernels && !q8_int && n_tokens > 1) chunk = K_CHUNK;  /* one token: whole rows, in order */
     outer = !reference_kernels && n_tokens >= OP_MIN_TOKENS;
+#ifdef HAVE_Q8_GEMM
+    q8_gemm = outer && q8;
+#endif
+    if (q8 && !q8_gemm) outer = false;  /* q8_0 without integer prompt tiles: the decoding kernel */
+#endif
+    if (q8) {  /* the activations quantised once for every q8_0 matrix of the call */
+        #pragma omp parallel for if (n_tokens >= OP_MIN_TOKENS)
+        for (int t = 0; t < n_tokens; t++) {
+            int8_t *xq = s->xq + (size_t)t * cols;
+            quantize_q8(xq, s->xs + (size_t)t * groups, x + (size_t)t * cols, cols);
+            for (int g = 0; q8_gemm && g < groups; g++) {  /* minus 128 x each group's codes, see q8_tile */
+                int32_t sum = 0;
+                for (int i = 0; i < MM_Q8_GROUP; i++) sum += xq[g * MM_Q8_GROUP + i];
+                s->xqsum[(size_t)t * groups + g] = -128 * sum;
+            }
+        }
+    }
+    /* A prefill block of f32 activations below OP_MIN_TOKENS takes the columns K_CHUNK at a time,
+     * all of a thread's rows for each chunk: the chunk of every token's x (n_tokens x K_CHUNK
+     * floats) stays in the L2 cache while the weights stream past it once. Each output element
+     * still sums in a fixed order. */
+    int chunk = cols;
+#ifdef HAVE_SIMD
+    if (!reference_kernels && !q8 && n_tokens > 1) chunk = K_CHUNK;  /* one token: whole rows, in order */
     int ldxT = (n_tokens + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS;
-    if (outer) {  /* the block's activations transposed once for every matrix of the call */
+    if (outer && !q8) {  /* the block's activations transposed once for every matrix of the call */
         #pragma omp parallel for
         for (int k = 0; k < cols; k++)
             for (int t = 0; t < ldxT; t++) s->xT[(size_t)k * ldxT + t] = t < n_tokens ? x[(size_t)t * cols + k] : 0.0f;
@@ -1126,7 +1274,11 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
             int r0 = (b0 > first_block[j] ? b0 - first_block[j] : 0) * ROW_BLOCK;
             int r1 = (b1 < end ? b1 - first_block[j] : end - first_block[j]) * ROW_BLOCK;
             if (r1 > rows) r1 = rows;
-            if (r0 < r1) op_rows(jobs[j].out, jobs[j].w, s->xT, ldxT, n_tokens, r0, r1, buf);
+            if (r0 >= r1) continue;
+#ifdef HAVE_Q8_GEMM
+            if (q8_gemm) { q8_rows(jobs[j].out, jobs[j].w, s->xq, s->xs, s->xqsum, n_tokens, r0, r1, buf); continue; }
+#endif
+            op_rows(jobs[j].out, jobs[j].w, s->xT, ldxT, n_tokens, r0, r1, buf);
         }
 #endif
         for (int k0 = 0; !outer && k0 < cols; k0 += chunk)
@@ -1135,8 +1287,7 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
                 while (b < first_block[j]) j--;
                 const Matrix *w = jobs[j].w;
                 int r0 = (b - first_block[j]) * ROW_BLOCK, R = w->rows - r0 < ROW_BLOCK ? w->rows - r0 : ROW_BLOCK;
-                matmul_block(jobs[j].out, x, w, n_tokens, r0, R, k0, cols - k0 < chunk ? cols - k0 : chunk,
-                             q8_int && w->dtype == MM_Q8_0, s, buf);
+                matmul_block(jobs[j].out, x, w, n_tokens, r0, R, k0, cols - k0 < chunk ? cols - k0 : chunk, s, buf);
             }
     }
 }

@@ -69,6 +69,7 @@ static State scratch_state(int n, int cols) {
     s.xT = xcalloc((size_t)cols * ((n + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS), sizeof(float), "test");
     s.xq = xcalloc((size_t)n * cols, 1, "test");
     s.xs = xcalloc((size_t)n * cols / MM_Q8_GROUP + 1, sizeof(float), "test");
+    s.xqsum = xcalloc((size_t)n * cols / MM_Q8_GROUP + 1, sizeof(int32_t), "test");
     return s;
 }
 
@@ -102,12 +103,12 @@ static void test_matmul(int dtype, int rows, int cols, int n) {
         }
     char name[128];
     snprintf(name, sizeof name, "matmul %s %dx%d, %d token%s%s", dtype_name((uint32_t)dtype), rows, cols, n,
-             n > 1 ? "s" : "", dtype == MM_Q8_0 && n < Q8_F32_MIN_TOKENS ? " (int8 activations)" : "");
+             n > 1 ? "s" : "", dtype == MM_Q8_0 && n >= OP_MIN_TOKENS ? " (prompt tiles)" : "");
     check(worst < 1e-5, name, "max error %.1e of sum|w x|", worst);
     snprintf(name + strlen(name), sizeof name - strlen(name), ", threads 1 == 2");
     check(memcmp(fast, fast2, out_n * sizeof(float)) == 0, name, "bit-identical");
     free(storage); free(x); free(ref); free(fast); free(fast2);
-    free(s.row_buf); free(s.xT); free(s.xq); free(s.xs);
+    free(s.row_buf); free(s.xT); free(s.xq); free(s.xs); free(s.xqsum);
 }
 
 /* the fast quantiser gives the reference's codes and scales exactly */
@@ -213,7 +214,8 @@ int main(void) {
                                       {8, 64, 1}, {64, 512, 64}, {4, 24, 6}, {37, 515, 17}, {13, 100, 33},
                                       {5, 33, 16}, {26, 64, 45}};
     static const int q_shapes[][3] = {{1, 32, 1}, {3, 96, 2}, {5, 160, 3}, {13, 544, 1}, {37, 96, 4},
-                                      {9, 64, 7}, {64, 512, 64}, {9, 1408, 2}, {37, 96, 20}, {13, 544, 48}};
+                                      {9, 64, 7}, {64, 512, 64}, {9, 1408, 2}, {37, 96, 20}, {13, 544, 48},
+                                      {70, 2432, 23}, {33, 160, 16}, {100, 96, 31}};
     for (int dt = MM_F32; dt <= MM_BF16; dt++)
         for (size_t i = 0; i < sizeof f_shapes / sizeof f_shapes[0]; i++)
             test_matmul(dt, f_shapes[i][0], f_shapes[i][1], f_shapes[i][2]);
