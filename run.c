@@ -1269,12 +1269,18 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
         int b0 = (int)((long)total * id / nth), b1 = (int)((long)total * (id + 1) / nth);
         float *buf = s->row_buf + (size_t)id * s->row_buf_len;
 #ifdef HAVE_SIMD
-        for (int j = 0; outer && j < n_jobs; j++) {  /* this thread's rows of each matrix */
-            int rows = jobs[j].w->rows, end = j + 1 < n_jobs ? first_block[j + 1] : total;
-            int r0 = (b0 > first_block[j] ? b0 - first_block[j] : 0) * ROW_BLOCK;
-            int r1 = (b1 < end ? b1 - first_block[j] : end - first_block[j]) * ROW_BLOCK;
-            if (r1 > rows) r1 = rows;
-            if (r0 >= r1) continue;
+        /* prompt tiles: units of a few panels, handed out as threads come free (the two cores of a
+         * shared machine do not run at the same speed: fixed shares left one waiting for the other) */
+        int unit_rows = 4 * OP_ROWS, first_unit[4], units = 0;
+#ifdef HAVE_Q8_GEMM
+        if (q8_gemm) unit_rows = 4 * Q8_PANEL;
+#endif
+        for (int j = 0; j < n_jobs; j++) first_unit[j] = units, units += (jobs[j].w->rows + unit_rows - 1) / unit_rows;
+        #pragma omp for schedule(dynamic, 1)
+        for (int u = 0; u < (outer ? units : 0); u++) {
+            int j = n_jobs - 1;
+            while (u < first_unit[j]) j--;
+            int r0 = (u - first_unit[j]) * unit_rows, r1 = r0 + unit_rows < jobs[j].w->rows ? r0 + unit_rows : jobs[j].w->rows;
 #ifdef HAVE_Q8_GEMM
             if (q8_gemm) { q8_rows(jobs[j].out, jobs[j].w, s->xq, s->xs, s->xqsum, n_tokens, r0, r1, buf); continue; }
 #endif
@@ -2142,7 +2148,13 @@ static void bench(const Model *m, State *s, Context *c, int n) {
     uint64_t rng = 0x2545F4914F6CDD1Dull;
     for (int i = 0; i < s->ctx; i++) c->tokens[i] = (int)(random_f32(&rng) * (float)m->cfg.vocab_size) % (int)m->cfg.vocab_size;
     if (s->ctx < PROMPT || s->ctx < SHORT + n) die("-m bench needs a context (-c) of at least %d", PROMPT > SHORT + n ? PROMPT : SHORT + n);
-    c->n_cached = 0, c->n = WARMUP;  /* a warm-up first, as llama-bench does: caches, threads, pages */
+    /* a warm-up first, as llama-bench does: caches, threads, pages. The KV cache is calloc'ed and
+     * its pages are mapped in as positions are first written; llama.cpp clears its cache when the
+     * context is made, before it times anything: so does this, to time the same work */
+    size_t kv_bytes = (size_t)m->cfg.n_layers * s->ctx * m->cfg.n_kv_heads * m->cfg.head_dim * (s->kv_dtype == MM_F16 ? 2 : 4);
+    memset(s->key_cache, 0, kv_bytes);
+    memset(s->value_cache, 0, kv_bytes);
+    c->n_cached = 0, c->n = WARMUP;
     bench_decode(m, s, c, prefill(m, s, c), 1);
     c->n_cached = 0, c->n = PROMPT;
     double t0 = now_seconds();
