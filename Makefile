@@ -49,6 +49,10 @@ tests/kernel_test-asan: tests/kernel_test.c run.c tokenizer.c model.h
 tests/kernel_test-avx2: tests/kernel_test.c run.c tokenizer.c model.h
 	$(KERNEL_TEST) -O2 $(AVX2) $(OMP) -o $@ tests/kernel_test.c -lm
 
+# the memory ceiling of decoding: how fast a mapped model file reads, for make bench
+tests/stream: tests/stream.c
+	$(CC) $(WARN) $(CFLAGS) $(ARCH) $(OMP) -o $@ tests/stream.c
+
 # the tokenizer test driver (tests/tokenizer_test.c includes tokenizer.c)
 tests/tokenizer_test: tests/tokenizer_test.c tokenizer.c model.h
 	$(CC) $(WARN) $(CFLAGS) $(ARCH) -o $@ tests/tokenizer_test.c
@@ -112,7 +116,7 @@ test:  # the builds in parallel (about 25 s on two cores), the fuzz targets when
 # The tokenizer: encoding MB/s on 16 MB of mixed text, with MiniMind's real tokenizers when
 # ../shared/minimind is there, else the project's fixture one.
 BENCH_RUNS ?= 3
-bench: .run-built tests/tokenizer_test
+bench: .run-built tests/tokenizer_test tests/stream
 	@mkdir -p tests/tmp
 	$(PYTHON) tests/bench.py --runs $(BENCH_RUNS) $(BENCH_ARGS)
 	@for tok in ../shared/minimind/minimind2 ../shared/minimind/minimind-3 tests/fixtures/tokenizer; do \
@@ -127,4 +131,4 @@ fixtures:
 
 clean:
 	rm -f run .run-built run-asan run-portable run-avx2 tests/tokenizer_test tests/tokenizer_test-asan \
-	    tests/kernel_test tests/kernel_test-asan tests/kernel_test-avx2 $(FUZZ_BINARIES)
+	    tests/kernel_test tests/kernel_test-asan tests/kernel_test-avx2 tests/stream $(FUZZ_BINARIES)

@@ -1040,8 +1040,8 @@ static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
  * of each lane to its int32: 64 multiply-adds in one instruction (an f32 FMA does 16). A tile is
  * Q8_PANEL = 32 rows x up to Q8_TILE_TOKENS = 6 tokens: 12 int32 sums for the current group of 32
  * columns, 12 f32 accumulators, 2 weight vectors. After each group, its exact int32 sum is scaled by
- * its two scales (w_scale of the row, x_scale of the token) and added in f32, the same sum in the
- * same order as dot_q8_ref.
+ * its two scales (w_scale of the row, x_scale of the token) and added in f32: the terms of
+ * dot_q8_ref in its order (an FMA rounds once where it rounds twice).
  * vpdpbusd wants one operand unsigned: the weights are packed as w + 128 (0..255), which adds
  * 128 * (the token's sum of the group's activation codes) to every lane; each int32 sum starts at
  * minus that (xqsum), so no instruction is spent undoing it. Weights are packed a panel of 32 rows
@@ -2164,10 +2164,14 @@ static void bench(const Model *m, State *s, Context *c, int n) {
     if (s->ctx < PROMPT || s->ctx < SHORT + n) die("-m bench needs a context (-c) of at least %d", PROMPT > SHORT + n ? PROMPT : SHORT + n);
     /* a warm-up first, as llama-bench does: caches, threads, pages. The KV cache is calloc'ed and
      * its pages are mapped in as positions are first written; llama.cpp clears its cache when the
-     * context is made, before it times anything: so does this, to time the same work */
-    size_t kv_bytes = (size_t)m->cfg.n_layers * s->ctx * m->cfg.n_kv_heads * m->cfg.head_dim * (s->kv_dtype == MM_F16 ? 2 : 4);
-    memset(s->key_cache, 0, kv_bytes);
-    memset(s->value_cache, 0, kv_bytes);
+     * context is made, before it times anything: so does this, to time the same work (only the
+     * positions the benchmark uses, so that peak RSS stays what they need) */
+    size_t row = (size_t)m->cfg.n_kv_heads * m->cfg.head_dim * (s->kv_dtype == MM_F16 ? 2 : 4);
+    size_t used = s->ctx < DEPTH2 + n ? (size_t)s->ctx : (size_t)(DEPTH2 + n);
+    for (uint32_t l = 0; l < m->cfg.n_layers; l++) {
+        memset((uint8_t *)s->key_cache + l * s->ctx * row, 0, used * row);
+        memset((uint8_t *)s->value_cache + l * s->ctx * row, 0, used * row);
+    }
     c->n_cached = 0, c->n = WARMUP;
     bench_decode(m, s, c, prefill(m, s, c), 1);
     c->n_cached = 0, c->n = PROMPT;

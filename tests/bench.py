@@ -15,6 +15,9 @@ tests/bench-models/ for the next run. For every shape x dtype x threads, `./run 
   decode      tokens/s of 128 tokens after a 16-token prompt
   @2048/@4096 tokens/s of 128 tokens decoded after 2048 / 4096 tokens of context
   rss         peak resident memory of the process, MB (weights + KV cache + buffers)
+  reads       what decoding reads, the model file's bytes once per token (x decode tokens/s), in
+              GB/s and as a share of what tests/stream reads of the same file mapped the same
+              way with the same threads: the memory ceiling of decoding on this machine
 """
 import argparse
 import json
@@ -114,6 +117,14 @@ def bench_once(binary, model, threads, extra):
     return {k: float(v) if v else float("nan") for k, v in zip(header.split(","), row.split(","))}
 
 
+def stream_gbs(model, threads):
+    """GB/s at which tests/stream reads the model file (best of its 10 passes)"""
+    p = subprocess.run([os.path.join(ROOT, "tests", "stream"), model, str(threads)], capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"bench: tests/stream {model} failed: {p.stderr.strip()} (make tests/stream)")
+    return float(p.stdout)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="runs per cell; the table shows medians")
@@ -126,8 +137,8 @@ def main():
     a = ap.parse_args()
     cols = ["prefill_tps", "ttft_ms", "decode_tps", "decode_tps_2048", "decode_tps_4096", "peak_rss_mb"]
     lines = ["| shape | dtype | threads | prefill pp512 tok/s | ttft ms | decode tg128 tok/s "
-             "| decode @2048 tok/s | decode @4096 tok/s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| decode @2048 tok/s | decode @4096 tok/s | peak RSS MB | tg128 reads GB/s (of stream) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for shape in a.shapes.split(","):
         for dtype in a.dtypes.split(","):
@@ -135,9 +146,12 @@ def main():
             for threads in [int(t) for t in a.threads.split(",")]:
                 runs = [bench_once(a.binary, model, threads, a.extra) for _ in range(a.runs)]
                 med = {c: statistics.median(r[c] for r in runs) for c in cols}
+                reads = med["decode_tps"] * os.path.getsize(model) / 1e9
+                ceiling = stream_gbs(model, threads)
                 line = (f"| {SHAPES[shape]['label']} | {dtype} | {threads} | {med['prefill_tps']:.0f} | "
                         f"{med['ttft_ms']:.1f} | {med['decode_tps']:.1f} | {med['decode_tps_2048']:.1f} | "
-                        f"{med['decode_tps_4096']:.1f} | {med['peak_rss_mb']:.0f} |")
+                        f"{med['decode_tps_4096']:.1f} | {med['peak_rss_mb']:.0f} | "
+                        f"{reads:.1f} ({100 * reads / ceiling:.0f}% of {ceiling:.1f}) |")
                 lines.append(line)
                 print(line, flush=True)
     if a.md:
