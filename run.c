@@ -886,25 +886,33 @@ static ALWAYS_INLINE void matmul_block_simd(float *out, int ldo, const float *x,
 }
 
 /* q8_0 weights x q8_0 activations for one token and R <= TILE_ROWS rows from r0: exact int32 sums
- * per group of 32, each times its two scales. The byte products need one unsigned operand: |w|
- * times x with w's sign (the sign trick) gives the same products. With VNNI one vpdpbusd multiplies
- * and sums them four to an int32 lane; without, maddubs makes 16-bit pairs and madd sums those.
- * Eight groups' sums are reduced into one vector of eight, so the conversion to float and the two
- * scales cost one instruction each per eight groups. (256-bit vectors: decoding is bound by memory,
- * and this measured faster than 512-bit pairs of groups.) */
+ * per group of 32, each times its two scales. The byte products need one unsigned operand. With
+ * VNNI, one vpdpbusd multiplies the weights + 128 (w xor 0x80, as the prompt tiles pack them) by
+ * the codes and sums them four to an int32 lane; that adds 128 x the group's codes, which xqsum
+ * takes away once per group after the lanes are reduced. Without VNNI, |w| times x with w's sign
+ * (the sign trick: maddubs would saturate on w + 128) makes 16-bit pairs and madd sums those.
+ * Eight groups' sums are reduced into one vector of eight, so the correction, the conversion to
+ * float and the two scales cost one instruction each per eight groups. (256-bit vectors: this
+ * measured faster than 512-bit pairs of groups.) */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define Q8_DOT_OFFSET 1   /* group_dot_q8 sums (w + 128) x: add xqsum */
+static ALWAYS_INLINE __m256i group_dot_q8(const int8_t *w, const int8_t *x) {
+    __m256i w_plus128 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w), _mm256_set1_epi8((char)0x80));
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_plus128, _mm256_loadu_si256((const __m256i *)x));
+}
+#else
+#define Q8_DOT_OFFSET 0
 static ALWAYS_INLINE __m256i group_dot_q8(const int8_t *w, const int8_t *x) {
     __m256i wv = _mm256_loadu_si256((const __m256i *)w), xv = _mm256_loadu_si256((const __m256i *)x);
     __m256i w_abs = _mm256_sign_epi8(wv, wv), x_signed = _mm256_sign_epi8(xv, wv);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_abs, x_signed);
-#else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, x_signed), _mm256_set1_epi16(1));
-#endif
 }
+#endif
 
 static ALWAYS_INLINE void tile_q8(float *out, const Matrix *w, int r0, const int8_t *xq, const float *xs,
-                                  const int R) {
+                                  const int32_t *xqsum, const int R) {
     int cols = w->cols, groups = cols / MM_Q8_GROUP;
+    (void)xqsum;
     for (int r = 0; r < R; r++) {
         const int8_t *wq = (const int8_t *)w->data + (size_t)(r0 + r) * cols;
         const float *ws = w->scales + (size_t)(r0 + r) * groups;
@@ -918,12 +926,18 @@ static ALWAYS_INLINE void tile_q8(float *out, const Matrix *w, int r0, const int
             __m256i h47 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
             __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(h03, h47, 0x20),
                                             _mm256_permute2x128_si256(h03, h47, 0x31));  /* group g+j in lane j */
+#if Q8_DOT_OFFSET
+            sums = _mm256_add_epi32(sums, _mm256_loadu_si256((const __m256i *)(xqsum + g)));
+#endif
             __m256 scales = _mm256_mul_ps(_mm256_loadu_ps(ws + g), _mm256_loadu_ps(xs + g));
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc);
         }
         for (; g < groups; g++) {
-            __m256 sums = _mm256_cvtepi32_ps(group_dot_q8(wq + (size_t)g * MM_Q8_GROUP, xq + (size_t)g * MM_Q8_GROUP));
-            acc = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[g] * xs[g]), acc);
+            __m256i d = group_dot_q8(wq + (size_t)g * MM_Q8_GROUP, xq + (size_t)g * MM_Q8_GROUP);
+#if Q8_DOT_OFFSET
+            d = _mm256_add_epi32(d, _mm256_setr_epi32(xqsum[g], 0, 0, 0, 0, 0, 0, 0));
+#endif
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(ws[g] * xs[g]), acc);
         }
         out[r0 + r] = hsum8(acc);
     }
@@ -1208,8 +1222,9 @@ static void matmul_block(float *out, const float *x, const Matrix *w, int n, int
                 const int8_t *xq = s->xq + (size_t)t * cols;
                 const float *xs = s->xs + (size_t)t * groups;
                 float *o = out + (size_t)t * rows;
-                if (R == TILE_ROWS) tile_q8(o, w, r0, xq, xs, TILE_ROWS);
-                else for (int r = r0; r < r0 + R; r++) tile_q8(o, w, r, xq, xs, 1);
+                const int32_t *xqsum = s->xqsum + (size_t)t * groups;
+                if (R == TILE_ROWS) tile_q8(o, w, r0, xq, xs, xqsum, TILE_ROWS);
+                else for (int r = r0; r < r0 + R; r++) tile_q8(o, w, r, xq, xs, xqsum, 1);
             }
             return;
         }
@@ -1253,7 +1268,7 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
         for (int t = 0; t < n_tokens; t++) {
             int8_t *xq = s->xq + (size_t)t * cols;
             quantize_q8(xq, s->xs + (size_t)t * groups, x + (size_t)t * cols, cols);
-            for (int g = 0; q8_gemm && g < groups; g++) {  /* minus 128 x each group's codes, see q8_tile */
+            for (int g = 0; g < groups; g++) {  /* minus 128 x each group's codes: the +128 weights */
                 int32_t sum = 0;
                 for (int i = 0; i < MM_Q8_GROUP; i++) sum += xq[g * MM_Q8_GROUP + i];
                 s->xqsum[(size_t)t * groups + g] = -128 * sum;
