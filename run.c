@@ -1305,15 +1305,17 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
         if (q8_gemm) unit_rows = 4 * Q8_PANEL;
 #endif
         for (int j = 0; j < n_jobs; j++) first_unit[j] = units, units += (jobs[j].w->rows + unit_rows - 1) / unit_rows;
-        #pragma omp for schedule(dynamic, 1)
-        for (int u = 0; u < (outer ? units : 0); u++) {
-            int j = n_jobs - 1;
-            while (u < first_unit[j]) j--;
-            int r0 = (u - first_unit[j]) * unit_rows, r1 = r0 + unit_rows < jobs[j].w->rows ? r0 + unit_rows : jobs[j].w->rows;
+        if (outer) {  /* (the same for every thread: all of them meet the loop, or none) */
+            #pragma omp for schedule(dynamic, 1) nowait
+            for (int u = 0; u < units; u++) {
+                int j = n_jobs - 1;
+                while (u < first_unit[j]) j--;
+                int r0 = (u - first_unit[j]) * unit_rows, r1 = r0 + unit_rows < jobs[j].w->rows ? r0 + unit_rows : jobs[j].w->rows;
 #ifdef HAVE_Q8_GEMM
-            if (q8_gemm) { q8_rows(jobs[j].out, jobs[j].w, s->xq, s->xs, s->xqsum, n_tokens, r0, r1, buf); continue; }
+                if (q8_gemm) { q8_rows(jobs[j].out, jobs[j].w, s->xq, s->xs, s->xqsum, n_tokens, r0, r1, buf); continue; }
 #endif
-            op_rows(jobs[j].out, jobs[j].w, s->xT, ldxT, n_tokens, r0, r1, buf);
+                op_rows(jobs[j].out, jobs[j].w, s->xT, ldxT, n_tokens, r0, r1, buf);
+            }
         }
 #endif
         for (int k0 = 0; !outer && k0 < cols; k0 += chunk)
@@ -2184,8 +2186,8 @@ static void bench(const Model *m, State *s, Context *c, int n) {
     size_t row = (size_t)m->cfg.n_kv_heads * m->cfg.head_dim * (s->kv_dtype == MM_F16 ? 2 : 4);
     size_t used = s->ctx < DEPTH2 + n ? (size_t)s->ctx : (size_t)(DEPTH2 + n);
     for (uint32_t l = 0; l < m->cfg.n_layers; l++) {
-        memset((uint8_t *)s->key_cache + l * s->ctx * row, 0, used * row);
-        memset((uint8_t *)s->value_cache + l * s->ctx * row, 0, used * row);
+        memset((uint8_t *)s->key_cache + (size_t)l * s->ctx * row, 0, used * row);
+        memset((uint8_t *)s->value_cache + (size_t)l * s->ctx * row, 0, used * row);
     }
     c->n_cached = 0, c->n = WARMUP;
     bench_decode(m, s, c, prefill(m, s, c), 1);
