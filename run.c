@@ -1255,20 +1255,25 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
         first_block[j] = total;
         total += (jobs[j].w->rows + ROW_BLOCK - 1) / ROW_BLOCK;
     }
-    bool outer = false, q8_gemm = false;
+    bool outer = false;
 #ifdef HAVE_SIMD
+    bool q8_gemm = false;
     outer = !reference_kernels && n_tokens >= OP_MIN_TOKENS;
 #ifdef HAVE_Q8_GEMM
     q8_gemm = outer && q8;
 #endif
     if (q8 && !q8_gemm) outer = false;  /* q8_0 without integer prompt tiles: the decoding kernel */
 #endif
+    bool want_xqsum = false;  /* the VNNI kernels multiply w + 128 (group_dot_q8, q8_tile) */
+#if defined(Q8_DOT_OFFSET) && Q8_DOT_OFFSET
+    want_xqsum = !reference_kernels;
+#endif
     if (q8) {  /* the activations quantised once for every q8_0 matrix of the call */
         #pragma omp parallel for if (n_tokens >= OP_MIN_TOKENS)
         for (int t = 0; t < n_tokens; t++) {
             int8_t *xq = s->xq + (size_t)t * cols;
             quantize_q8(xq, s->xs + (size_t)t * groups, x + (size_t)t * cols, cols);
-            for (int g = 0; g < groups; g++) {  /* minus 128 x each group's codes: the +128 weights */
+            for (int g = 0; want_xqsum && g < groups; g++) {  /* minus 128 x each group's codes */
                 int32_t sum = 0;
                 for (int i = 0; i < MM_Q8_GROUP; i++) sum += xq[g * MM_Q8_GROUP + i];
                 s->xqsum[(size_t)t * groups + g] = -128 * sum;
