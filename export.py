@@ -30,7 +30,7 @@ import zlib
 # ----------------------------------------------------------------------------------------------
 # The file format: these numbers mirror model.h
 
-MM_MAGIC, MM_VERSION, MM_ALIGN, MM_NAME_LEN, MM_Q8_GROUP = 0x444E4D4D, 1, 64, 64, 32
+MM_MAGIC, MM_VERSION, MM_ALIGN, MM_NAME_LEN, MM_Q8_GROUP, MM_Q8_PANEL = 0x444E4D4D, 2, 64, 64, 32, 16
 HEADER_SIZE, ENTRY_SIZE = 256, 104
 GEN_MINIMIND2, GEN_MINIMIND3 = 2, 3
 FLAG_QK_NORM, FLAG_TIED_EMBED, FLAG_MOE = 1, 2, 4
@@ -616,21 +616,36 @@ def encode(values, dtype, shape, name):
         return array.array("H", [((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
                                  if (b & 0x7F800000) != 0x7F800000 else b >> 16
                                  for b in bits]).tobytes()
-    # q8_0: per group of 32 along a row, scale = max|x| / 127, q = round(x / scale)
+    # q8_0: per group of 32 along a row, scale = f16(max|x| / 127), q = round(x / scale); then
+    # the panel layout of model.h: 16 rows at a time, 4 columns of each row side by side
     rows, cols = shape
+    groups = cols // MM_Q8_GROUP
     q = bytearray(len(values))
-    scales = array.array("f", [0.0]) * (len(values) // MM_Q8_GROUP)
+    scales = array.array("f", [0.0]) * (rows * groups)
     for g in range(len(scales)):
         grp = values[g * MM_Q8_GROUP:(g + 1) * MM_Q8_GROUP]
         amax = max(max(grp), -min(grp))
         if not math.isfinite(amax):
             fail(f"{name}: a weight is not finite; cannot quantise to q8_0")
-        d = amax / 127.0
+        try:
+            d = struct.unpack("<e", struct.pack("<e", amax / 127.0))[0]  # the scale as stored
+        except OverflowError:
+            fail(f"{name}: a weight of magnitude {amax:g} exceeds what q8_0's f16 scales hold; export as f32")
         scales[g] = d
         inv = 1.0 / d if d else 0.0
         q[g * MM_Q8_GROUP:(g + 1) * MM_Q8_GROUP] = bytes(
-            int(math.floor(v * inv + 0.5)) & 0xFF for v in grp)
-    return bytes(q) + scales.tobytes()
+            max(-127, min(127, int(math.floor(v * inv + 0.5)))) & 0xFF for v in grp)
+    out = bytearray()
+    for p0 in range(0, rows, MM_Q8_PANEL):
+        codes = bytearray(MM_Q8_PANEL * cols)  # [cols/4][16][4]; rows past the end stay zero
+        sc = [0.0] * (groups * MM_Q8_PANEL)  # [groups][16]
+        for i in range(min(MM_Q8_PANEL, rows - p0)):
+            row = q[(p0 + i) * cols:(p0 + i + 1) * cols]
+            for j in range(4):
+                codes[4 * i + j::4 * MM_Q8_PANEL] = row[j::4]
+            sc[i::MM_Q8_PANEL] = scales[(p0 + i) * groups:(p0 + i + 1) * groups]
+        out += codes + struct.pack("<%de" % len(sc), *sc)
+    return bytes(out)
 
 
 # ----------------------------------------------------------------------------------------------

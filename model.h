@@ -16,7 +16,7 @@
 #include <stdint.h>
 
 #define MM_MAGIC   0x444e4d4du  /* the bytes "MMND" read as a little-endian uint32 */
-#define MM_VERSION 1u
+#define MM_VERSION 2u          /* 2: the q8_0 panel layout (version 1 files without q8_0 still load) */
 #define MM_ALIGN   64u          /* tensor data offsets are multiples of this */
 #define MM_NAME_LEN 64          /* tensor names, NUL-padded */
 #define MM_MAX_DIMS 4
@@ -61,9 +61,20 @@ enum mm_dtype {
     MM_F32 = 0,
     MM_F16 = 1,
     MM_BF16 = 2,
-    MM_Q8_0 = 3,                /* rows of int8 in groups of 32, then one f32 scale per group */
+    MM_Q8_0 = 3,                /* int8 codes in groups of 32 along a row, an f16 scale per group,
+                                   stored in panels of 16 rows (below) */
 };
 #define MM_Q8_GROUP 32
+#define MM_Q8_PANEL 16
+
+/* A q8_0 [rows, cols] tensor: weight w[r][c] = scale[r][c / 32] * code[r][c], scale = max|w| / 127
+ * over the group. The rows come in panels of MM_Q8_PANEL (the last one padded with zero rows and
+ * scales), one after another; panel p holds rows 16p .. 16p+15 as
+ *     int8    codes[cols / 4][16][4]     4 columns of row 16p+i at codes[c / 4][i]
+ *     uint16  scales[cols / 32][16]      f16: the scale of group g of row 16p+i at scales[g][i]
+ * i.e. 16 x cols + 16 x (cols / 32) x 2 bytes (a multiple of 64). This is the order in which the
+ * kernels consume them: one 64-byte load holds 4 columns of 16 rows, and a panel is read start to
+ * end. */
 
 /* Offset 0 of the file. 256 bytes; every field at a fixed offset (checked in run.c). */
 typedef struct {

@@ -123,8 +123,7 @@ static int thread_id(void) {
 typedef struct {
     int dtype;                  /* enum mm_dtype */
     int rows, cols;             /* a linear weight [out, in], as in PyTorch */
-    const void *data;           /* f32/f16/bf16 values, or q8_0 int8 codes [rows * cols] */
-    const float *scales;        /* q8_0 only: [rows * cols / 32] */
+    const void *data;           /* f32/f16/bf16 values [rows, cols], or q8_0 panels (model.h) */
 } Matrix;
 
 typedef struct {
@@ -160,13 +159,18 @@ static const char *dtype_name(uint32_t dt) {
     return dt < 4 ? names[dt] : "unknown";
 }
 
+/* bytes of one q8_0 panel of 16 rows: the codes, then the f16 scales (model.h) */
+static uint64_t q8_panel_bytes(uint64_t cols) {
+    return MM_Q8_PANEL * cols + MM_Q8_PANEL * (cols / MM_Q8_GROUP) * 2;
+}
+
 /* bytes of a [rows, cols] tensor in a dtype; 0 when it cannot be stored that way */
 static uint64_t tensor_bytes(uint32_t dtype, uint64_t rows, uint64_t cols) {
     uint64_t n = rows * cols;
     switch (dtype) {
     case MM_F32: return n * 4;
     case MM_F16: case MM_BF16: return n * 2;
-    case MM_Q8_0: return cols % MM_Q8_GROUP ? 0 : n + n / MM_Q8_GROUP * 4;
+    case MM_Q8_0: return cols % MM_Q8_GROUP ? 0 : (rows + MM_Q8_PANEL - 1) / MM_Q8_PANEL * q8_panel_bytes(cols);
     default: return 0;
     }
 }
@@ -194,6 +198,9 @@ static const mm_tensor_entry *find_tensor(Loader *ld, const char *name, uint32_t
     if (e->n_dims != want_dims || e->shape[0] != rows || (matrix && e->shape[1] != cols))
         die("%s: tensor %s has %u dims [%u, %u], expected [%u%s%.0u]", ld->m->path, name, e->n_dims,
             e->shape[0], e->n_dims > 1 ? e->shape[1] : 0, rows, matrix ? ", " : "", matrix ? cols : 0);
+    if (e->dtype == MM_Q8_0 && h->version < 2)
+        die("%s: tensor %s is q8_0 in the row layout of model file version %u; this build reads q8_0 "
+            "panels (version %u): re-export with this export.py", ld->m->path, name, h->version, MM_VERSION);
     if (!matrix && e->dtype != MM_F32)
         die("%s: tensor %s has dtype %s, expected f32 (norm weights stay f32)", ld->m->path, name,
             dtype_name(e->dtype));
@@ -219,9 +226,7 @@ static const float *load_vector(Loader *ld, const char *name, uint32_t n) {
 static Matrix load_matrix(Loader *ld, const char *name, uint32_t rows, uint32_t cols) {
     const mm_tensor_entry *e = find_tensor(ld, name, rows, cols, true);
     const uint8_t *p = (const uint8_t *)ld->m->map + e->offset;
-    Matrix w = {.dtype = (int)e->dtype, .rows = (int)rows, .cols = (int)cols, .data = p};
-    if (e->dtype == MM_Q8_0) w.scales = (const float *)(p + (size_t)rows * cols);
-    return w;
+    return (Matrix){.dtype = (int)e->dtype, .rows = (int)rows, .cols = (int)cols, .data = p};
 }
 
 static FFN load_ffn(Loader *ld, const char *prefix, uint32_t dim, uint32_t hidden) {
@@ -288,7 +293,7 @@ static void model_parse(Model *m) {
     if (h->magic != MM_MAGIC)
         die("%s: not a minimind.c model file (magic 0x%08x, expected 0x%08x \"MMND\"; convert "
             "checkpoints with export.py)", path, h->magic, MM_MAGIC);
-    if (h->version != MM_VERSION)
+    if (h->version != MM_VERSION && h->version != 1)  /* version 1 differs only in q8_0 tensors */
         die("%s: model file version %u, this build reads version %u (re-export with this "
             "export.py)", path, h->version, MM_VERSION);
     if (h->header_size != sizeof(mm_header))
@@ -442,8 +447,8 @@ typedef struct {
     float *inv_freq;            /* [head_dim/2] */
     float attn_factor;
     float *scores;              /* [threads, ctx] attention scores, one row per thread */
-    float *row_buf;             /* [threads, PANEL_ROWS * max cols] weight rows converted to f32,
-                                   or a packed q8_0 panel */
+    float *row_buf;             /* [threads, PANEL_ROWS * max cols] weight rows converted to f32
+                                   (or a q8_0 row's codes and scales, for the reference) */
     float *xT;                  /* [max cols, max_tokens rounded up to XT_TOKENS] a block's x transposed */
     int row_buf_len;
     int8_t *xq;                 /* [max_tokens, max cols] activations quantised for q8_0 matrices */
@@ -578,6 +583,19 @@ static float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+/* Row r of a q8_0 matrix gathered from its panel: codes [cols], scales [cols / 32] */
+static void q8_row(const Matrix *w, int r, int8_t *codes, float *scales) {
+    int cols = w->cols, i = r % MM_Q8_PANEL;
+    const uint8_t *panel = (const uint8_t *)w->data + (size_t)(r / MM_Q8_PANEL) * q8_panel_bytes((uint64_t)cols);
+    for (int c = 0; c < cols; c++) codes[c] = (int8_t)panel[(size_t)(c / 4) * 4 * MM_Q8_PANEL + 4 * i + c % 4];
+    const uint8_t *half = panel + (size_t)MM_Q8_PANEL * cols;
+    for (int g = 0; g < cols / MM_Q8_GROUP; g++) {
+        uint16_t h;
+        memcpy(&h, half + 2 * ((size_t)g * MM_Q8_PANEL + i), 2);
+        scales[g] = f16_to_f32(h);
+    }
+}
+
 /* Row r of a weight matrix as f32: a pointer into the file for f32, else converted into buf. */
 static const float *matrix_row(const Matrix *w, int r, float *buf) {
     size_t at = (size_t)r * w->cols;
@@ -593,11 +611,12 @@ static const float *matrix_row(const Matrix *w, int r, float *buf) {
         for (int c = 0; c < w->cols; c++) buf[c] = bf16_to_f32(p[c]);
         return buf;
     }
-    default: { /* MM_Q8_0 */
-        const int8_t *q = (const int8_t *)w->data + at;
-        const float *scale = w->scales + at / MM_Q8_GROUP;
-        for (int c = 0; c < w->cols; c++) buf[c] = scale[c / MM_Q8_GROUP] * (float)q[c];
-        return buf;
+    default: { /* MM_Q8_0: buf holds the codes (cols bytes), the scales, then the values */
+        int8_t *codes = (int8_t *)buf;
+        float *scales = buf + w->cols / 4, *values = scales + w->cols / MM_Q8_GROUP;
+        q8_row(w, r, codes, scales);
+        for (int c = 0; c < w->cols; c++) values[c] = scales[c / MM_Q8_GROUP] * (float)codes[c];
+        return values;
     }
     }
 }
@@ -644,15 +663,18 @@ static void matmul_rows_ref(float *out, const float *x, const Matrix *w, int n, 
     }
 }
 
-/* the same for q8_0 weights with activations already quantised: xq [n, cols], xs [n, cols/32] */
+/* the same for q8_0 weights with activations already quantised: xq [n, cols], xs [n, cols/32];
+ * buf: room for a row's codes and scales */
 static void matmul_rows_q8_ref(float *out, const int8_t *xq, const float *xs, const Matrix *w, int n,
-                               int r0, int r1) {
+                               int r0, int r1, float *buf) {
     int cols = w->cols, groups = cols / MM_Q8_GROUP;
-    for (int r = r0; r < r1; r++)
+    int8_t *codes = (int8_t *)buf;
+    float *scales = buf + cols / 4;
+    for (int r = r0; r < r1; r++) {
+        q8_row(w, r, codes, scales);
         for (int t = 0; t < n; t++)
-            out[(size_t)t * w->rows + r] = dot_q8_ref((const int8_t *)w->data + (size_t)r * cols,
-                                                      w->scales + (size_t)r * groups, xq + (size_t)t * cols,
-                                                      xs + (size_t)t * groups, cols);
+            out[(size_t)t * w->rows + r] = dot_q8_ref(codes, scales, xq + (size_t)t * cols, xs + (size_t)t * groups, cols);
+    }
 }
 
 /* ---- matmul, the fast path (x86-64: AVX-512 where the compiler targets it, else AVX2 + FMA +
@@ -885,71 +907,13 @@ static ALWAYS_INLINE void matmul_block_simd(float *out, int ldo, const float *x,
 #undef TAIL
 }
 
-/* q8_0 weights x q8_0 activations for one token and R <= TILE_ROWS rows from r0: exact int32 sums
- * per group of 32, each times its two scales. The byte products need one unsigned operand. With
- * VNNI, one vpdpbusd multiplies the weights + 128 (w xor 0x80, as the prompt tiles pack them) by
- * the codes and sums them four to an int32 lane; that adds 128 x the group's codes, which xqsum
- * takes away once per group after the lanes are reduced. Without VNNI, |w| times x with w's sign
- * (the sign trick: maddubs would saturate on w + 128) makes 16-bit pairs and madd sums those.
- * Eight groups' sums are reduced into one vector of eight, so the correction, the conversion to
- * float and the two scales cost one instruction each per eight groups. (256-bit vectors: this
- * measured faster than 512-bit pairs of groups.) */
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define Q8_DOT_OFFSET 1   /* group_dot_q8 sums (w + 128) x: add xqsum */
-static ALWAYS_INLINE __m256i group_dot_q8(const int8_t *w, const int8_t *x) {
-    __m256i w_plus128 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w), _mm256_set1_epi8((char)0x80));
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_plus128, _mm256_loadu_si256((const __m256i *)x));
-}
-#else
-#define Q8_DOT_OFFSET 0
-static ALWAYS_INLINE __m256i group_dot_q8(const int8_t *w, const int8_t *x) {
-    __m256i wv = _mm256_loadu_si256((const __m256i *)w), xv = _mm256_loadu_si256((const __m256i *)x);
-    __m256i w_abs = _mm256_sign_epi8(wv, wv), x_signed = _mm256_sign_epi8(xv, wv);
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, x_signed), _mm256_set1_epi16(1));
-}
-#endif
-
-static ALWAYS_INLINE void tile_q8(float *out, const Matrix *w, int r0, const int8_t *xq, const float *xs,
-                                  const int32_t *xqsum, const int R) {
-    int cols = w->cols, groups = cols / MM_Q8_GROUP;
-    (void)xqsum;
-    for (int r = 0; r < R; r++) {
-        const int8_t *wq = (const int8_t *)w->data + (size_t)(r0 + r) * cols;
-        const float *ws = w->scales + (size_t)(r0 + r) * groups;
-        __m256 acc = _mm256_setzero_ps();
-        int g = 0;
-        for (; g + 8 <= groups; g += 8) {
-            __m256i d[8];
-            for (int j = 0; j < 8; j++)
-                d[j] = group_dot_q8(wq + (size_t)(g + j) * MM_Q8_GROUP, xq + (size_t)(g + j) * MM_Q8_GROUP);
-            __m256i h03 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-            __m256i h47 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
-            __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(h03, h47, 0x20),
-                                            _mm256_permute2x128_si256(h03, h47, 0x31));  /* group g+j in lane j */
-#if Q8_DOT_OFFSET
-            sums = _mm256_add_epi32(sums, _mm256_loadu_si256((const __m256i *)(xqsum + g)));
-#endif
-            __m256 scales = _mm256_mul_ps(_mm256_loadu_ps(ws + g), _mm256_loadu_ps(xs + g));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc);
-        }
-        for (; g < groups; g++) {
-            __m256i d = group_dot_q8(wq + (size_t)g * MM_Q8_GROUP, xq + (size_t)g * MM_Q8_GROUP);
-#if Q8_DOT_OFFSET
-            d = _mm256_add_epi32(d, _mm256_setr_epi32(xqsum[g], 0, 0, 0, 0, 0, 0, 0));
-#endif
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(ws[g] * xs[g]), acc);
-        }
-        out[r0 + r] = hsum8(acc);
-    }
-}
-
 /* ---- matmul for prompt blocks: the outer-product form ----
  * OP_ROWS weight rows times OP_TOKENS tokens: for every column k, each row's weight is broadcast and
  * multiplied into a vector of VL tokens' activations, which are stored transposed for this
  * (xT[k, token], every token's x of the block). No horizontal sums: each output element is one
  * chain of FMAs over k = 0 .. K-1 in order, whatever the tile, the block or the thread. f16 and
  * bf16 weights are converted a panel of OP_ROWS rows at a time, once per prompt block. (q8_0
- * matrices have integer tiles of their own, below.) */
+ * matrices have integer tiles of their own, below, for any number of tokens.) */
 #ifdef HAVE_AVX512
 #define OP_ROWS PANEL_ROWS   /* 24 accumulators + 2 activation vectors + 1 broadcast of 32 registers */
 #else
@@ -1048,150 +1012,143 @@ static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
     }
 }
 
-/* ---- q8_0 matmul for prompt blocks: integer tiles (AVX-512 VNNI) ----
- * Lanes are weight rows: a vector holds 4 consecutive weight bytes of each of 16 rows, one
- * token's 4 activation bytes at those columns are broadcast, and vpdpbusd adds the 4 byte products
- * of each lane to its int32: 64 multiply-adds in one instruction (an f32 FMA does 16). A tile is
- * Q8_PANEL = 32 rows x up to Q8_TILE_TOKENS = 6 tokens: 12 int32 sums for the current group of 32
- * columns, 12 f32 accumulators, 2 weight vectors. After each group, its exact int32 sum is scaled by
- * its two scales (w_scale of the row, x_scale of the token) and added in f32: the terms of
- * dot_q8_ref in its order (an FMA rounds once where it rounds twice).
- * vpdpbusd wants one operand unsigned: the weights are packed as w + 128 (0..255), which adds
- * 128 * (the token's sum of the group's activation codes) to every lane; each int32 sum starts at
- * minus that (xqsum), so no instruction is spent undoing it. Weights are packed a panel of 32 rows
- * at a time, once per prompt block: [column/4][row/16][16 rows][4 bytes], then the 32 rows' scales
- * [group][32]. */
+/* ---- q8_0 matmul: integer tiles over the panels of the file ----
+ * Lanes are weight rows. A panel stores 4 consecutive columns of its 16 rows in 64 bytes
+ * (model.h), so one vector load holds 4 weight bytes of each of Q8_LANES rows; one token's 4
+ * activation codes at those columns are broadcast, and each lane sums its 4 byte products into its
+ * int32. After each group of 32 columns the exact int32 sums are scaled by their two scales (the
+ * row's, the token's) and added in f32: the terms of dot_q8_ref in its order (an FMA rounds once
+ * where it rounds twice). A tile is Q8_TILE_ROWS = 2 vectors of rows x up to Q8_TILE_TOKENS tokens;
+ * a token decoding is a tile of one token, so there are no horizontal sums anywhere.
+ * The byte products need one unsigned operand. AVX-512 VNNI: vpdpbusd on the weights + 128 (an
+ * xor), which adds 128 x the token's sum of the group's codes to every lane: each int32 sum starts
+ * at minus that (xqsum). AVX2: maddubs on |w| and x with w's sign (the sign trick: |w| <= 128 and
+ * |x| <= 127, so the pairs never saturate), then madd sums the pairs. */
 #if defined(HAVE_AVX512) && defined(__AVX512VNNI__)
-#define HAVE_Q8_GEMM 1
-enum { Q8_PANEL = 32, Q8_TILE_TOKENS = 6 };
-_Static_assert(Q8_PANEL + Q8_PANEL * sizeof(float) / MM_Q8_GROUP <= PANEL_ROWS * sizeof(float),
-               "a packed q8_0 panel (bytes per column) fits in the row buffer");
-
-/* r[i] holds 16 dwords of row i; afterwards r[u] holds dword u of every row: pairs of rows
- * interleaved, then quads, then the 128-bit lanes put in place */
-static ALWAYS_INLINE void transpose16x16(__m512i r[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {  /* u[i + j]: dwords j, j+4, j+8, j+12 of rows i..i+3, a lane each */
-        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int j = 0; j < 4; j++) {
-        __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88), v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
-        __m512i w0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
-        r[j] = _mm512_shuffle_i32x4(v0, w0, 0x88);
-        r[j + 8] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
-        r[j + 4] = _mm512_shuffle_i32x4(v1, w1, 0x88);
-        r[j + 12] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
-    }
+#define Q8_VNNI 1
+#define Q8_LANES 16       /* rows per vector */
+#define Q8_TILE_TOKENS 6  /* of 32 registers: 12 int32 sums, 12 f32 sums, 2 x 2 weights */
+typedef __m512i qi;
+typedef __m512 qf;
+static ALWAYS_INLINE qi qi_load(const uint8_t *p) { return _mm512_loadu_si512(p); }
+static ALWAYS_INLINE qi qi_set1(int32_t a) { return _mm512_set1_epi32(a); }
+static ALWAYS_INLINE qi qi_unsigned(qi w) { return _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80)); }
+/* acc + the 4 byte products of each lane: wu = qi_unsigned(w) */
+static ALWAYS_INLINE qi qi_dot4(qi acc, qi w, qi wu, qi x4) { (void)w; return _mm512_dpbusd_epi32(acc, wu, x4); }
+static ALWAYS_INLINE qf qf_scales(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static ALWAYS_INLINE qf qf_set1(float a) { return _mm512_set1_ps(a); }
+static ALWAYS_INLINE qf qf_zero(void) { return _mm512_setzero_ps(); }
+static ALWAYS_INLINE qf qf_fmadd_i(qi a, qf b, qf c) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), b, c); }
+static ALWAYS_INLINE qf qf_mul(qf a, qf b) { return _mm512_mul_ps(a, b); }
+static ALWAYS_INLINE void qf_store(float *p, qf v) { _mm512_storeu_ps(p, v); }
+#else
+#define Q8_VNNI 0
+#define Q8_LANES 8
+#define Q8_TILE_TOKENS 2  /* of 16 registers: 8 sums, 2 x 2 weights, a broadcast */
+typedef __m256i qi;
+typedef __m256 qf;
+static ALWAYS_INLINE qi qi_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static ALWAYS_INLINE qi qi_set1(int32_t a) { return _mm256_set1_epi32(a); }
+static ALWAYS_INLINE qi qi_unsigned(qi w) { return _mm256_sign_epi8(w, w); }  /* |w| */
+static ALWAYS_INLINE qi qi_dot4(qi acc, qi w, qi wu, qi x4) {
+    __m256i pairs = _mm256_maddubs_epi16(wu, _mm256_sign_epi8(x4, w));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
+static ALWAYS_INLINE qf qf_scales(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static ALWAYS_INLINE qf qf_set1(float a) { return _mm256_set1_ps(a); }
+static ALWAYS_INLINE qf qf_zero(void) { return _mm256_setzero_ps(); }
+static ALWAYS_INLINE qf qf_fmadd_i(qi a, qf b, qf c) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), b, c); }
+static ALWAYS_INLINE qf qf_mul(qf a, qf b) { return _mm256_mul_ps(a, b); }
+static ALWAYS_INLINE void qf_store(float *p, qf v) { _mm256_storeu_ps(p, v); }
+#endif
+#define Q8_TILE_ROWS (2 * Q8_LANES)
+_Static_assert(MM_Q8_PANEL % Q8_LANES == 0, "a vector of rows lies within one panel");
 
-/* rows r0 .. r0+R (R <= Q8_PANEL) of a q8_0 matrix into the panel layout, rows past R zero:
- * 16 rows x 64 bytes read in order, transposed as dwords in registers, written in order */
-static void q8_pack_panel(uint8_t *pw, float *ps, const Matrix *w, int r0, int R) {
-    int cols = w->cols, groups = cols / MM_Q8_GROUP, units = cols / 4;
-    const __m512i plus128 = _mm512_set1_epi32((int)0x80808080u);
-    for (int half = 0; half < Q8_PANEL / 16; half++)
-        for (int k4 = 0; k4 < units; k4 += 16) {
-            int n = units - k4 < 16 ? units - k4 : 16;  /* 8 at the end of a row of 32 x odd columns */
-            __mmask16 m = (__mmask16)((1u << n) - 1);
-            __m512i r[16];
-            for (int i = 0; i < 16; i++) {
-                int row = half * 16 + i;
-                r[i] = _mm512_setzero_si512();  /* a zero weight */
-                if (row < R) r[i] = _mm512_maskz_loadu_epi32(m, (const uint8_t *)w->data + (size_t)(r0 + row) * cols + 4 * k4);
-                r[i] = _mm512_xor_si512(r[i], plus128);
-            }
-            transpose16x16(r);
-            for (int u = 0; u < n; u++) _mm512_storeu_si512(pw + ((size_t)(k4 + u) * 2 + half) * 64, r[u]);
-        }
-    for (int i = 0; i < Q8_PANEL; i++)
-        for (int g = 0; g < groups; g++) ps[g * Q8_PANEL + i] = i < R ? w->scales[(size_t)(r0 + i) * groups + g] : 0.0f;
-}
-
-/* out[t * ldo + r] = W[r] . x[t] for r < R (<= 32), t < T; pw, ps: a packed panel; xq, xs, xqsum: the
- * block's activation codes, scales and minus 128 x their group sums, from this tile's first token */
-static ALWAYS_INLINE void q8_tile(float *out, int ldo, const uint8_t *pw, const float *ps, const int8_t *xq,
-                                  const float *xs, const int32_t *xqsum, int cols, int R, const int T) {
-    int groups = cols / MM_Q8_GROUP;
-    __m512 acc[2][Q8_TILE_TOKENS];
-    for (int t = 0; t < T; t++) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
+/* out[t * ldo + r] = W[r0 + r] . x[t] for r < R (<= Q8_TILE_ROWS), t < T; r0: a multiple of
+ * Q8_TILE_ROWS; xq, xs, xqsum: the codes, scales and minus 128 x the group sums of the tile's first
+ * token (rows cols, groups, groups apart) */
+static ALWAYS_INLINE void q8_tile(float *out, int ldo, const Matrix *w, int r0, int R, const int8_t *xq,
+                                  const float *xs, const int32_t *xqsum, const int T) {
+    int cols = w->cols, groups = cols / MM_Q8_GROUP;
+    size_t panel_bytes = q8_panel_bytes((uint64_t)cols);
+    const uint8_t *code[2];
+    const uint16_t *scale[2];
+    for (int v = 0; v < 2; v++) {  /* vector v: Q8_LANES rows from row r0 + v Q8_LANES, in their panel */
+        int row = r0 + v * Q8_LANES;
+        if (row >= r0 + R) row = r0;  /* past the matrix: read real memory, store nothing */
+        const uint8_t *panel = (const uint8_t *)w->data + (size_t)(row / MM_Q8_PANEL) * panel_bytes;
+        code[v] = panel + 4 * (row % MM_Q8_PANEL);
+        scale[v] = (const uint16_t *)(panel + (size_t)MM_Q8_PANEL * cols) + row % MM_Q8_PANEL;
+    }
+    qf acc[2][Q8_TILE_TOKENS];
+    for (int t = 0; t < T; t++) acc[0][t] = acc[1][t] = qf_zero();
     for (int g = 0; g < groups; g++) {
-        __m512i isum[2][Q8_TILE_TOKENS];
-        for (int t = 0; t < T; t++) isum[0][t] = isum[1][t] = _mm512_set1_epi32(xqsum[(size_t)t * groups + g]);
+        qi isum[2][Q8_TILE_TOKENS];
+        for (int t = 0; t < T; t++) isum[0][t] = isum[1][t] = qi_set1(Q8_VNNI ? xqsum[(size_t)t * groups + g] : 0);
+        #pragma GCC unroll 8
         for (int j = 0; j < MM_Q8_GROUP / 4; j++) {
-            const uint8_t *wp = pw + ((size_t)g * MM_Q8_GROUP / 4 + j) * 2 * 64;
-            __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 64);
+            size_t at = ((size_t)g * MM_Q8_GROUP / 4 + j) * 4 * MM_Q8_PANEL;
+            qi w0 = qi_load(code[0] + at), w1 = qi_load(code[1] + at);
+            qi u0 = qi_unsigned(w0), u1 = qi_unsigned(w1);
             for (int t = 0; t < T; t++) {
                 int32_t x4;
                 memcpy(&x4, xq + (size_t)t * cols + g * MM_Q8_GROUP + 4 * j, 4);
-                __m512i xb = _mm512_set1_epi32(x4);
-                isum[0][t] = _mm512_dpbusd_epi32(isum[0][t], w0, xb);
-                isum[1][t] = _mm512_dpbusd_epi32(isum[1][t], w1, xb);
+                qi xb = qi_set1(x4);
+                isum[0][t] = qi_dot4(isum[0][t], w0, u0, xb);
+                isum[1][t] = qi_dot4(isum[1][t], w1, u1, xb);
             }
         }
-        __m512 s0 = _mm512_loadu_ps(ps + (size_t)g * Q8_PANEL), s1 = _mm512_loadu_ps(ps + (size_t)g * Q8_PANEL + 16);
+        qf s0 = qf_scales(scale[0] + (size_t)g * MM_Q8_PANEL), s1 = qf_scales(scale[1] + (size_t)g * MM_Q8_PANEL);
         for (int t = 0; t < T; t++) {
-            __m512 sx = _mm512_set1_ps(xs[(size_t)t * groups + g]);
-            acc[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[0][t]), _mm512_mul_ps(s0, sx), acc[0][t]);
-            acc[1][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[1][t]), _mm512_mul_ps(s1, sx), acc[1][t]);
+            qf sx = qf_set1(xs[(size_t)t * groups + g]);
+            acc[0][t] = qf_fmadd_i(isum[0][t], qf_mul(s0, sx), acc[0][t]);
+            acc[1][t] = qf_fmadd_i(isum[1][t], qf_mul(s1, sx), acc[1][t]);
         }
     }
-    __mmask16 m0 = R >= 16 ? 0xffff : (__mmask16)((1u << R) - 1);
-    __mmask16 m1 = R >= 32 ? 0xffff : R <= 16 ? 0 : (__mmask16)((1u << (R - 16)) - 1);
     for (int t = 0; t < T; t++) {
-        _mm512_mask_storeu_ps(out + (size_t)t * ldo, m0, acc[0][t]);
-        _mm512_mask_storeu_ps(out + (size_t)t * ldo + 16, m1, acc[1][t]);
+        float *o = out + (size_t)t * ldo;
+        if (R == Q8_TILE_ROWS) {
+            qf_store(o, acc[0][t]);
+            qf_store(o + Q8_LANES, acc[1][t]);
+        } else {  /* the last rows of a matrix */
+            float part[Q8_TILE_ROWS];
+            qf_store(part, acc[0][t]);
+            qf_store(part + Q8_LANES, acc[1][t]);
+            memcpy(o, part, (size_t)R * sizeof(float));
+        }
     }
 }
 
-static __attribute__((noinline)) void q8_tile_full(float *out, int ldo, const uint8_t *pw, const float *ps,
-                                                   const int8_t *xq, const float *xs, const int32_t *xqsum,
-                                                   int cols, int R) {
-    q8_tile(out, ldo, pw, ps, xq, xs, xqsum, cols, R, Q8_TILE_TOKENS);
+static __attribute__((noinline)) void q8_tile_full(float *out, int ldo, const Matrix *w, int r0, int R,
+                                                   const int8_t *xq, const float *xs, const int32_t *xqsum) {
+    q8_tile(out, ldo, w, r0, R, xq, xs, xqsum, Q8_TILE_TOKENS);
 }
 
-/* rows r0 .. r1 of out = W x for the n tokens whose codes are in xq, xs, xqsum; buf: the panel */
+/* rows r0 .. r1 (r0 a multiple of Q8_TILE_ROWS) of out = W x for the n tokens whose codes are in
+ * xq, xs, xqsum: tile by tile, each tile over every token */
 static void q8_rows(float *out, const Matrix *w, const int8_t *xq, const float *xs, const int32_t *xqsum,
-                    int n, int r0, int r1, void *buf) {
+                    int n, int r0, int r1) {
     int cols = w->cols, groups = cols / MM_Q8_GROUP;
-    uint8_t *pw = buf;
-    float *ps = (float *)(pw + (size_t)Q8_PANEL * cols);
-    for (int r = r0; r < r1; r += Q8_PANEL) {
-        int R = r1 - r < Q8_PANEL ? r1 - r : Q8_PANEL;
-        q8_pack_panel(pw, ps, w, r, R);
-        /* the next panel's rows (one run of bytes) and scales are fetched from memory while this
-         * one is multiplied, a slice per tile: packing then reads them from the cache */
-        int next = r1 - (r + R) < Q8_PANEL ? r1 - (r + R) : Q8_PANEL, tiles = (n + Q8_TILE_TOKENS - 1) / Q8_TILE_TOKENS;
-        const char *ahead = (const char *)w->data + (size_t)(r + R) * cols;
-        const char *ahead_s = (const char *)(w->scales + (size_t)(r + R) * groups);
-        size_t slice = ((size_t)next * cols / tiles + 63) / 64 * 64, slice_s = ((size_t)next * groups * 4 / tiles + 63) / 64 * 64;
-        int t = 0;
-        for (; t + Q8_TILE_TOKENS <= n; t += Q8_TILE_TOKENS) {
-            size_t i = (size_t)(t / Q8_TILE_TOKENS);
-            for (size_t b = 0; next > 0 && b < slice; b += 64) _mm_prefetch(ahead + i * slice + b, _MM_HINT_T0);
-            for (size_t b = 0; next > 0 && b < slice_s; b += 64) _mm_prefetch(ahead_s + i * slice_s + b, _MM_HINT_T0);
-            q8_tile_full(out + (size_t)t * w->rows + r, w->rows, pw, ps, xq + (size_t)t * cols, xs + (size_t)t * groups,
-                         xqsum + (size_t)t * groups, cols, R);
-        }
-#define TAIL(T) q8_tile(out + (size_t)t * w->rows + r, w->rows, pw, ps, xq + (size_t)t * cols, xs + (size_t)t * groups, \
-                        xqsum + (size_t)t * groups, cols, R, T)
+    for (int r = r0; r < r1; r += Q8_TILE_ROWS) {
+        int R = r1 - r < Q8_TILE_ROWS ? r1 - r : Q8_TILE_ROWS, t = 0;
+        for (; t + Q8_TILE_TOKENS <= n; t += Q8_TILE_TOKENS)
+            q8_tile_full(out + (size_t)t * w->rows + r, w->rows, w, r, R, xq + (size_t)t * cols,
+                         xs + (size_t)t * groups, xqsum + (size_t)t * groups);
+        /* the tokens left, in one tile of their number (a constant: its sums stay in registers) */
+#define TAIL(T) q8_tile(out + (size_t)t * w->rows + r, w->rows, w, r, R, xq + (size_t)t * cols, \
+                        xs + (size_t)t * groups, xqsum + (size_t)t * groups, T)
         switch (n - t) {
         case 1: TAIL(1); break;
+#if Q8_TILE_TOKENS > 2
         case 2: TAIL(2); break;
         case 3: TAIL(3); break;
         case 4: TAIL(4); break;
         case 5: TAIL(5); break;
+#endif
         }
 #undef TAIL
     }
 }
-#endif
 #else
 #define KERNELS "portable"
 #endif
@@ -1211,21 +1168,15 @@ static void quantize_q8(int8_t *q, float *scale, const float *x, int n) {
 
 /* rows r0 .. r0+R of out = W x, every token: the fast kernels, or the reference. The fast path
  * for f32-activation prefill blocks takes the columns in chunks (k0, kc) and accumulates, see
- * matmuls. q8_0 matrices multiply the activations' codes (s->xq, s->xs), whole rows at once. */
+ * matmuls. q8_0 matrices multiply the activations' codes (s->xq, s->xs, s->xqsum), whole rows at
+ * once. */
 static void matmul_block(float *out, const float *x, const Matrix *w, int n, int r0, int R, int k0, int kc,
                          const State *s, float *buf) {
-    int rows = w->rows, cols = w->cols, groups = cols / MM_Q8_GROUP;
+    int rows = w->rows, cols = w->cols;
 #ifdef HAVE_SIMD
     if (!reference_kernels) {
         if (w->dtype == MM_Q8_0) {
-            for (int t = 0; t < n; t++) {
-                const int8_t *xq = s->xq + (size_t)t * cols;
-                const float *xs = s->xs + (size_t)t * groups;
-                float *o = out + (size_t)t * rows;
-                const int32_t *xqsum = s->xqsum + (size_t)t * groups;
-                if (R == TILE_ROWS) tile_q8(o, w, r0, xq, xs, xqsum, TILE_ROWS);
-                else for (int r = r0; r < r0 + R; r++) tile_q8(o, w, r, xq, xs, xqsum, 1);
-            }
+            q8_rows(out, w, s->xq, s->xs, s->xqsum, n, r0, r0 + R);
             return;
         }
         bool add = k0 > 0;
@@ -1237,38 +1188,36 @@ static void matmul_block(float *out, const float *x, const Matrix *w, int n, int
         return;
     }
 #endif
-    (void)rows, (void)groups, (void)k0, (void)kc;
-    if (w->dtype == MM_Q8_0) matmul_rows_q8_ref(out, s->xq, s->xs, w, n, r0, r0 + R);
+    (void)rows, (void)cols, (void)k0, (void)kc;
+    if (w->dtype == MM_Q8_0) matmul_rows_q8_ref(out, s->xq, s->xs, w, n, r0, r0 + R, buf);
     else matmul_rows_ref(out, x, w, n, r0, r0 + R, buf);
 }
 
 /* out_j[t, r] = W_j[r, :] . x[t, :] for t < n_tokens, for a few matrices W_j that read the same x
  * (q, k, v; gate, up): one parallel loop over all their rows, so one fork and join of the threads.
- * x: [n_tokens, cols], out_j: [n_tokens, W_j.rows]. Threads take contiguous ranges of
- * ROW_BLOCK-row blocks; every weight is read once per call. */
+ * x: [n_tokens, cols], out_j: [n_tokens, W_j.rows]. Threads take contiguous ranges of blocks of
+ * rows (ROW_BLOCK, or a q8_0 tile's); prompt blocks go out in units of a few tiles as threads
+ * come free. Every weight is read once per call. */
 typedef struct { float *out; const Matrix *w; } MatmulJob;
 
 static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens, State *s) {
     int cols = jobs[0].w->cols, groups = cols / MM_Q8_GROUP, first_block[4], total = 0;
     bool q8 = jobs[0].w->dtype == MM_Q8_0;  /* the matrices of one call share a dtype (one layer's) */
+    bool prompt = false;  /* a prompt block for the fast kernels: units handed out dynamically */
+    int block_rows = ROW_BLOCK;
+#ifdef HAVE_SIMD
+    prompt = !reference_kernels && n_tokens >= OP_MIN_TOKENS;
+    if (q8 && !reference_kernels) block_rows = Q8_TILE_ROWS;
+#endif
     for (int j = 0; j < n_jobs; j++) {
         first_block[j] = total;
-        total += (jobs[j].w->rows + ROW_BLOCK - 1) / ROW_BLOCK;
+        total += (jobs[j].w->rows + block_rows - 1) / block_rows;
     }
-    bool outer = false;
-#ifdef HAVE_SIMD
-    bool q8_gemm = false;
-    outer = !reference_kernels && n_tokens >= OP_MIN_TOKENS;
-#ifdef HAVE_Q8_GEMM
-    q8_gemm = outer && q8;
-#endif
-    if (q8 && !q8_gemm) outer = false;  /* q8_0 without integer prompt tiles: the decoding kernel */
-#endif
-    bool want_xqsum = false;  /* the VNNI kernels multiply w + 128 (group_dot_q8, q8_tile) */
-#if defined(Q8_DOT_OFFSET) && Q8_DOT_OFFSET
-    want_xqsum = !reference_kernels;
-#endif
     if (q8) {  /* the activations quantised once for every q8_0 matrix of the call */
+        bool want_xqsum = false;  /* the VNNI tiles multiply w + 128 (q8_tile) */
+#if defined(HAVE_SIMD) && Q8_VNNI
+        want_xqsum = !reference_kernels;
+#endif
         #pragma omp parallel for if (n_tokens >= OP_MIN_TOKENS)
         for (int t = 0; t < n_tokens; t++) {
             int8_t *xq = s->xq + (size_t)t * cols;
@@ -1288,7 +1237,7 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
 #ifdef HAVE_SIMD
     if (!reference_kernels && !q8 && n_tokens > 1) chunk = K_CHUNK;  /* one token: whole rows, in order */
     int ldxT = (n_tokens + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS;
-    if (outer && !q8) {  /* the block's activations transposed once for every matrix of the call */
+    if (prompt && !q8) {  /* the block's activations transposed once for every matrix of the call */
         #pragma omp parallel for
         for (int k = 0; k < cols; k++)
             for (int t = 0; t < ldxT; t++) s->xT[(size_t)k * ldxT + t] = t < n_tokens ? x[(size_t)t * cols + k] : 0.0f;
@@ -1303,32 +1252,27 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
         int b0 = (int)((long)total * id / nth), b1 = (int)((long)total * (id + 1) / nth);
         float *buf = s->row_buf + (size_t)id * s->row_buf_len;
 #ifdef HAVE_SIMD
-        /* prompt tiles: units of a few panels, handed out as threads come free (the two cores of a
+        /* prompt blocks: units of a few tiles, handed out as threads come free (the two cores of a
          * shared machine do not run at the same speed: fixed shares left one waiting for the other) */
-        int unit_rows = 4 * OP_ROWS, first_unit[4], units = 0;
-#ifdef HAVE_Q8_GEMM
-        if (q8_gemm) unit_rows = 4 * Q8_PANEL;
-#endif
+        int unit_rows = 4 * (q8 ? Q8_TILE_ROWS : OP_ROWS), first_unit[4], units = 0;
         for (int j = 0; j < n_jobs; j++) first_unit[j] = units, units += (jobs[j].w->rows + unit_rows - 1) / unit_rows;
-        if (outer) {  /* (the same for every thread: all of them meet the loop, or none) */
+        if (prompt) {  /* (the same for every thread: all of them meet the loop, or none) */
             #pragma omp for schedule(dynamic, 1) nowait
             for (int u = 0; u < units; u++) {
                 int j = n_jobs - 1;
                 while (u < first_unit[j]) j--;
                 int r0 = (u - first_unit[j]) * unit_rows, r1 = r0 + unit_rows < jobs[j].w->rows ? r0 + unit_rows : jobs[j].w->rows;
-#ifdef HAVE_Q8_GEMM
-                if (q8_gemm) { q8_rows(jobs[j].out, jobs[j].w, s->xq, s->xs, s->xqsum, n_tokens, r0, r1, buf); continue; }
-#endif
-                op_rows(jobs[j].out, jobs[j].w, s->xT, ldxT, n_tokens, r0, r1, buf);
+                if (q8) q8_rows(jobs[j].out, jobs[j].w, s->xq, s->xs, s->xqsum, n_tokens, r0, r1);
+                else op_rows(jobs[j].out, jobs[j].w, s->xT, ldxT, n_tokens, r0, r1, buf);
             }
         }
 #endif
-        for (int k0 = 0; !outer && k0 < cols; k0 += chunk)
+        for (int k0 = 0; !prompt && k0 < cols; k0 += chunk)
             for (int b = b0; b < b1; b++) {
                 int j = n_jobs - 1;
                 while (b < first_block[j]) j--;
                 const Matrix *w = jobs[j].w;
-                int r0 = (b - first_block[j]) * ROW_BLOCK, R = w->rows - r0 < ROW_BLOCK ? w->rows - r0 : ROW_BLOCK;
+                int r0 = (b - first_block[j]) * block_rows, R = w->rows - r0 < block_rows ? w->rows - r0 : block_rows;
                 matmul_block(jobs[j].out, x, w, n_tokens, r0, R, k0, cols - k0 < chunk ? cols - k0 : chunk, s, buf);
             }
     }

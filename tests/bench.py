@@ -93,6 +93,20 @@ def write_checkpoint(path, shape, seed=5):
     os.replace(path + ".tmp", path)
 
 
+def format_version():
+    """MM_VERSION of this checkout's model.h: model files of another version are exported again"""
+    with open(os.path.join(ROOT, "model.h")) as f:
+        for line in f:
+            if line.startswith("#define MM_VERSION"):
+                return int(line.split()[2].rstrip("u"))
+    raise SystemExit("bench: no MM_VERSION in model.h")
+
+
+def file_version(path):
+    with open(path, "rb") as f:
+        return struct.unpack("<II", f.read(8))[1]
+
+
 def model_file(shape_name, dtype):
     os.makedirs(MODELS, exist_ok=True)
     ckpt = os.path.join(MODELS, f"{shape_name}.safetensors")
@@ -100,7 +114,8 @@ def model_file(shape_name, dtype):
     if not os.path.exists(ckpt):
         print(f"bench: writing random {SHAPES[shape_name]['label']} checkpoint", file=sys.stderr)
         write_checkpoint(ckpt, SHAPES[shape_name])
-    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(ckpt):
+    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(ckpt) or \
+            file_version(out) != format_version():
         print(f"bench: export.py {shape_name} --dtype {dtype}", file=sys.stderr)
         subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), ckpt, out, "--tokenizer",
                         TOKENIZER, "--dtype", dtype, "--n-heads", str(SHAPES[shape_name]["heads"])],

@@ -43,11 +43,25 @@ static Matrix random_matrix(int dtype, int rows, int cols, void **storage) {
         w.data = *storage = f;
         return w;
     }
-    if (dtype == MM_Q8_0) {
-        uint8_t *q = xcalloc(n + n / MM_Q8_GROUP * 4, 1, "test");
-        quantize_q8_ref((int8_t *)q, (float *)(q + n), f, (int)n);  /* rows are whole groups */
+    if (dtype == MM_Q8_0) {  /* quantised by rows, then laid out in panels as export.py does */
+        int groups = cols / MM_Q8_GROUP;
+        int8_t *codes = xcalloc(n, 1, "test");
+        float *scales = xcalloc(n / MM_Q8_GROUP, sizeof(float), "test");
+        quantize_q8_ref(codes, scales, f, (int)n);  /* rows are whole groups */
+        size_t panel_bytes = q8_panel_bytes((uint64_t)cols);
+        uint8_t *q = xcalloc(tensor_bytes(MM_Q8_0, (uint64_t)rows, (uint64_t)cols), 1, "test");
+        for (int r = 0; r < rows; r++) {
+            uint8_t *panel = q + (size_t)(r / MM_Q8_PANEL) * panel_bytes;
+            int i = r % MM_Q8_PANEL;
+            for (int c = 0; c < cols; c++) panel[(size_t)(c / 4) * 4 * MM_Q8_PANEL + 4 * i + c % 4] = (uint8_t)codes[(size_t)r * cols + c];
+            for (int g = 0; g < groups; g++) {
+                uint16_t h = f32_to_f16(scales[(size_t)r * groups + g]);
+                memcpy(panel + (size_t)MM_Q8_PANEL * cols + 2 * ((size_t)g * MM_Q8_PANEL + i), &h, 2);
+            }
+        }
+        free(codes);
+        free(scales);
         w.data = *storage = q;
-        w.scales = (const float *)(q + n);
     } else {
         uint16_t *h = xcalloc(n, 2, "test");
         for (size_t i = 0; i < n; i++) {

@@ -307,7 +307,10 @@ def hostile_tests(binary):
         good = f.read()
     size = len(good)
     untied = open(export(os.path.join(FIX, "m3_untied.safetensors"), "m3_untied.f32.bin", "f32"), "rb").read()
+    q8 = open(export(os.path.join(FIX, "m3_moe.pth"), "m3_moe.q8_0.bin", "q8_0"), "rb").read()
     cases = [
+        ("version 1 with q8_0 tensors (the old row layout)", mutate_header(q8, version=1),
+         ["q8_0", "version 1", "re-export"]),
         ("empty file", b"", ["too short"]),
         ("truncated header", good[:100], ["too short"]),
         ("truncated tensor data", good[:size - 1000], ["truncated"]),
@@ -352,6 +355,17 @@ def hostile_tests(binary):
                 f.write(data)
             return expect_error(run([binary, path, "-m", "logits", "--ids", "1,2,3", "-o",
                                      os.path.join(TMP, "h.f32")]), *words)
+
+    @test(f"{tag}: a version 1 file without q8_0 tensors still loads (only q8_0 changed in version 2)")
+    def _():
+        path = os.path.join(TMP, "v1.bin")
+        with open(path, "wb") as f:
+            f.write(mutate_header(good, version=1))
+        out1, out2 = os.path.join(TMP, "v1.f32"), os.path.join(TMP, "v2.f32")
+        p1 = run([binary, path, "-m", "logits", "--ids", "1,2,3", "-o", out1])
+        p2 = run([binary, good_path, "-m", "logits", "--ids", "1,2,3", "-o", out2])
+        same = p1.returncode == 0 and p2.returncode == 0 and open(out1, "rb").read() == open(out2, "rb").read()
+        return same, "same logits as version 2" if same else p1.stderr.strip()[-200:]
 
     @test(f"{tag}: 150 random byte mutations of header and table: no crash")
     def _():
@@ -852,7 +866,51 @@ def unicode_op(s):
     return b"X" + struct.pack("<I", len(b)) + b
 
 
+def q8_0_matrix(data, name):
+    """A q8_0 tensor of a model file as rows of (codes, scales), read from its panels (model.h):
+    16 rows at a time, codes[cols/4][16][4] then f16 scales[cols/32][16]"""
+    hdr = HDR.unpack_from(data, 0)
+    for i in range(hdr[F["n_tensors"]]):
+        e = ENTRY.unpack_from(data, hdr[F["tensor_table_offset"]] + i * ENTRY.size)
+        if e[0].rstrip(b"\0") == name.encode():
+            break
+    rows, cols, at = e[3], e[4], e[7]
+    groups, panel = cols // 32, 16 * cols + 16 * (cols // 32) * 2
+    out = []
+    for r in range(rows):
+        p, i = at + r // 16 * panel, r % 16
+        codes = [struct.unpack_from("b", data, p + c // 4 * 64 + 4 * i + c % 4)[0] for c in range(cols)]
+        scales = [struct.unpack_from("<e", data, p + 16 * cols + 2 * (g * 16 + i))[0] for g in range(groups)]
+        out.append((codes, scales))
+    return out
+
+
 def export_tests():
+    @test("export.py q8_0: every weight is its scale x its code, within half a step; scale = f16(max|w| / 127)")
+    def _():
+        ckpt = os.path.join(FIX, "m3_untied.safetensors")
+        f32 = open(export(ckpt, "m3_untied.f32.bin", "f32"), "rb").read()
+        q8 = open(export(ckpt, "m3_untied.q8_0.bin", "q8_0"), "rb").read()
+        checked, worst = 0, 0.0
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
+            at, size = tensor_data(f32, name)
+            w = struct.unpack_from("<%df" % (size // 4), f32, at)
+            rows = q8_0_matrix(q8, name)
+            cols = len(w) // len(rows)
+            for r, (codes, scales) in enumerate(rows):
+                for g, sc in enumerate(scales):
+                    grp = w[r * cols + g * 32:(r + 1) * cols][:32]
+                    want = struct.unpack("<e", struct.pack("<e", max(abs(v) for v in grp) / 127))[0]
+                    if sc != want:
+                        return False, f"{name} row {r} group {g}: scale {sc} != {want}"
+                    for k, v in enumerate(grp):
+                        err = abs(v - sc * codes[g * 32 + k])
+                        worst = max(worst, err / sc if sc else err)
+                        if err > sc * (0.5 + 1e-6):
+                            return False, f"{name} [{r}, {g * 32 + k}]: {v} vs {sc} x {codes[g * 32 + k]}"
+                        checked += 1
+        return True, f"{checked} weights, worst {worst:.3f} of a step"
+
     good = read_safetensors_raw(os.path.join(FIX, "m3_untied.safetensors"))
     out = os.path.join(TMP, "export_out.bin")
     marker = os.path.join(TMP, "pwned")
