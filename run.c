@@ -456,8 +456,9 @@ typedef struct {
     int32_t *xqsum;             /* [max_tokens, max cols / 32] -128 x the sum of each group's codes */
     float *logits;              /* [max_tokens, vocab] */
     int kv_dtype;               /* MM_F32, or MM_F16 (--kv f16) */
-    void *key_cache;            /* [n_layers, ctx, n_kv_heads * head_dim] of kv_dtype */
-    void *value_cache;          /* [n_layers, ctx, n_kv_heads * head_dim] of kv_dtype */
+    void *key_cache;            /* [n_layers, n_kv_heads, ctx, head_dim] of kv_dtype: each kv head's
+                                   keys one run of memory, read start to end by its attention */
+    void *value_cache;          /* [n_layers, n_kv_heads, ctx, head_dim] of kv_dtype */
     float *k_new, *v_new;       /* [max_tokens, n_kv_heads * head_dim] the block's k, v before caching */
     float *att_buf;             /* [threads, att_buf_len] attention scratch (attention_group) */
     size_t att_buf_len;
@@ -719,6 +720,7 @@ static ALWAYS_INLINE vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
 static ALWAYS_INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }    /* a b + c */
 static ALWAYS_INLINE vf vf_fnmadd(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }  /* c - a b */
 static ALWAYS_INLINE float vf_hsum(vf v) { return _mm512_reduce_add_ps(v); }
+static ALWAYS_INLINE float vf_hmax(vf v) { return _mm512_reduce_max_ps(v); }
 static ALWAYS_INLINE __m128 vf_hsum4(vf a, vf b, vf c, vf d) {  /* [sum a, sum b, sum c, sum d] */
     vf ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  /* a b a b per 128 bits */
     vf cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
@@ -756,6 +758,11 @@ static ALWAYS_INLINE vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
 static ALWAYS_INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static ALWAYS_INLINE vf vf_fnmadd(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
 static ALWAYS_INLINE float vf_hsum(vf v) { return hsum8(v); }
+static ALWAYS_INLINE float vf_hmax(vf v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
 static ALWAYS_INLINE __m128 vf_hsum4(vf a, vf b, vf c, vf d) {
     vf ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
     vf cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
@@ -833,6 +840,12 @@ static ALWAYS_INLINE void tile(float *out, int ldo, int dtype, const void *w, in
     }
     for (int t = 0; t < T; t++) {
         float sums[TILE_ROWS];  /* a full tile's four rows are summed together: fewer shuffles */
+        if (R == TILE_ROWS && k == K) {  /* (no columns left over: the four sums are the outputs) */
+            __m128 s4 = vf_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]);
+            float *o = out + (size_t)t * ldo;
+            _mm_storeu_ps(o, add ? _mm_add_ps(_mm_loadu_ps(o), s4) : s4);
+            continue;
+        }
         if (R == TILE_ROWS) _mm_storeu_ps(sums, vf_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
         else for (int r = 0; r < R; r++) sums[r] = vf_hsum(acc[r][t]);
         for (int r = 0; r < R; r++) {
@@ -1333,7 +1346,8 @@ static void rope_rotate(float *v, const float *cos_, const float *sin_, int half
     }
 }
 
-/* ---- the KV cache: rows of kv_dim values, f32 or (--kv f16) f16 ---- */
+/* ---- the KV cache: per layer and kv head, a row of head_dim values per position, f32 or
+ * (--kv f16) f16 ---- */
 
 /* f32 -> f16, rounding to nearest even (overflow to inf; the cache holds rotated k and v) */
 static uint16_t f32_to_f16(float f) {
@@ -1365,18 +1379,24 @@ static void kv_store(void *cache, int dtype, size_t at, const float *x, int n) {
     for (int i = 0; i < n; i++) p[i] = f32_to_f16(x[i]);
 }
 
+/* kv head g of layer l in the key or value cache: [ctx, head_dim] */
+static void *kv_head(const State *s, void *cache, const mm_header *h, uint32_t l, int g) {
+    size_t elem = s->kv_dtype == MM_F16 ? 2 : 4;
+    return (uint8_t *)cache + ((size_t)l * h->n_kv_heads + (size_t)g) * s->ctx * h->head_dim * elem;
+}
+
 /* ---- attention, the plain reference: one query head over positions 0..pos of its kv head,
- * out = softmax(q.k / sqrt(hd)) . v.  keys, values: a layer's cache [ctx, kv_dim], this head's
- * slice at offset kv_off; scores: [pos + 1]; row: [head_dim] ---- */
+ * out = softmax(q.k / sqrt(hd)) . v.  keys, values: its kv head's cache [ctx, head_dim];
+ * scores: [pos + 1]; row: [head_dim] ---- */
 static void attention_head(float *out, const float *q, const void *keys, const void *values, int kv_dtype,
-                           int kv_dim, int kv_off, int head_dim, int pos, float *scores, float *row) {
+                           int head_dim, int pos, float *scores, float *row) {
     float scale = 1.0f / sqrtf((float)head_dim);
     for (int t = 0; t <= pos; t++)
-        scores[t] = dot(q, kv_row(keys, kv_dtype, (size_t)t * kv_dim + kv_off, head_dim, row), head_dim) * scale;
+        scores[t] = dot(q, kv_row(keys, kv_dtype, (size_t)t * head_dim, head_dim, row), head_dim) * scale;
     softmax(scores, pos + 1);
     memset(out, 0, (size_t)head_dim * sizeof(float));
     for (int t = 0; t <= pos; t++) {
-        const float *v = kv_row(values, kv_dtype, (size_t)t * kv_dim + kv_off, head_dim, row);
+        const float *v = kv_row(values, kv_dtype, (size_t)t * head_dim, head_dim, row);
         for (int i = 0; i < head_dim; i++) out[i] += scores[t] * v[i];
     }
 }
@@ -1391,13 +1411,13 @@ static void attention_head(float *out, const float *q, const void *keys, const v
 
 #ifdef HAVE_SIMD
 static ALWAYS_INLINE void attention_scores_simd(float *S, int ldS, const float *q, int nq, const void *k,
-                                                int kv_dtype, int kv_dim, int hd, int n_keys, float scale) {
+                                                int kv_dtype, int hd, int n_keys, float scale) {
     size_t elem = kv_dtype == MM_F32 ? 4 : 2;
     int t = 0;
     for (; t + TILE_ROWS <= n_keys; t += TILE_ROWS) {  /* keys play the weight rows, queries the tokens */
-        const void *kt = (const uint8_t *)k + (size_t)t * kv_dim * elem;
+        const void *kt = (const uint8_t *)k + (size_t)t * hd * elem;
         int j = 0;
-#define QUERIES(T) tile(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, kv_dim, q + (size_t)j * hd, hd, hd, TILE_ROWS, T, false)
+#define QUERIES(T) tile(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, hd, q + (size_t)j * hd, hd, hd, TILE_ROWS, T, false)
         for (; j + TILE_TOKENS <= nq; j += TILE_TOKENS) QUERIES(TILE_TOKENS);
         switch (nq - j) {  /* the queries left (a group of 2 or 4 heads when decoding) in one tile */
         case 1: QUERIES(1); break;
@@ -1412,12 +1432,26 @@ static ALWAYS_INLINE void attention_scores_simd(float *S, int ldS, const float *
     }
     for (; t < n_keys; t++)
         for (int j = 0; j < nq; j++)
-            tile(S + (size_t)j * ldS + t, ldS, kv_dtype, (const uint8_t *)k + (size_t)t * kv_dim * elem,
-                      kv_dim, q + (size_t)j * hd, hd, hd, 1, 1, false);
+            tile(S + (size_t)j * ldS + t, ldS, kv_dtype, (const uint8_t *)k + (size_t)t * hd * elem,
+                      hd, q + (size_t)j * hd, hd, hd, 1, 1, false);
     for (int j = 0; j < nq; j++)
         for (int t2 = 0; t2 < n_keys; t2++) S[(size_t)j * ldS + t2] *= scale;
 }
 #endif
+
+/* the largest of m and x[0..n) (the same value in any order: max is exact) */
+static float max_of(const float *x, int n, float m) {
+    int i = 0;
+#ifdef HAVE_SIMD
+    if (!reference_kernels && n >= VL) {
+        vf acc = vf_set1(m);
+        for (; i + VL <= n; i += VL) acc = vf_max(acc, vf_load(x + i));
+        m = vf_hmax(acc);
+    }
+#endif
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
 
 /* x[i] = exp(x[i] - m) for i < n (every x[i] <= m); returns their sum */
 static float exp_shifted(float *x, int n, float m) {
@@ -1442,14 +1476,14 @@ static float exp_shifted(float *x, int n, float m) {
 /* O[r, 0..PV_COLS) += sum over t < nt of P[r, t] v_t[0..PV_COLS) for r < R: two vectors of columns
  * of R rows in registers */
 enum { PV_COLS = 2 * VL };
-static ALWAYS_INLINE void pv_tile(float *O, int ldo, const float *P, const void *v, int kv_dtype, int kv_dim,
+static ALWAYS_INLINE void pv_tile(float *O, int ldo, const float *P, const void *v, int kv_dtype, int hd,
                                   int nt, const int R) {
     size_t elem = kv_dtype == MM_F32 ? 4 : 2;
     vf acc[4][2];
     for (int r = 0; r < R; r++)
         for (int h = 0; h < 2; h++) acc[r][h] = vf_load(O + (size_t)r * ldo + VL * h);
     for (int t = 0; t < nt; t++) {
-        const uint8_t *vt = (const uint8_t *)v + (size_t)t * kv_dim * elem;
+        const uint8_t *vt = (const uint8_t *)v + (size_t)t * hd * elem;
         vf v0 = vf_keep(load_w(kv_dtype, vt, 0)), v1 = vf_keep(load_w(kv_dtype, vt, VL));
         for (int r = 0; r < R; r++) {
             vf p = vf_set1(P[(size_t)r * KV_TILE + t]);
@@ -1463,9 +1497,9 @@ static ALWAYS_INLINE void pv_tile(float *O, int ldo, const float *P, const void 
 #endif
 
 /* O[r, :] += sum over t < nt of P[r, t] v_t for rows r < nr (P rows KV_TILE apart, O rows hd
- * apart); v_t: the cache rows from v, kv_dim apart; row: [hd] scratch */
-static void attention_pv(float *O, const float *P, int nr, const void *v, int kv_dtype, int kv_dim, int hd,
-                         int nt, float *row) {
+ * apart); v_t: the cache rows from v; row: [hd] scratch */
+static void attention_pv(float *O, const float *P, int nr, const void *v, int kv_dtype, int hd, int nt,
+                         float *row) {
     int d = 0;
 #ifdef HAVE_SIMD
     if (!reference_kernels) {  /* up to 4 rows x PV_COLS columns of O in registers, over all t */
@@ -1475,21 +1509,21 @@ static void attention_pv(float *O, const float *P, int nr, const void *v, int kv
                 const float *p = P + (size_t)r0 * KV_TILE;
                 const uint8_t *vd = (const uint8_t *)v + (size_t)d * (kv_dtype == MM_F32 ? 4 : 2);
                 switch ((nr - r0 < 4 ? nr - r0 : 4) + 4 * (kv_dtype == MM_F16)) {  /* registers need constants */
-                case 1: pv_tile(o, hd, p, vd, MM_F32, kv_dim, nt, 1); break;
-                case 2: pv_tile(o, hd, p, vd, MM_F32, kv_dim, nt, 2); break;
-                case 3: pv_tile(o, hd, p, vd, MM_F32, kv_dim, nt, 3); break;
-                case 4: pv_tile(o, hd, p, vd, MM_F32, kv_dim, nt, 4); break;
-                case 5: pv_tile(o, hd, p, vd, MM_F16, kv_dim, nt, 1); break;
-                case 6: pv_tile(o, hd, p, vd, MM_F16, kv_dim, nt, 2); break;
-                case 7: pv_tile(o, hd, p, vd, MM_F16, kv_dim, nt, 3); break;
-                default: pv_tile(o, hd, p, vd, MM_F16, kv_dim, nt, 4); break;
+                case 1: pv_tile(o, hd, p, vd, MM_F32, hd, nt, 1); break;
+                case 2: pv_tile(o, hd, p, vd, MM_F32, hd, nt, 2); break;
+                case 3: pv_tile(o, hd, p, vd, MM_F32, hd, nt, 3); break;
+                case 4: pv_tile(o, hd, p, vd, MM_F32, hd, nt, 4); break;
+                case 5: pv_tile(o, hd, p, vd, MM_F16, hd, nt, 1); break;
+                case 6: pv_tile(o, hd, p, vd, MM_F16, hd, nt, 2); break;
+                case 7: pv_tile(o, hd, p, vd, MM_F16, hd, nt, 3); break;
+                default: pv_tile(o, hd, p, vd, MM_F16, hd, nt, 4); break;
                 }
             }
         if (d == hd) return;
     }
 #endif
     for (int t = 0; t < nt; t++) {  /* the plain loop, for the columns left */
-        const float *vt = kv_row(v, kv_dtype, (size_t)t * kv_dim, hd, row);
+        const float *vt = kv_row(v, kv_dtype, (size_t)t * hd, hd, row);
         for (int r = 0; r < nr; r++) {
             float p = P[(size_t)r * KV_TILE + t], *o = O + (size_t)r * hd;
             for (int c = d; c < hd; c++) o[c] += p * vt[c];
@@ -1497,54 +1531,52 @@ static void attention_pv(float *O, const float *P, int nr, const void *v, int kv
     }
 }
 
-/* S[j * ldS + t] = q_j . k_t * scale for queries j < nq (head_dim apart) and keys t < n_keys
- * (kv_dim apart from k); buf: [head_dim] */
+/* S[j * ldS + t] = q_j . k_t * scale for queries j < nq and keys t < n_keys (rows of head_dim
+ * from q and k); buf: [head_dim] */
 static void attention_scores(float *S, int ldS, const float *q, int nq, const void *k, int kv_dtype,
-                             int kv_dim, int hd, int n_keys, float scale, float *buf) {
+                             int hd, int n_keys, float scale, float *buf) {
 #ifdef HAVE_SIMD
     if (!reference_kernels) {
-        if (kv_dtype == MM_F32) attention_scores_simd(S, ldS, q, nq, k, MM_F32, kv_dim, hd, n_keys, scale);
-        else attention_scores_simd(S, ldS, q, nq, k, MM_F16, kv_dim, hd, n_keys, scale);
+        if (kv_dtype == MM_F32) attention_scores_simd(S, ldS, q, nq, k, MM_F32, hd, n_keys, scale);
+        else attention_scores_simd(S, ldS, q, nq, k, MM_F16, hd, n_keys, scale);
         return;
     }
 #endif
     for (int t = 0; t < n_keys; t++) {
-        const float *kt = kv_row(k, kv_dtype, (size_t)t * kv_dim, hd, buf);
+        const float *kt = kv_row(k, kv_dtype, (size_t)t * hd, hd, buf);
         for (int j = 0; j < nq; j++) S[(size_t)j * ldS + t] = dot(q + (size_t)j * hd, kt, hd) * scale;
     }
 }
 
 /* Tokens pos0 .. pos0+n-1 (n <= ATT_TOKENS), the `group` query heads of kv head g each.
- * q, out: [n, q_dim] rows (this group's heads at g * group * head_dim); keys, values: the layer's
- * cache; buf: [attention_buf_len(group, head_dim)] */
+ * q, out: [n, q_dim] rows (this group's heads at g * group * head_dim); keys, values: kv head g's
+ * cache [ctx, head_dim]; buf: [attention_buf_len(group, head_dim)] */
 static size_t attention_buf_len(int group, int hd) {
     size_t nq = (size_t)ATT_TOKENS * group;
     return nq * KV_TILE + nq * hd + 2 * nq + (size_t)hd;
 }
 
 static void attention_group(float *out, const float *q, int n, int q_dim, int group, int g,
-                            const void *keys, const void *values, int kv_dtype, int kv_dim, int hd,
-                            int pos0, float *buf) {
+                            const void *keys, const void *values, int kv_dtype, int hd, int pos0, float *buf) {
     int nq = n * group;
     float *S = buf, *O = S + (size_t)nq * KV_TILE, *mx = O + (size_t)nq * hd, *sum = mx + nq, *row = sum + nq;
     float scale = 1.0f / sqrtf((float)hd);
     for (int r = 0; r < nq; r++) mx[r] = -INFINITY, sum[r] = 0;
     memset(O, 0, sizeof(float) * (size_t)nq * hd);
-    int kv_off = g * hd, last = pos0 + n - 1;
+    int last = pos0 + n - 1;
     for (int t0 = 0; t0 <= last; t0 += KV_TILE) {
         int nt = last + 1 - t0 < KV_TILE ? last + 1 - t0 : KV_TILE;
-        const size_t k_at = (size_t)t0 * kv_dim + kv_off;
+        const size_t k_at = (size_t)t0 * hd;
         const void *k = (const uint8_t *)keys + k_at * (kv_dtype == MM_F32 ? 4 : 2);
         for (int i = 0; i < n; i++) {  /* token i sees keys up to its own position */
             int see = pos0 + i - t0 + 1 < nt ? pos0 + i - t0 + 1 : nt;
             if (see <= 0) continue;
             const float *qi = q + (size_t)i * q_dim + (size_t)g * group * hd;
             float *Si = S + (size_t)i * group * KV_TILE;
-            attention_scores(Si, KV_TILE, qi, group, k, kv_dtype, kv_dim, hd, see, scale, row);
+            attention_scores(Si, KV_TILE, qi, group, k, kv_dtype, hd, see, scale, row);
             for (int j = 0; j < group; j++) {  /* online softmax: rescale what came before */
                 int r = i * group + j;
-                float *sr = Si + (size_t)j * KV_TILE, m = mx[r];
-                for (int t = 0; t < see; t++) m = sr[t] > m ? sr[t] : m;
+                float *sr = Si + (size_t)j * KV_TILE, m = max_of(sr, see, mx[r]);
                 float corr = expf(mx[r] - m);
                 sum[r] = sum[r] * corr + exp_shifted(sr, see, m);
                 mx[r] = m;
@@ -1556,8 +1588,7 @@ static void attention_group(float *out, const float *q, int n, int q_dim, int gr
         for (int i = 0; i < n; i++) {  /* O += P . V, each token's heads together over its keys */
             int see = pos0 + i - t0 + 1 < nt ? pos0 + i - t0 + 1 : nt;
             if (see > 0)
-                attention_pv(O + (size_t)i * group * hd, S + (size_t)i * group * KV_TILE, group, v, kv_dtype,
-                             kv_dim, hd, see, row);
+                attention_pv(O + (size_t)i * group * hd, S + (size_t)i * group * KV_TILE, group, v, kv_dtype, hd, see, row);
         }
     }
     for (int i = 0; i < n; i++)
@@ -1653,11 +1684,8 @@ static float *forward_token(const Model *m, State *s, int token, int pos) {
 
     memcpy(x, matrix_row(&m->embed, token, buf), (size_t)dim * sizeof(float));
     rope_angles(s->cos, s->sin, s, pos, half);
-    size_t kv_elem = s->kv_dtype == MM_F16 ? 2 : 4;
     for (uint32_t l = 0; l < h->n_layers; l++) {
         const Layer *L = &m->layers[l];
-        const void *keys = (const uint8_t *)s->key_cache + (size_t)l * s->ctx * kv_dim * kv_elem;
-        const void *values = (const uint8_t *)s->value_cache + (size_t)l * s->ctx * kv_dim * kv_elem;
         float *k = s->k_new, *v = s->v_new;
 
         /* attention */
@@ -1674,11 +1702,15 @@ static float *forward_token(const Model *m, State *s, int token, int pos) {
             if (L->k_norm) rmsnorm(k + (size_t)g * hd, k + (size_t)g * hd, L->k_norm, hd, h->rms_eps);
             rope_rotate(k + (size_t)g * hd, s->cos, s->sin, half);
         }
-        kv_store((void *)keys, s->kv_dtype, (size_t)pos * kv_dim, k, kv_dim);
-        kv_store((void *)values, s->kv_dtype, (size_t)pos * kv_dim, v, kv_dim);
-        for (uint32_t hh = 0; hh < h->n_heads; hh++)
-            attention_head(s->att_out + (size_t)hh * hd, s->q + (size_t)hh * hd, keys, values, s->kv_dtype,
-                           kv_dim, (int)(hh / group) * hd, hd, pos, s->scores, s->att_buf);
+        for (uint32_t g = 0; g < h->n_kv_heads; g++) {
+            kv_store(kv_head(s, s->key_cache, h, l, (int)g), s->kv_dtype, (size_t)pos * hd, k + (size_t)g * hd, hd);
+            kv_store(kv_head(s, s->value_cache, h, l, (int)g), s->kv_dtype, (size_t)pos * hd, v + (size_t)g * hd, hd);
+        }
+        for (uint32_t hh = 0; hh < h->n_heads; hh++) {
+            int g = (int)(hh / group);
+            attention_head(s->att_out + (size_t)hh * hd, s->q + (size_t)hh * hd, kv_head(s, s->key_cache, h, l, g),
+                           kv_head(s, s->value_cache, h, l, g), s->kv_dtype, hd, pos, s->scores, s->att_buf);
+        }
         for (int r = 0; r < dim; r++) x[r] += dot(matrix_row(&L->wo, r, buf), s->att_out, L->wo.cols);
 
         /* feed-forward */
@@ -1714,7 +1746,6 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
     int dim = (int)h->dim, hd = (int)h->head_dim, half = hd / 2, n_heads = (int)h->n_heads;
     int kv_dim = (int)(h->n_kv_heads * h->head_dim), q_dim = n_heads * hd;
     int group = (int)(h->n_heads / h->n_kv_heads), n_kv_heads = (int)h->n_kv_heads;
-    size_t kv_elem = s->kv_dtype == MM_F16 ? 2 : 4;
     if (n < 1 || n > s->max_tokens || pos0 < 0 || pos0 + n > s->ctx)
         die("internal: forward of %d tokens at position %d (block %d, context %d)", n, pos0,
             s->max_tokens, s->ctx);
@@ -1726,8 +1757,6 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
     }
     for (uint32_t l = 0; l < h->n_layers; l++) {
         const Layer *L = &m->layers[l];
-        void *keys = (uint8_t *)s->key_cache + (size_t)l * s->ctx * kv_dim * kv_elem;
-        void *values = (uint8_t *)s->value_cache + (size_t)l * s->ctx * kv_dim * kv_elem;
         float *k = s->k_new, *v = s->v_new;
 
         for (int t = 0; t < n; t++)
@@ -1744,9 +1773,10 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
                 float *kh = k + (size_t)t * kv_dim + (size_t)g * hd;
                 if (L->k_norm) rmsnorm(kh, kh, L->k_norm, hd, h->rms_eps);
                 rope_rotate(kh, c, sn, half);
+                kv_store(kv_head(s, s->key_cache, h, l, g), s->kv_dtype, (size_t)(pos0 + t) * hd, kh, hd);
+                kv_store(kv_head(s, s->value_cache, h, l, g), s->kv_dtype, (size_t)(pos0 + t) * hd,
+                         v + (size_t)t * kv_dim + (size_t)g * hd, hd);
             }
-            kv_store(keys, s->kv_dtype, (size_t)(pos0 + t) * kv_dim, k + (size_t)t * kv_dim, kv_dim);
-            kv_store(values, s->kv_dtype, (size_t)(pos0 + t) * kv_dim, v + (size_t)t * kv_dim, kv_dim);
         }
         /* units of work: one kv head (with its query heads) for a run of up to ATT_TOKENS tokens */
         int n_runs = (n + ATT_TOKENS - 1) / ATT_TOKENS;
@@ -1755,16 +1785,17 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
             int t0 = u / n_kv_heads * ATT_TOKENS, g = u % n_kv_heads;
             int len = n - t0 < ATT_TOKENS ? n - t0 : ATT_TOKENS;
             float *buf = s->att_buf + (size_t)thread_id() * s->att_buf_len;
+            const void *keys = kv_head(s, s->key_cache, h, l, g), *values = kv_head(s, s->value_cache, h, l, g);
             if (!reference_kernels) {
                 attention_group(s->att_out + (size_t)t0 * q_dim, s->q + (size_t)t0 * q_dim, len, q_dim, group, g,
-                                keys, values, s->kv_dtype, kv_dim, hd, pos0 + t0, buf);
+                                keys, values, s->kv_dtype, hd, pos0 + t0, buf);
                 continue;
             }
             for (int t = t0; t < t0 + len; t++)
                 for (int hh = g * group; hh < (g + 1) * group; hh++)
                     attention_head(s->att_out + (size_t)t * q_dim + (size_t)hh * hd,
-                                   s->q + (size_t)t * q_dim + (size_t)hh * hd, keys, values, s->kv_dtype, kv_dim,
-                                   g * hd, hd, pos0 + t, s->scores + (size_t)thread_id() * s->ctx, buf);
+                                   s->q + (size_t)t * q_dim + (size_t)hh * hd, keys, values, s->kv_dtype, hd,
+                                   pos0 + t, s->scores + (size_t)thread_id() * s->ctx, buf);
         }
         matmul(s->delta, s->att_out, &L->wo, n, s);
         for (size_t i = 0; i < (size_t)n * dim; i++) s->x[i] += s->delta[i];
@@ -2132,12 +2163,13 @@ static void bench(const Model *m, State *s, Context *c, int n) {
      * its pages are mapped in as positions are first written; llama.cpp clears its cache when the
      * context is made, before it times anything: so does this, to time the same work (only the
      * positions the benchmark uses, so that peak RSS stays what they need) */
-    size_t row = (size_t)m->cfg.n_kv_heads * m->cfg.head_dim * (s->kv_dtype == MM_F16 ? 2 : 4);
+    size_t row = (size_t)m->cfg.head_dim * (s->kv_dtype == MM_F16 ? 2 : 4);
     size_t used = s->ctx < DEPTH2 + n ? (size_t)s->ctx : (size_t)(DEPTH2 + n);
-    for (uint32_t l = 0; l < m->cfg.n_layers; l++) {
-        memset((uint8_t *)s->key_cache + (size_t)l * s->ctx * row, 0, used * row);
-        memset((uint8_t *)s->value_cache + (size_t)l * s->ctx * row, 0, used * row);
-    }
+    for (uint32_t l = 0; l < m->cfg.n_layers; l++)
+        for (int g = 0; g < (int)m->cfg.n_kv_heads; g++) {
+            memset(kv_head(s, s->key_cache, &m->cfg, l, g), 0, used * row);
+            memset(kv_head(s, s->value_cache, &m->cfg, l, g), 0, used * row);
+        }
     c->n_cached = 0, c->n = WARMUP;
     bench_decode(m, s, c, prefill(m, s, c), 1);
     c->n_cached = 0, c->n = PROMPT;

@@ -148,25 +148,29 @@ static void test_attention(int kv_dtype, int n_kv_heads, int group, int hd, int 
     size_t elem = kv_dtype == MM_F16 ? 2 : 4;
     void *keys = xcalloc((size_t)ctx * kv_dim, elem, "test"), *values = xcalloc((size_t)ctx * kv_dim, elem, "test");
     float *row = xcalloc((size_t)kv_dim, sizeof(float), "test");
-    for (int t = 0; t < ctx; t++) {
-        for (int i = 0; i < kv_dim; i++) row[i] = 3.0f * frand();  /* peaked softmaxes too */
-        kv_store(keys, kv_dtype, (size_t)t * kv_dim, row, kv_dim);
-        for (int i = 0; i < kv_dim; i++) row[i] = frand();
-        kv_store(values, kv_dtype, (size_t)t * kv_dim, row, kv_dim);
-    }
+    for (int g = 0; g < n_kv_heads; g++)  /* the cache of one layer: [n_kv_heads, ctx, hd] */
+        for (int t = 0; t < ctx; t++) {
+            for (int i = 0; i < hd; i++) row[i] = 3.0f * frand();  /* peaked softmaxes too */
+            kv_store(keys, kv_dtype, ((size_t)g * ctx + t) * hd, row, hd);
+            for (int i = 0; i < hd; i++) row[i] = frand();
+            kv_store(values, kv_dtype, ((size_t)g * ctx + t) * hd, row, hd);
+        }
     float *q = xcalloc((size_t)n * q_dim, sizeof(float), "test");
     for (size_t i = 0; i < (size_t)n * q_dim; i++) q[i] = frand();
     float *ref = xcalloc((size_t)n * q_dim, sizeof(float), "test"), *fast = xcalloc((size_t)n * q_dim, sizeof(float), "test");
     float *scores = xcalloc((size_t)ctx, sizeof(float), "test");
     float *buf = xcalloc(attention_buf_len(group, hd), sizeof(float), "test");
+    size_t head = (size_t)ctx * hd * elem;  /* bytes of one kv head's cache */
     for (int t = 0; t < n; t++)
         for (int hh = 0; hh < n_kv_heads * group; hh++)
-            attention_head(ref + (size_t)t * q_dim + (size_t)hh * hd, q + (size_t)t * q_dim + (size_t)hh * hd, keys,
-                           values, kv_dtype, kv_dim, hh / group * hd, hd, pos0 + t, scores, row);
+            attention_head(ref + (size_t)t * q_dim + (size_t)hh * hd, q + (size_t)t * q_dim + (size_t)hh * hd,
+                           (uint8_t *)keys + hh / group * head, (uint8_t *)values + hh / group * head, kv_dtype, hd,
+                           pos0 + t, scores, row);
     for (int g = 0; g < n_kv_heads; g++)
         for (int t0 = 0; t0 < n; t0 += ATT_TOKENS)
             attention_group(fast + (size_t)t0 * q_dim, q + (size_t)t0 * q_dim, n - t0 < ATT_TOKENS ? n - t0 : ATT_TOKENS,
-                            q_dim, group, g, keys, values, kv_dtype, kv_dim, hd, pos0 + t0, buf);
+                            q_dim, group, g, (uint8_t *)keys + g * head, (uint8_t *)values + g * head, kv_dtype, hd,
+                            pos0 + t0, buf);
     double worst = 0;
     for (size_t i = 0; i < (size_t)n * q_dim; i++) {
         double e = fabs((double)fast[i] - ref[i]);
