@@ -427,6 +427,7 @@ static void rope_inv_freq(float *inv_freq, const Rope *r, int head_dim, int max_
 #define ROW_BLOCK 4              /* weight rows per unit of matmul work (the fast path's tile) */
 #define PANEL_ROWS 12            /* weight rows a prompt block's tile converts to f32 at once */
 #define XT_TOKENS 32             /* the transposed activations are padded to a multiple of this */
+#define KEY_BLOCK 16             /* key positions stored transposed together (the score kernel's lanes) */
 
 typedef struct {
     int max_tokens;             /* tokens per forward call (the prefill block) */
@@ -456,9 +457,11 @@ typedef struct {
     int32_t *xqsum;             /* [max_tokens, max cols / 32] -128 x the sum of each group's codes */
     float *logits;              /* [max_tokens, vocab] */
     int kv_dtype;               /* MM_F32, or MM_F16 (--kv f16) */
-    void *key_cache;            /* [n_layers, n_kv_heads, ctx, head_dim] of kv_dtype: each kv head's
-                                   keys one run of memory, read start to end by its attention */
-    void *value_cache;          /* [n_layers, n_kv_heads, ctx, head_dim] of kv_dtype */
+    int kv_len;                 /* ctx rounded up to a multiple of KEY_BLOCK */
+    void *key_cache;            /* [n_layers, n_kv_heads, kv_len / KEY_BLOCK, head_dim, KEY_BLOCK] of
+                                   kv_dtype: each kv head's keys one run of memory, KEY_BLOCK
+                                   positions side by side (see key_store) */
+    void *value_cache;          /* [n_layers, n_kv_heads, kv_len, head_dim] of kv_dtype */
     float *k_new, *v_new;       /* [max_tokens, n_kv_heads * head_dim] the block's k, v before caching */
     float *att_buf;             /* [threads, att_buf_len] attention scratch (attention_group) */
     size_t att_buf_len;
@@ -507,11 +510,12 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
     s->logits = xcalloc(T * h->vocab_size, sizeof(float), "logits");
     /* calloc of this size maps fresh zero pages: memory is only committed for positions used */
     s->kv_dtype = kv_dtype;
-    size_t kv_elem = kv_dtype == MM_F16 ? 2 : 4;
-    s->key_cache = xcalloc((size_t)h->n_layers * ctx * kv_dim, kv_elem, "key cache");
-    s->value_cache = xcalloc((size_t)h->n_layers * ctx * kv_dim, kv_elem, "value cache");
-    advise_huge_pages(s->key_cache, (size_t)h->n_layers * ctx * kv_dim * kv_elem);
-    advise_huge_pages(s->value_cache, (size_t)h->n_layers * ctx * kv_dim * kv_elem);
+    s->kv_len = (ctx + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+    size_t kv_elem = kv_dtype == MM_F16 ? 2 : 4, kv_n = (size_t)h->n_layers * (size_t)s->kv_len * kv_dim;
+    s->key_cache = xcalloc(kv_n, kv_elem, "key cache");
+    s->value_cache = xcalloc(kv_n, kv_elem, "value cache");
+    advise_huge_pages(s->key_cache, kv_n * kv_elem);
+    advise_huge_pages(s->value_cache, kv_n * kv_elem);
     s->k_new = xcalloc(T * kv_dim, sizeof(float), "activations");
     s->v_new = xcalloc(T * kv_dim, sizeof(float), "activations");
     s->att_buf_len = attention_buf_len((int)(h->n_heads / h->n_kv_heads), (int)h->head_dim);
@@ -534,7 +538,8 @@ static uint64_t state_bytes(const mm_header *h, int max_tokens, int ctx, int kv_
     uint64_t T = (uint64_t)max_tokens, nt = (uint64_t)n_threads(), cols = dim;
     if (q_dim > cols) cols = q_dim;
     if (ffn > cols) cols = ffn;
-    *kv_bytes = 2 * (uint64_t)h->n_layers * (uint64_t)ctx * kv_dim * (kv_dtype == MM_F16 ? 2 : 4);
+    uint64_t kv_len = ((uint64_t)ctx + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+    *kv_bytes = 2 * (uint64_t)h->n_layers * kv_len * kv_dim * (kv_dtype == MM_F16 ? 2 : 4);
     uint64_t per_token = 4 * (5 * dim + 2 * q_dim + 2 * ffn + 2 * kv_dim + h->head_dim + h->vocab_size +
                               h->n_experts + 2 * (uint64_t)h->n_experts_per_tok + 2) + cols + cols / 4;
     uint64_t xT = 4 * cols * ((T + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS);
@@ -706,6 +711,7 @@ static ALWAYS_INLINE float hsum8(__m256 v) {
 #define HAVE_AVX512 1
 enum { VL = 16, TILE_ROWS = ROW_BLOCK };  /* vf_hsum4 sums a tile of four rows */
 #define TILE_TOKENS 6       /* 24 of the 32 registers accumulate */
+#define SCORE_QUERIES 8     /* attention scores: 8 queries x 16 keys, 8 accumulators */
 typedef __m512 vf;
 static ALWAYS_INLINE vf vf_zero(void) { return _mm512_setzero_ps(); }
 static ALWAYS_INLINE vf vf_set1(float a) { return _mm512_set1_ps(a); }
@@ -744,6 +750,7 @@ static ALWAYS_INLINE vf vf_load_i8(const int8_t *p) {
 #define KERNELS "avx2"
 enum { VL = 8, TILE_ROWS = ROW_BLOCK };
 #define TILE_TOKENS 3       /* 12 of the 16 registers accumulate */
+#define SCORE_QUERIES 4     /* 4 queries x 16 keys: 8 accumulators */
 typedef __m256 vf;
 static ALWAYS_INLINE vf vf_zero(void) { return _mm256_setzero_ps(); }
 static ALWAYS_INLINE vf vf_set1(float a) { return _mm256_set1_ps(a); }
@@ -1346,8 +1353,8 @@ static void rope_rotate(float *v, const float *cos_, const float *sin_, int half
     }
 }
 
-/* ---- the KV cache: per layer and kv head, a row of head_dim values per position, f32 or
- * (--kv f16) f16 ---- */
+/* ---- the KV cache: per layer and kv head, head_dim values per position, f32 or (--kv f16) f16;
+ * values as rows, keys transposed in blocks (key_store, below) ---- */
 
 /* f32 -> f16, rounding to nearest even (overflow to inf; the cache holds rotated k and v) */
 static uint16_t f32_to_f16(float f) {
@@ -1365,38 +1372,59 @@ static uint16_t f32_to_f16(float f) {
     return (uint16_t)(sign | r);
 }
 
-/* n values of the cache from element at, as f32: a pointer into an f32 cache, else converted */
-static const float *kv_row(const void *cache, int dtype, size_t at, int n, float *buf) {
+/* n values of the value cache from element at, as f32: a pointer into an f32 cache, else converted */
+static const float *value_row(const void *cache, int dtype, size_t at, int n, float *buf) {
     if (dtype == MM_F32) return (const float *)cache + at;
     const uint16_t *p = (const uint16_t *)cache + at;
     for (int i = 0; i < n; i++) buf[i] = f16_to_f32(p[i]);
     return buf;
 }
 
-static void kv_store(void *cache, int dtype, size_t at, const float *x, int n) {
+static void value_store(void *cache, int dtype, size_t at, const float *x, int n) {
     if (dtype == MM_F32) { memcpy((float *)cache + at, x, (size_t)n * sizeof(float)); return; }
     uint16_t *p = (uint16_t *)cache + at;
     for (int i = 0; i < n; i++) p[i] = f32_to_f16(x[i]);
 }
 
-/* kv head g of layer l in the key or value cache: [ctx, head_dim] */
+/* kv head g of layer l in the key or value cache: kv_len positions of head_dim values */
 static void *kv_head(const State *s, void *cache, const mm_header *h, uint32_t l, int g) {
     size_t elem = s->kv_dtype == MM_F16 ? 2 : 4;
-    return (uint8_t *)cache + ((size_t)l * h->n_kv_heads + (size_t)g) * s->ctx * h->head_dim * elem;
+    return (uint8_t *)cache + ((size_t)l * h->n_kv_heads + (size_t)g) * s->kv_len * h->head_dim * elem;
+}
+
+/* Keys are stored transposed in blocks of KEY_BLOCK positions, [block][head_dim][KEY_BLOCK]: one
+ * vector load holds dimension d of KEY_BLOCK keys, so the scores of KEY_BLOCK keys are head_dim
+ * FMAs with no horizontal sums (attention_scores). key_store and key_row convert one position. */
+static size_t key_at(int pos, int d, int hd) {
+    return ((size_t)(pos / KEY_BLOCK) * hd + (size_t)d) * KEY_BLOCK + (size_t)(pos % KEY_BLOCK);
+}
+
+static void key_store(void *keys, int dtype, int pos, const float *x, int hd) {
+    for (int d = 0; d < hd; d++) {
+        if (dtype == MM_F32) ((float *)keys)[key_at(pos, d, hd)] = x[d];
+        else ((uint16_t *)keys)[key_at(pos, d, hd)] = f32_to_f16(x[d]);
+    }
+}
+
+static const float *key_row(const void *keys, int dtype, int pos, int hd, float *buf) {
+    for (int d = 0; d < hd; d++)
+        buf[d] = dtype == MM_F32 ? ((const float *)keys)[key_at(pos, d, hd)]
+                                 : f16_to_f32(((const uint16_t *)keys)[key_at(pos, d, hd)]);
+    return buf;
 }
 
 /* ---- attention, the plain reference: one query head over positions 0..pos of its kv head,
- * out = softmax(q.k / sqrt(hd)) . v.  keys, values: its kv head's cache [ctx, head_dim];
+ * out = softmax(q.k / sqrt(hd)) . v.  keys, values: its kv head's caches;
  * scores: [pos + 1]; row: [head_dim] ---- */
 static void attention_head(float *out, const float *q, const void *keys, const void *values, int kv_dtype,
                            int head_dim, int pos, float *scores, float *row) {
     float scale = 1.0f / sqrtf((float)head_dim);
     for (int t = 0; t <= pos; t++)
-        scores[t] = dot(q, kv_row(keys, kv_dtype, (size_t)t * head_dim, head_dim, row), head_dim) * scale;
+        scores[t] = dot(q, key_row(keys, kv_dtype, t, head_dim, row), head_dim) * scale;
     softmax(scores, pos + 1);
     memset(out, 0, (size_t)head_dim * sizeof(float));
     for (int t = 0; t <= pos; t++) {
-        const float *v = kv_row(values, kv_dtype, (size_t)t * head_dim, head_dim, row);
+        const float *v = value_row(values, kv_dtype, (size_t)t * head_dim, head_dim, row);
         for (int i = 0; i < head_dim; i++) out[i] += scores[t] * v[i];
     }
 }
@@ -1406,36 +1434,50 @@ static void attention_head(float *out, const float *q, const void *keys, const v
  * query that sees it (not once per query head), the scores of a tile are a small matrix product
  * (the matmul tile), and the softmax runs online: a running max and sum per query, the partial
  * output rescaled when the max grows, so the scores never outgrow a tile (flash attention). ---- */
-#define KV_TILE 128     /* key positions per tile */
+#define KV_TILE 128     /* key positions per tile (a multiple of KEY_BLOCK) */
 #define ATT_TOKENS 16   /* tokens per unit of attention work (with all heads of one kv head) */
 
 #ifdef HAVE_SIMD
+/* S[j * ldS + t] = q_j . k_t * scale for j < J queries (rows of hd from q) and the KEY_BLOCK keys
+ * of one block (kb: [hd][KEY_BLOCK]): lanes are keys, each q_j[d] broadcast, every score one chain
+ * of FMAs over d in order */
+static ALWAYS_INLINE void scores_tile(float *S, int ldS, const float *q, const void *kb, int kv_dtype, int hd,
+                                      float scale, const int J) {
+    vf acc[SCORE_QUERIES][KEY_BLOCK / VL];
+    for (int j = 0; j < J; j++)
+        for (int u = 0; u < KEY_BLOCK / VL; u++) acc[j][u] = vf_zero();
+    for (int d = 0; d < hd; d++)
+        for (int u = 0; u < KEY_BLOCK / VL; u++) {
+            vf k = vf_keep(load_w(kv_dtype, kb, (size_t)d * KEY_BLOCK + (size_t)u * VL));
+            for (int j = 0; j < J; j++) acc[j][u] = vf_fmadd(vf_set1(q[(size_t)j * hd + d]), k, acc[j][u]);
+        }
+    for (int j = 0; j < J; j++)
+        for (int u = 0; u < KEY_BLOCK / VL; u++) vf_store(S + (size_t)j * ldS + u * VL, vf_mul(acc[j][u], vf_set1(scale)));
+}
+
+/* every block of keys that holds one of the first n_keys (the scores past n_keys are computed too,
+ * from the cache's zeros or older positions, and never read) */
 static ALWAYS_INLINE void attention_scores_simd(float *S, int ldS, const float *q, int nq, const void *k,
                                                 int kv_dtype, int hd, int n_keys, float scale) {
-    size_t elem = kv_dtype == MM_F32 ? 4 : 2;
-    int t = 0;
-    for (; t + TILE_ROWS <= n_keys; t += TILE_ROWS) {  /* keys play the weight rows, queries the tokens */
-        const void *kt = (const uint8_t *)k + (size_t)t * hd * elem;
+    size_t block = (size_t)hd * KEY_BLOCK * (kv_dtype == MM_F32 ? 4 : 2);
+    for (int t = 0; t < n_keys; t += KEY_BLOCK) {
+        const void *kb = (const uint8_t *)k + (size_t)(t / KEY_BLOCK) * block;
         int j = 0;
-#define QUERIES(T) tile(S + (size_t)j * ldS + t, ldS, kv_dtype, kt, hd, q + (size_t)j * hd, hd, hd, TILE_ROWS, T, false)
-        for (; j + TILE_TOKENS <= nq; j += TILE_TOKENS) QUERIES(TILE_TOKENS);
+#define QUERIES(J) scores_tile(S + (size_t)j * ldS + t, ldS, q + (size_t)j * hd, kb, kv_dtype, hd, scale, J)
+        for (; j + SCORE_QUERIES <= nq; j += SCORE_QUERIES) QUERIES(SCORE_QUERIES);
         switch (nq - j) {  /* the queries left (a group of 2 or 4 heads when decoding) in one tile */
         case 1: QUERIES(1); break;
         case 2: QUERIES(2); break;
-#if TILE_TOKENS > 3
         case 3: QUERIES(3); break;
+#if SCORE_QUERIES > 4
         case 4: QUERIES(4); break;
         case 5: QUERIES(5); break;
+        case 6: QUERIES(6); break;
+        case 7: QUERIES(7); break;
 #endif
         }
 #undef QUERIES
     }
-    for (; t < n_keys; t++)
-        for (int j = 0; j < nq; j++)
-            tile(S + (size_t)j * ldS + t, ldS, kv_dtype, (const uint8_t *)k + (size_t)t * hd * elem,
-                      hd, q + (size_t)j * hd, hd, hd, 1, 1, false);
-    for (int j = 0; j < nq; j++)
-        for (int t2 = 0; t2 < n_keys; t2++) S[(size_t)j * ldS + t2] *= scale;
 }
 #endif
 
@@ -1523,7 +1565,7 @@ static void attention_pv(float *O, const float *P, int nr, const void *v, int kv
     }
 #endif
     for (int t = 0; t < nt; t++) {  /* the plain loop, for the columns left */
-        const float *vt = kv_row(v, kv_dtype, (size_t)t * hd, hd, row);
+        const float *vt = value_row(v, kv_dtype, (size_t)t * hd, hd, row);
         for (int r = 0; r < nr; r++) {
             float p = P[(size_t)r * KV_TILE + t], *o = O + (size_t)r * hd;
             for (int c = d; c < hd; c++) o[c] += p * vt[c];
@@ -1531,8 +1573,9 @@ static void attention_pv(float *O, const float *P, int nr, const void *v, int kv
     }
 }
 
-/* S[j * ldS + t] = q_j . k_t * scale for queries j < nq and keys t < n_keys (rows of head_dim
- * from q and k); buf: [head_dim] */
+/* S[j * ldS + t] = q_j . k_t * scale for queries j < nq (rows of head_dim from q) and keys
+ * t < n_keys (from k, the start of a block of KEY_BLOCK keys; S rows hold whole blocks);
+ * buf: [head_dim] */
 static void attention_scores(float *S, int ldS, const float *q, int nq, const void *k, int kv_dtype,
                              int hd, int n_keys, float scale, float *buf) {
 #ifdef HAVE_SIMD
@@ -1543,14 +1586,14 @@ static void attention_scores(float *S, int ldS, const float *q, int nq, const vo
     }
 #endif
     for (int t = 0; t < n_keys; t++) {
-        const float *kt = kv_row(k, kv_dtype, (size_t)t * hd, hd, buf);
+        const float *kt = key_row(k, kv_dtype, t, hd, buf);
         for (int j = 0; j < nq; j++) S[(size_t)j * ldS + t] = dot(q + (size_t)j * hd, kt, hd) * scale;
     }
 }
 
 /* Tokens pos0 .. pos0+n-1 (n <= ATT_TOKENS), the `group` query heads of kv head g each.
  * q, out: [n, q_dim] rows (this group's heads at g * group * head_dim); keys, values: kv head g's
- * cache [ctx, head_dim]; buf: [attention_buf_len(group, head_dim)] */
+ * caches; buf: [attention_buf_len(group, head_dim)] */
 static size_t attention_buf_len(int group, int hd) {
     size_t nq = (size_t)ATT_TOKENS * group;
     return nq * KV_TILE + nq * hd + 2 * nq + (size_t)hd;
@@ -1566,7 +1609,7 @@ static void attention_group(float *out, const float *q, int n, int q_dim, int gr
     int last = pos0 + n - 1;
     for (int t0 = 0; t0 <= last; t0 += KV_TILE) {
         int nt = last + 1 - t0 < KV_TILE ? last + 1 - t0 : KV_TILE;
-        const size_t k_at = (size_t)t0 * hd;
+        const size_t k_at = (size_t)t0 * hd;  /* position t0 of either cache (t0: a multiple of KEY_BLOCK) */
         const void *k = (const uint8_t *)keys + k_at * (kv_dtype == MM_F32 ? 4 : 2);
         for (int i = 0; i < n; i++) {  /* token i sees keys up to its own position */
             int see = pos0 + i - t0 + 1 < nt ? pos0 + i - t0 + 1 : nt;
@@ -1703,8 +1746,8 @@ static float *forward_token(const Model *m, State *s, int token, int pos) {
             rope_rotate(k + (size_t)g * hd, s->cos, s->sin, half);
         }
         for (uint32_t g = 0; g < h->n_kv_heads; g++) {
-            kv_store(kv_head(s, s->key_cache, h, l, (int)g), s->kv_dtype, (size_t)pos * hd, k + (size_t)g * hd, hd);
-            kv_store(kv_head(s, s->value_cache, h, l, (int)g), s->kv_dtype, (size_t)pos * hd, v + (size_t)g * hd, hd);
+            key_store(kv_head(s, s->key_cache, h, l, (int)g), s->kv_dtype, pos, k + (size_t)g * hd, hd);
+            value_store(kv_head(s, s->value_cache, h, l, (int)g), s->kv_dtype, (size_t)pos * hd, v + (size_t)g * hd, hd);
         }
         for (uint32_t hh = 0; hh < h->n_heads; hh++) {
             int g = (int)(hh / group);
@@ -1773,8 +1816,8 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
                 float *kh = k + (size_t)t * kv_dim + (size_t)g * hd;
                 if (L->k_norm) rmsnorm(kh, kh, L->k_norm, hd, h->rms_eps);
                 rope_rotate(kh, c, sn, half);
-                kv_store(kv_head(s, s->key_cache, h, l, g), s->kv_dtype, (size_t)(pos0 + t) * hd, kh, hd);
-                kv_store(kv_head(s, s->value_cache, h, l, g), s->kv_dtype, (size_t)(pos0 + t) * hd,
+                key_store(kv_head(s, s->key_cache, h, l, g), s->kv_dtype, pos0 + t, kh, hd);
+                value_store(kv_head(s, s->value_cache, h, l, g), s->kv_dtype, (size_t)(pos0 + t) * hd,
                          v + (size_t)t * kv_dim + (size_t)g * hd, hd);
             }
         }
@@ -2165,6 +2208,7 @@ static void bench(const Model *m, State *s, Context *c, int n) {
      * positions the benchmark uses, so that peak RSS stays what they need) */
     size_t row = (size_t)m->cfg.head_dim * (s->kv_dtype == MM_F16 ? 2 : 4);
     size_t used = s->ctx < DEPTH2 + n ? (size_t)s->ctx : (size_t)(DEPTH2 + n);
+    used = (used + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
     for (uint32_t l = 0; l < m->cfg.n_layers; l++)
         for (int g = 0; g < (int)m->cfg.n_kv_heads; g++) {
             memset(kv_head(s, s->key_cache, &m->cfg, l, g), 0, used * row);

@@ -144,23 +144,23 @@ static void test_quantize(int n) {
 
 /* flash-style attention_group vs attention_head, per query head, f32 and f16 caches */
 static void test_attention(int kv_dtype, int n_kv_heads, int group, int hd, int pos0, int n) {
-    int kv_dim = n_kv_heads * hd, q_dim = n_kv_heads * group * hd, ctx = pos0 + n;
+    int kv_dim = n_kv_heads * hd, q_dim = n_kv_heads * group * hd, ctx = (pos0 + n + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
     size_t elem = kv_dtype == MM_F16 ? 2 : 4;
     void *keys = xcalloc((size_t)ctx * kv_dim, elem, "test"), *values = xcalloc((size_t)ctx * kv_dim, elem, "test");
     float *row = xcalloc((size_t)kv_dim, sizeof(float), "test");
-    for (int g = 0; g < n_kv_heads; g++)  /* the cache of one layer: [n_kv_heads, ctx, hd] */
+    size_t head = (size_t)ctx * hd * elem;  /* bytes of one kv head's cache */
+    for (int g = 0; g < n_kv_heads; g++)  /* the caches of one layer: n_kv_heads of ctx positions */
         for (int t = 0; t < ctx; t++) {
             for (int i = 0; i < hd; i++) row[i] = 3.0f * frand();  /* peaked softmaxes too */
-            kv_store(keys, kv_dtype, ((size_t)g * ctx + t) * hd, row, hd);
+            key_store((uint8_t *)keys + g * head, kv_dtype, t, row, hd);
             for (int i = 0; i < hd; i++) row[i] = frand();
-            kv_store(values, kv_dtype, ((size_t)g * ctx + t) * hd, row, hd);
+            value_store((uint8_t *)values + g * head, kv_dtype, (size_t)t * hd, row, hd);
         }
     float *q = xcalloc((size_t)n * q_dim, sizeof(float), "test");
     for (size_t i = 0; i < (size_t)n * q_dim; i++) q[i] = frand();
     float *ref = xcalloc((size_t)n * q_dim, sizeof(float), "test"), *fast = xcalloc((size_t)n * q_dim, sizeof(float), "test");
     float *scores = xcalloc((size_t)ctx, sizeof(float), "test");
     float *buf = xcalloc(attention_buf_len(group, hd), sizeof(float), "test");
-    size_t head = (size_t)ctx * hd * elem;  /* bytes of one kv head's cache */
     for (int t = 0; t < n; t++)
         for (int hh = 0; hh < n_kv_heads * group; hh++)
             attention_head(ref + (size_t)t * q_dim + (size_t)hh * hd, q + (size_t)t * q_dim + (size_t)hh * hd,
