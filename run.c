@@ -82,16 +82,21 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
     return p;
 }
 
-/* The KV cache is calloc'ed: its pages are mapped in when a position is first written, a page
- * fault per 4 KB (some 3000 for one 512-token prompt of minimind-3, and on a virtual machine that
- * was a quarter of its prefill time). Where the kernel offers 2 MB pages on request, ask. */
-static void advise_huge_pages(void *p, size_t bytes) {
+/* The KV cache: anonymous memory whose zero pages are mapped in when a position is first
+ * written, a page fault per 4 KB (some 3000 for one 512-token prompt of minimind-3, and on a
+ * virtual machine that was a quarter of its prefill time). Where the kernel offers 2 MB pages on
+ * request, ask; the start is 2 MB-aligned, so a kv head's first positions take one such page,
+ * not parts of two. Returns the start; *map, *map_bytes: what to munmap. */
+#define HUGE_PAGE ((size_t)2 << 20)
+static void *alloc_kv(size_t bytes, void **map, size_t *map_bytes) {
+    *map_bytes = bytes + HUGE_PAGE;
+    *map = mmap(NULL, *map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (*map == MAP_FAILED) die("out of memory allocating the KV cache (%zu bytes)", bytes);
+    uint8_t *start = (uint8_t *)(((uintptr_t)*map + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
 #ifdef MADV_HUGEPAGE
-    uintptr_t page = 4096, start = ((uintptr_t)p + page - 1) & ~(page - 1), end = ((uintptr_t)p + bytes) & ~(page - 1);
-    if (end > start) (void)madvise((void *)start, end - start, MADV_HUGEPAGE);  /* only advice: may be refused */
-#else
-    (void)p, (void)bytes;
+    (void)madvise(start, bytes / HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE);  /* only advice: may be refused */
 #endif
+    return start;
 }
 
 static int n_threads(void) {
@@ -458,6 +463,8 @@ typedef struct {
     float *logits;              /* [max_tokens, vocab] */
     int kv_dtype;               /* MM_F32, or MM_F16 (--kv f16) */
     int kv_len;                 /* ctx rounded up to a multiple of KEY_BLOCK */
+    void *kv_map;               /* the mapping that holds both caches (alloc_kv) */
+    size_t kv_map_bytes;
     void *key_cache;            /* [n_layers, n_kv_heads, kv_len / KEY_BLOCK, head_dim, KEY_BLOCK] of
                                    kv_dtype: each kv head's keys one run of memory, KEY_BLOCK
                                    positions side by side (see key_store) */
@@ -508,14 +515,13 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
     s->xs = xcalloc(T * max_cols / MM_Q8_GROUP + 1, sizeof(float), "quantised activations");
     s->xqsum = xcalloc(T * max_cols / MM_Q8_GROUP + 1, sizeof(int32_t), "quantised activations");
     s->logits = xcalloc(T * h->vocab_size, sizeof(float), "logits");
-    /* calloc of this size maps fresh zero pages: memory is only committed for positions used */
+    /* mapped, not written: memory is only committed for the positions used (alloc_kv) */
     s->kv_dtype = kv_dtype;
     s->kv_len = (ctx + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
     size_t kv_elem = kv_dtype == MM_F16 ? 2 : 4, kv_n = (size_t)h->n_layers * (size_t)s->kv_len * kv_dim;
-    s->key_cache = xcalloc(kv_n, kv_elem, "key cache");
-    s->value_cache = xcalloc(kv_n, kv_elem, "value cache");
-    advise_huge_pages(s->key_cache, kv_n * kv_elem);
-    advise_huge_pages(s->value_cache, kv_n * kv_elem);
+    size_t cache_bytes = (kv_n * kv_elem + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;  /* keys, then values */
+    s->key_cache = alloc_kv(2 * cache_bytes, &s->kv_map, &s->kv_map_bytes);
+    s->value_cache = (uint8_t *)s->key_cache + cache_bytes;
     s->k_new = xcalloc(T * kv_dim, sizeof(float), "activations");
     s->v_new = xcalloc(T * kv_dim, sizeof(float), "activations");
     s->att_buf_len = attention_buf_len((int)(h->n_heads / h->n_kv_heads), (int)h->head_dim);
@@ -525,9 +531,9 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
 static void state_free(State *s) {
     void *bufs[] = {s->x, s->xb, s->delta, s->q, s->att_out, s->hb, s->hb2, s->moe_in, s->moe_out,
                     s->moe_rows, s->moe_w, s->router, s->top_idx, s->top_w, s->cos, s->sin, s->inv_freq,
-                    s->scores, s->row_buf, s->xT, s->xq, s->xs, s->xqsum, s->logits, s->key_cache, s->value_cache,
-                    s->k_new, s->v_new, s->att_buf};
+                    s->scores, s->row_buf, s->xT, s->xq, s->xs, s->xqsum, s->logits, s->k_new, s->v_new, s->att_buf};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    munmap(s->kv_map, s->kv_map_bytes);
 }
 
 /* Bytes that state_init (and main's token buffers) allocate for max_tokens and ctx: the KV
