@@ -963,11 +963,15 @@ static ALWAYS_INLINE void op_tile(float *out, int ldo, const float *w, int ldw, 
             for (int v = 0; v < V; v++) acc[r][v] = vf_fmadd(wv, xv[v], acc[r][v]);
         }
     }
-    for (int r = 0; r < R; r++) {
-        float col[OP_TOKENS];
-        for (int v = 0; v < V; v++) vf_store(col + v * VL, acc[r][v]);
-        for (int t = 0; t < T; t++) out[(size_t)t * ldo + r] = col[t];
-    }
+    /* stored token by token, each token's R outputs at once: stored row by row, the tile wrote T
+     * lines ldo floats apart R times over, and when ldo is a multiple of 1024 (4 KB: minimind2's
+     * 2048 FFN rows, minimind2-small's 512) those lines all fall in one set of the L1 cache, which
+     * holds 12: every store missed and those matrices ran at half speed */
+    float acc_t[OP_ROWS][OP_TOKENS];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) vf_store(acc_t[r] + v * VL, acc[r][v]);
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < R; r++) out[(size_t)t * ldo + r] = acc_t[r][t];
 }
 
 /* the full tile out of line: its accumulators stay in registers */
