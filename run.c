@@ -805,6 +805,9 @@ static ALWAYS_INLINE vf vf_keep(vf v) {
     return v;
 }
 
+/* a hint to bring the cache line at p in before it is read (never a fault, whatever p) */
+static ALWAYS_INLINE void prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+
 /* exp(r) for r in [-87, 88.7], within 2 ulp of expf (and inf for r in [88.7, 89]): r = k ln2 + f with k = round(r / ln2) and f in
  * [-ln2/2, ln2/2] (ln2 in two parts, so f is exact), exp(f) by its Taylor polynomial, times 2^k */
 static ALWAYS_INLINE vf vf_exp(vf r) {
@@ -1446,36 +1449,81 @@ static void attention_head(float *out, const float *q, const void *keys, const v
  * output rescaled when the max grows, so the scores never outgrow a tile (flash attention). ---- */
 #define KV_TILE 128     /* key positions per tile (a multiple of KEY_BLOCK) */
 #define ATT_TOKENS 16   /* tokens per unit of attention work (with all heads of one kv head) */
+#define KV_AHEAD 64     /* the caches are prefetched this many positions ahead (a multiple of KEY_BLOCK) */
 
 #ifdef HAVE_SIMD
-/* S[j * ldS + t] = q_j . k_t * scale for j < J queries (rows of hd from q) and the KEY_BLOCK keys
- * of one block (kb: [hd][KEY_BLOCK]): lanes are keys, each q_j[d] broadcast, every score one chain
- * of FMAs over d in order */
-static ALWAYS_INLINE void scores_tile(float *S, int ldS, const float *q, const void *kb, int kv_dtype, int hd,
-                                      float scale, const int J) {
-    vf acc[SCORE_QUERIES][KEY_BLOCK / VL];
+/* S[j * ldS + t] = q_j . k_t * scale for j < J queries (rows of hd from q) and the B blocks of
+ * KEY_BLOCK keys from kb (each [hd][KEY_BLOCK], `block` bytes): lanes are keys, each q_j[d]
+ * broadcast, every score one chain of FMAs over d in order. The n_ahead blocks from `ahead` are
+ * prefetched, a line per d. */
+static ALWAYS_INLINE void scores_tile(float *S, int ldS, const float *q, const void *kb, size_t block,
+                                      int kv_dtype, int hd, float scale, const void *ahead, int n_ahead,
+                                      const int J, const int B) {
+    size_t line = (size_t)KEY_BLOCK * (kv_dtype == MM_F32 ? 4 : 2);  /* one d of a block: 64 or 32 bytes */
+    vf acc[SCORE_QUERIES][SCORE_QUERIES][KEY_BLOCK / VL];  /* [J][B][...], J B <= SCORE_QUERIES */
     for (int j = 0; j < J; j++)
-        for (int u = 0; u < KEY_BLOCK / VL; u++) acc[j][u] = vf_zero();
-    for (int d = 0; d < hd; d++)
-        for (int u = 0; u < KEY_BLOCK / VL; u++) {
-            vf k = vf_keep(load_w(kv_dtype, kb, (size_t)d * KEY_BLOCK + (size_t)u * VL));
-            for (int j = 0; j < J; j++) acc[j][u] = vf_fmadd(vf_set1(q[(size_t)j * hd + d]), k, acc[j][u]);
-        }
+        for (int b = 0; b < B; b++)
+            for (int u = 0; u < KEY_BLOCK / VL; u++) acc[j][b][u] = vf_zero();
+    for (int d = 0; d < hd; d++) {
+        for (int b = 0; b < n_ahead; b++) prefetch((const uint8_t *)ahead + b * block + (size_t)d * line);
+        for (int b = 0; b < B; b++)
+            for (int u = 0; u < KEY_BLOCK / VL; u++) {
+                vf k = vf_keep(load_w(kv_dtype, (const uint8_t *)kb + b * block, (size_t)d * KEY_BLOCK + (size_t)u * VL));
+                for (int j = 0; j < J; j++) acc[j][b][u] = vf_fmadd(vf_set1(q[(size_t)j * hd + d]), k, acc[j][b][u]);
+            }
+    }
     for (int j = 0; j < J; j++)
-        for (int u = 0; u < KEY_BLOCK / VL; u++) vf_store(S + (size_t)j * ldS + u * VL, vf_mul(acc[j][u], vf_set1(scale)));
+        for (int b = 0; b < B; b++)
+            for (int u = 0; u < KEY_BLOCK / VL; u++)
+                vf_store(S + (size_t)j * ldS + b * KEY_BLOCK + u * VL, vf_mul(acc[j][b][u], vf_set1(scale)));
+}
+
+/* the blocks [b0, b1) of keys from k for J queries, B blocks per tile (the last ones one by one),
+ * prefetching KV_AHEAD positions ahead what the n_stored blocks hold */
+static ALWAYS_INLINE void scores_blocks(float *S, int ldS, const float *q, const void *k, int kv_dtype, int hd,
+                                        int b0, int b1, int n_stored, float scale, const int J, const int B) {
+    size_t block = (size_t)hd * KEY_BLOCK * (kv_dtype == MM_F32 ? 4 : 2);
+    for (int b = b0; b < b1;) {
+        int n = b1 - b >= B ? B : 1, a = b + KV_AHEAD / KEY_BLOCK;
+        int n_ahead = n_stored - a < 0 ? 0 : n_stored - a < n ? n_stored - a : n;
+        const uint8_t *kb = (const uint8_t *)k + (size_t)b * block, *ahead = n_ahead ? (const uint8_t *)k + (size_t)a * block : kb;
+        if (n == B) scores_tile(S + (size_t)b * KEY_BLOCK, ldS, q, kb, block, kv_dtype, hd, scale, ahead, n_ahead, J, B);
+        else scores_tile(S + (size_t)b * KEY_BLOCK, ldS, q, kb, block, kv_dtype, hd, scale, ahead, n_ahead, J, 1);
+        b += n;
+    }
 }
 
 /* every block of keys that holds one of the first n_keys (the scores past n_keys are computed too,
- * from the cache's zeros or older positions, and never read) */
+ * from the cache's zeros or older positions, and never read); n_stored: the positions from k on
+ * that the cache holds. Decoding has few queries (a kv head's group of 2 or 4): their tiles take
+ * several blocks at once, so that SCORE_QUERIES chains of FMAs hide each other's latency. And the
+ * cache is prefetched KV_AHEAD positions ahead: a tile's keys were computed on faster than the
+ * memory delivered them (decoding after 2048 tokens read the cache at about half the speed memory
+ * streams). */
 static ALWAYS_INLINE void attention_scores_simd(float *S, int ldS, const float *q, int nq, const void *k,
-                                                int kv_dtype, int hd, int n_keys, float scale) {
-    size_t block = (size_t)hd * KEY_BLOCK * (kv_dtype == MM_F32 ? 4 : 2);
-    for (int t = 0; t < n_keys; t += KEY_BLOCK) {
-        const void *kb = (const uint8_t *)k + (size_t)(t / KEY_BLOCK) * block;
+                                                int kv_dtype, int hd, int n_keys, int n_stored, float scale) {
+    int blocks = (n_keys + KEY_BLOCK - 1) / KEY_BLOCK, stored = (n_stored + KEY_BLOCK - 1) / KEY_BLOCK;
+    if (nq < SCORE_QUERIES) {
+#define FEW(J) scores_blocks(S, ldS, q, k, kv_dtype, hd, 0, blocks, stored, scale, J, SCORE_QUERIES / J)
+        switch (nq) {
+        case 1: FEW(1); break;
+        case 2: FEW(2); break;
+        case 3: FEW(3); break;
+#if SCORE_QUERIES > 4
+        case 4: FEW(4); break;
+        case 5: FEW(5); break;
+        case 6: FEW(6); break;
+        case 7: FEW(7); break;
+#endif
+        }
+#undef FEW
+        return;
+    }
+    for (int b = 0; b < blocks; b++) {  /* a block at a time, read once for all the queries */
         int j = 0;
-#define QUERIES(J) scores_tile(S + (size_t)j * ldS + t, ldS, q + (size_t)j * hd, kb, kv_dtype, hd, scale, J)
+#define QUERIES(J) scores_blocks(S + (size_t)j * ldS, ldS, q + (size_t)j * hd, k, kv_dtype, hd, b, b + 1, stored, scale, J, 1)
         for (; j + SCORE_QUERIES <= nq; j += SCORE_QUERIES) QUERIES(SCORE_QUERIES);
-        switch (nq - j) {  /* the queries left (a group of 2 or 4 heads when decoding) in one tile */
+        switch (nq - j) {  /* the queries left, in one tile */
         case 1: QUERIES(1); break;
         case 2: QUERIES(2); break;
         case 3: QUERIES(3); break;
@@ -1525,55 +1573,74 @@ static float exp_shifted(float *x, int n, float m) {
 }
 
 #ifdef HAVE_SIMD
-/* O[r, 0..PV_COLS) += sum over t < nt of P[r, t] v_t[0..PV_COLS) for r < R: two vectors of columns
- * of R rows in registers */
-enum { PV_COLS = 2 * VL };
+/* O[r, 0..C VL) += sum over t < nt of P[r, t] v_t[0..C VL) for r < R: C vectors of columns of R
+ * rows in registers, the columns of row t + KV_AHEAD prefetched while that is one of the n_stored */
+#ifdef HAVE_AVX512
+#define PV_VECS 6   /* 4 rows x 6 vectors: 24 accumulators, head_dim 96 in one pass over the values */
+#else
+#define PV_VECS 2   /* 4 x 2 of 16 registers */
+#endif
 static ALWAYS_INLINE void pv_tile(float *O, int ldo, const float *P, const void *v, int kv_dtype, int hd,
-                                  int nt, const int R) {
+                                  int nt, int n_stored, const int R, const int C) {
     size_t elem = kv_dtype == MM_F32 ? 4 : 2;
-    vf acc[4][2];
+    vf acc[4][PV_VECS];
     for (int r = 0; r < R; r++)
-        for (int h = 0; h < 2; h++) acc[r][h] = vf_load(O + (size_t)r * ldo + VL * h);
+        for (int c = 0; c < C; c++) acc[r][c] = vf_load(O + (size_t)r * ldo + VL * c);
     for (int t = 0; t < nt; t++) {
         const uint8_t *vt = (const uint8_t *)v + (size_t)t * hd * elem;
-        vf v0 = vf_keep(load_w(kv_dtype, vt, 0)), v1 = vf_keep(load_w(kv_dtype, vt, VL));
+        if (t + KV_AHEAD < n_stored)
+            for (size_t b = 0; b < C * VL * elem; b += 64) prefetch(vt + (size_t)KV_AHEAD * hd * elem + b);
+        vf vc[PV_VECS];
+        for (int c = 0; c < C; c++) vc[c] = vf_keep(load_w(kv_dtype, vt, (size_t)c * VL));
         for (int r = 0; r < R; r++) {
             vf p = vf_set1(P[(size_t)r * KV_TILE + t]);
-            acc[r][0] = vf_fmadd(p, v0, acc[r][0]);
-            acc[r][1] = vf_fmadd(p, v1, acc[r][1]);
+            for (int c = 0; c < C; c++) acc[r][c] = vf_fmadd(p, vc[c], acc[r][c]);
         }
     }
     for (int r = 0; r < R; r++)
-        for (int h = 0; h < 2; h++) vf_store(O + (size_t)r * ldo + VL * h, acc[r][h]);
+        for (int c = 0; c < C; c++) vf_store(O + (size_t)r * ldo + VL * c, acc[r][c]);
+}
+
+/* pv_tile for R rows and C vectors known only at run time: one instance each (registers need
+ * constants) */
+static void pv_tiles(float *O, int ldo, const float *P, const void *v, int kv_dtype, int hd, int nt, int n_stored,
+                     int R, int C) {
+#define PV(DT, RR, CC) pv_tile(O, ldo, P, v, DT, hd, nt, n_stored, RR, CC)
+#define PV_ROWS(DT, CC) switch (R) { case 1: PV(DT, 1, CC); break; case 2: PV(DT, 2, CC); break; \
+                                     case 3: PV(DT, 3, CC); break; default: PV(DT, 4, CC); break; }
+#if PV_VECS > 2
+#define PV_COLS(DT) switch (C) { case 1: PV_ROWS(DT, 1) break; case 2: PV_ROWS(DT, 2) break; \
+                                 case 3: PV_ROWS(DT, 3) break; case 4: PV_ROWS(DT, 4) break; \
+                                 case 5: PV_ROWS(DT, 5) break; default: PV_ROWS(DT, 6) break; }
+#else
+#define PV_COLS(DT) switch (C) { case 1: PV_ROWS(DT, 1) break; default: PV_ROWS(DT, 2) break; }
+#endif
+    if (kv_dtype == MM_F32) PV_COLS(MM_F32)
+    else PV_COLS(MM_F16)
+#undef PV_COLS
+#undef PV_ROWS
+#undef PV
 }
 #endif
 
 /* O[r, :] += sum over t < nt of P[r, t] v_t for rows r < nr (P rows KV_TILE apart, O rows hd
- * apart); v_t: the cache rows from v; row: [hd] scratch */
+ * apart); v_t: the cache rows from v, of which n_stored (>= nt) hold positions; row: [hd] scratch */
 static void attention_pv(float *O, const float *P, int nr, const void *v, int kv_dtype, int hd, int nt,
-                         float *row) {
+                         int n_stored, float *row) {
     int d = 0;
 #ifdef HAVE_SIMD
-    if (!reference_kernels) {  /* up to 4 rows x PV_COLS columns of O in registers, over all t */
-        for (; d + PV_COLS <= hd; d += PV_COLS)
-            for (int r0 = 0; r0 < nr; r0 += 4) {
-                float *o = O + (size_t)r0 * hd + d;
-                const float *p = P + (size_t)r0 * KV_TILE;
-                const uint8_t *vd = (const uint8_t *)v + (size_t)d * (kv_dtype == MM_F32 ? 4 : 2);
-                switch ((nr - r0 < 4 ? nr - r0 : 4) + 4 * (kv_dtype == MM_F16)) {  /* registers need constants */
-                case 1: pv_tile(o, hd, p, vd, MM_F32, hd, nt, 1); break;
-                case 2: pv_tile(o, hd, p, vd, MM_F32, hd, nt, 2); break;
-                case 3: pv_tile(o, hd, p, vd, MM_F32, hd, nt, 3); break;
-                case 4: pv_tile(o, hd, p, vd, MM_F32, hd, nt, 4); break;
-                case 5: pv_tile(o, hd, p, vd, MM_F16, hd, nt, 1); break;
-                case 6: pv_tile(o, hd, p, vd, MM_F16, hd, nt, 2); break;
-                case 7: pv_tile(o, hd, p, vd, MM_F16, hd, nt, 3); break;
-                default: pv_tile(o, hd, p, vd, MM_F16, hd, nt, 4); break;
-                }
-            }
+    if (!reference_kernels) {  /* up to 4 rows x PV_VECS vectors of columns of O in registers, over all t */
+        for (int C; d + VL <= hd; d += C * VL) {
+            C = (hd - d) / VL < PV_VECS ? (hd - d) / VL : PV_VECS;
+            for (int r0 = 0; r0 < nr; r0 += 4)
+                pv_tiles(O + (size_t)r0 * hd + d, hd, P + (size_t)r0 * KV_TILE,
+                         (const uint8_t *)v + (size_t)d * (kv_dtype == MM_F32 ? 4 : 2), kv_dtype, hd, nt, n_stored,
+                         nr - r0 < 4 ? nr - r0 : 4, C);
+        }
         if (d == hd) return;
     }
 #endif
+    (void)n_stored;
     for (int t = 0; t < nt; t++) {  /* the plain loop, for the columns left */
         const float *vt = value_row(v, kv_dtype, (size_t)t * hd, hd, row);
         for (int r = 0; r < nr; r++) {
@@ -1584,17 +1651,18 @@ static void attention_pv(float *O, const float *P, int nr, const void *v, int kv
 }
 
 /* S[j * ldS + t] = q_j . k_t * scale for queries j < nq (rows of head_dim from q) and keys
- * t < n_keys (from k, the start of a block of KEY_BLOCK keys; S rows hold whole blocks);
- * buf: [head_dim] */
+ * t < n_keys (from k, the start of a block of KEY_BLOCK keys, of which n_stored >= n_keys hold
+ * positions; S rows hold whole blocks); buf: [head_dim] */
 static void attention_scores(float *S, int ldS, const float *q, int nq, const void *k, int kv_dtype,
-                             int hd, int n_keys, float scale, float *buf) {
+                             int hd, int n_keys, int n_stored, float scale, float *buf) {
 #ifdef HAVE_SIMD
     if (!reference_kernels) {
-        if (kv_dtype == MM_F32) attention_scores_simd(S, ldS, q, nq, k, MM_F32, hd, n_keys, scale);
-        else attention_scores_simd(S, ldS, q, nq, k, MM_F16, hd, n_keys, scale);
+        if (kv_dtype == MM_F32) attention_scores_simd(S, ldS, q, nq, k, MM_F32, hd, n_keys, n_stored, scale);
+        else attention_scores_simd(S, ldS, q, nq, k, MM_F16, hd, n_keys, n_stored, scale);
         return;
     }
 #endif
+    (void)n_stored;
     for (int t = 0; t < n_keys; t++) {
         const float *kt = key_row(k, kv_dtype, t, hd, buf);
         for (int j = 0; j < nq; j++) S[(size_t)j * ldS + t] = dot(q + (size_t)j * hd, kt, hd) * scale;
@@ -1626,7 +1694,7 @@ static void attention_group(float *out, const float *q, int n, int q_dim, int gr
             if (see <= 0) continue;
             const float *qi = q + (size_t)i * q_dim + (size_t)g * group * hd;
             float *Si = S + (size_t)i * group * KV_TILE;
-            attention_scores(Si, KV_TILE, qi, group, k, kv_dtype, hd, see, scale, row);
+            attention_scores(Si, KV_TILE, qi, group, k, kv_dtype, hd, see, last + 1 - t0, scale, row);
             for (int j = 0; j < group; j++) {  /* online softmax: rescale what came before */
                 int r = i * group + j;
                 float *sr = Si + (size_t)j * KV_TILE, m = max_of(sr, see, mx[r]);
@@ -1641,7 +1709,8 @@ static void attention_group(float *out, const float *q, int n, int q_dim, int gr
         for (int i = 0; i < n; i++) {  /* O += P . V, each token's heads together over its keys */
             int see = pos0 + i - t0 + 1 < nt ? pos0 + i - t0 + 1 : nt;
             if (see > 0)
-                attention_pv(O + (size_t)i * group * hd, S + (size_t)i * group * KV_TILE, group, v, kv_dtype, hd, see, row);
+                attention_pv(O + (size_t)i * group * hd, S + (size_t)i * group * KV_TILE, group, v, kv_dtype, hd, see,
+                             last + 1 - t0, row);
         }
     }
     for (int i = 0; i < n; i++)
