@@ -1479,13 +1479,13 @@ static ALWAYS_INLINE void scores_tile(float *S, int ldS, const float *q, const v
 }
 
 /* the blocks [b0, b1) of keys from k for J queries, B blocks per tile (the last ones one by one),
- * prefetching KV_AHEAD positions ahead what the n_stored blocks hold */
+ * prefetching KV_AHEAD positions ahead those of the first prefetch_blocks */
 static ALWAYS_INLINE void scores_blocks(float *S, int ldS, const float *q, const void *k, int kv_dtype, int hd,
-                                        int b0, int b1, int n_stored, float scale, const int J, const int B) {
+                                        int b0, int b1, int prefetch_blocks, float scale, const int J, const int B) {
     size_t block = (size_t)hd * KEY_BLOCK * (kv_dtype == MM_F32 ? 4 : 2);
     for (int b = b0; b < b1;) {
         int n = b1 - b >= B ? B : 1, a = b + KV_AHEAD / KEY_BLOCK;
-        int n_ahead = n_stored - a < 0 ? 0 : n_stored - a < n ? n_stored - a : n;
+        int n_ahead = prefetch_blocks - a < 0 ? 0 : prefetch_blocks - a < n ? prefetch_blocks - a : n;
         const uint8_t *kb = (const uint8_t *)k + (size_t)b * block, *ahead = n_ahead ? (const uint8_t *)k + (size_t)a * block : kb;
         if (n == B) scores_tile(S + (size_t)b * KEY_BLOCK, ldS, q, kb, block, kv_dtype, hd, scale, ahead, n_ahead, J, B);
         else scores_tile(S + (size_t)b * KEY_BLOCK, ldS, q, kb, block, kv_dtype, hd, scale, ahead, n_ahead, J, 1);
@@ -1494,17 +1494,16 @@ static ALWAYS_INLINE void scores_blocks(float *S, int ldS, const float *q, const
 }
 
 /* every block of keys that holds one of the first n_keys (the scores past n_keys are computed too,
- * from the cache's zeros or older positions, and never read); n_stored: the positions from k on
- * that the cache holds. Decoding has few queries (a kv head's group of 2 or 4): their tiles take
+ * from the cache's zeros or older positions, and never read); n_prefetch: the positions from k
+ * on that the cache holds and may be prefetched (0: none). Decoding has few queries (a kv head's group of 2 or 4): their tiles take
  * several blocks at once, so that SCORE_QUERIES chains of FMAs hide each other's latency. And the
- * cache is prefetched KV_AHEAD positions ahead: a tile's keys were computed on faster than the
- * memory delivered them (decoding after 2048 tokens read the cache at about half the speed memory
- * streams). */
+ * cache is prefetched KV_AHEAD positions ahead: without it, each tile's keys and values waited on
+ * memory (the layer's weights, read in between, had pushed them out of every cache). */
 static ALWAYS_INLINE void attention_scores_simd(float *S, int ldS, const float *q, int nq, const void *k,
-                                                int kv_dtype, int hd, int n_keys, int n_stored, float scale) {
-    int blocks = (n_keys + KEY_BLOCK - 1) / KEY_BLOCK, stored = (n_stored + KEY_BLOCK - 1) / KEY_BLOCK;
+                                                int kv_dtype, int hd, int n_keys, int n_prefetch, float scale) {
+    int blocks = (n_keys + KEY_BLOCK - 1) / KEY_BLOCK, prefetch_blocks = (n_prefetch + KEY_BLOCK - 1) / KEY_BLOCK;
     if (nq < SCORE_QUERIES) {
-#define FEW(J) scores_blocks(S, ldS, q, k, kv_dtype, hd, 0, blocks, stored, scale, J, SCORE_QUERIES / J)
+#define FEW(J) scores_blocks(S, ldS, q, k, kv_dtype, hd, 0, blocks, prefetch_blocks, scale, J, SCORE_QUERIES / J)
         switch (nq) {
         case 1: FEW(1); break;
         case 2: FEW(2); break;
@@ -1521,7 +1520,8 @@ static ALWAYS_INLINE void attention_scores_simd(float *S, int ldS, const float *
     }
     for (int b = 0; b < blocks; b++) {  /* a block at a time, read once for all the queries */
         int j = 0;
-#define QUERIES(J) scores_blocks(S + (size_t)j * ldS, ldS, q + (size_t)j * hd, k, kv_dtype, hd, b, b + 1, stored, scale, J, 1)
+#define QUERIES(J) scores_blocks(S + (size_t)j * ldS, ldS, q + (size_t)j * hd, k, kv_dtype, hd, b, b + 1, \
+                                j ? 0 : prefetch_blocks, scale, J, 1)  /* (the first queries prefetch) */
         for (; j + SCORE_QUERIES <= nq; j += SCORE_QUERIES) QUERIES(SCORE_QUERIES);
         switch (nq - j) {  /* the queries left, in one tile */
         case 1: QUERIES(1); break;
@@ -1574,21 +1574,21 @@ static float exp_shifted(float *x, int n, float m) {
 
 #ifdef HAVE_SIMD
 /* O[r, 0..C VL) += sum over t < nt of P[r, t] v_t[0..C VL) for r < R: C vectors of columns of R
- * rows in registers, the columns of row t + KV_AHEAD prefetched while that is one of the n_stored */
+ * rows in registers, the columns of row t + KV_AHEAD prefetched while that is one of n_prefetch */
 #ifdef HAVE_AVX512
 #define PV_VECS 6   /* 4 rows x 6 vectors: 24 accumulators, head_dim 96 in one pass over the values */
 #else
 #define PV_VECS 2   /* 4 x 2 of 16 registers */
 #endif
 static ALWAYS_INLINE void pv_tile(float *O, int ldo, const float *P, const void *v, int kv_dtype, int hd,
-                                  int nt, int n_stored, const int R, const int C) {
+                                  int nt, int n_prefetch, const int R, const int C) {
     size_t elem = kv_dtype == MM_F32 ? 4 : 2;
     vf acc[4][PV_VECS];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = vf_load(O + (size_t)r * ldo + VL * c);
     for (int t = 0; t < nt; t++) {
         const uint8_t *vt = (const uint8_t *)v + (size_t)t * hd * elem;
-        if (t + KV_AHEAD < n_stored)
+        if (t + KV_AHEAD < n_prefetch)
             for (size_t b = 0; b < C * VL * elem; b += 64) prefetch(vt + (size_t)KV_AHEAD * hd * elem + b);
         vf vc[PV_VECS];
         for (int c = 0; c < C; c++) vc[c] = vf_keep(load_w(kv_dtype, vt, (size_t)c * VL));
@@ -1603,9 +1603,9 @@ static ALWAYS_INLINE void pv_tile(float *O, int ldo, const float *P, const void 
 
 /* pv_tile for R rows and C vectors known only at run time: one instance each (registers need
  * constants) */
-static void pv_tiles(float *O, int ldo, const float *P, const void *v, int kv_dtype, int hd, int nt, int n_stored,
+static void pv_tiles(float *O, int ldo, const float *P, const void *v, int kv_dtype, int hd, int nt, int n_prefetch,
                      int R, int C) {
-#define PV(DT, RR, CC) pv_tile(O, ldo, P, v, DT, hd, nt, n_stored, RR, CC)
+#define PV(DT, RR, CC) pv_tile(O, ldo, P, v, DT, hd, nt, n_prefetch, RR, CC)
 #define PV_ROWS(DT, CC) switch (R) { case 1: PV(DT, 1, CC); break; case 2: PV(DT, 2, CC); break; \
                                      case 3: PV(DT, 3, CC); break; default: PV(DT, 4, CC); break; }
 #if PV_VECS > 2
@@ -1624,9 +1624,10 @@ static void pv_tiles(float *O, int ldo, const float *P, const void *v, int kv_dt
 #endif
 
 /* O[r, :] += sum over t < nt of P[r, t] v_t for rows r < nr (P rows KV_TILE apart, O rows hd
- * apart); v_t: the cache rows from v, of which n_stored (>= nt) hold positions; row: [hd] scratch */
+ * apart); v_t: the cache rows from v, of which n_prefetch may be prefetched (0: none); row: [hd]
+ * scratch */
 static void attention_pv(float *O, const float *P, int nr, const void *v, int kv_dtype, int hd, int nt,
-                         int n_stored, float *row) {
+                         int n_prefetch, float *row) {
     int d = 0;
 #ifdef HAVE_SIMD
     if (!reference_kernels) {  /* up to 4 rows x PV_VECS vectors of columns of O in registers, over all t */
@@ -1634,13 +1635,13 @@ static void attention_pv(float *O, const float *P, int nr, const void *v, int kv
             C = (hd - d) / VL < PV_VECS ? (hd - d) / VL : PV_VECS;
             for (int r0 = 0; r0 < nr; r0 += 4)
                 pv_tiles(O + (size_t)r0 * hd + d, hd, P + (size_t)r0 * KV_TILE,
-                         (const uint8_t *)v + (size_t)d * (kv_dtype == MM_F32 ? 4 : 2), kv_dtype, hd, nt, n_stored,
+                         (const uint8_t *)v + (size_t)d * (kv_dtype == MM_F32 ? 4 : 2), kv_dtype, hd, nt, n_prefetch,
                          nr - r0 < 4 ? nr - r0 : 4, C);
         }
         if (d == hd) return;
     }
 #endif
-    (void)n_stored;
+    (void)n_prefetch;
     for (int t = 0; t < nt; t++) {  /* the plain loop, for the columns left */
         const float *vt = value_row(v, kv_dtype, (size_t)t * hd, hd, row);
         for (int r = 0; r < nr; r++) {
@@ -1651,18 +1652,18 @@ static void attention_pv(float *O, const float *P, int nr, const void *v, int kv
 }
 
 /* S[j * ldS + t] = q_j . k_t * scale for queries j < nq (rows of head_dim from q) and keys
- * t < n_keys (from k, the start of a block of KEY_BLOCK keys, of which n_stored >= n_keys hold
- * positions; S rows hold whole blocks); buf: [head_dim] */
+ * t < n_keys (from k, the start of a block of KEY_BLOCK keys, of which n_prefetch may be
+ * prefetched, 0: none; S rows hold whole blocks); buf: [head_dim] */
 static void attention_scores(float *S, int ldS, const float *q, int nq, const void *k, int kv_dtype,
-                             int hd, int n_keys, int n_stored, float scale, float *buf) {
+                             int hd, int n_keys, int n_prefetch, float scale, float *buf) {
 #ifdef HAVE_SIMD
     if (!reference_kernels) {
-        if (kv_dtype == MM_F32) attention_scores_simd(S, ldS, q, nq, k, MM_F32, hd, n_keys, n_stored, scale);
-        else attention_scores_simd(S, ldS, q, nq, k, MM_F16, hd, n_keys, n_stored, scale);
+        if (kv_dtype == MM_F32) attention_scores_simd(S, ldS, q, nq, k, MM_F32, hd, n_keys, n_prefetch, scale);
+        else attention_scores_simd(S, ldS, q, nq, k, MM_F16, hd, n_keys, n_prefetch, scale);
         return;
     }
 #endif
-    (void)n_stored;
+    (void)n_prefetch;
     for (int t = 0; t < n_keys; t++) {
         const float *kt = key_row(k, kv_dtype, t, hd, buf);
         for (int j = 0; j < nq; j++) S[(size_t)j * ldS + t] = dot(q + (size_t)j * hd, kt, hd) * scale;
@@ -1687,6 +1688,7 @@ static void attention_group(float *out, const float *q, int n, int q_dim, int gr
     int last = pos0 + n - 1;
     for (int t0 = 0; t0 <= last; t0 += KV_TILE) {
         int nt = last + 1 - t0 < KV_TILE ? last + 1 - t0 : KV_TILE;
+        int stored = last + 1 - t0;  /* the positions from t0 on, which the first token prefetches */
         const size_t k_at = (size_t)t0 * hd;  /* position t0 of either cache (t0: a multiple of KEY_BLOCK) */
         const void *k = (const uint8_t *)keys + k_at * (kv_dtype == MM_F32 ? 4 : 2);
         for (int i = 0; i < n; i++) {  /* token i sees keys up to its own position */
@@ -1694,7 +1696,7 @@ static void attention_group(float *out, const float *q, int n, int q_dim, int gr
             if (see <= 0) continue;
             const float *qi = q + (size_t)i * q_dim + (size_t)g * group * hd;
             float *Si = S + (size_t)i * group * KV_TILE;
-            attention_scores(Si, KV_TILE, qi, group, k, kv_dtype, hd, see, last + 1 - t0, scale, row);
+            attention_scores(Si, KV_TILE, qi, group, k, kv_dtype, hd, see, i ? 0 : stored, scale, row);
             for (int j = 0; j < group; j++) {  /* online softmax: rescale what came before */
                 int r = i * group + j;
                 float *sr = Si + (size_t)j * KV_TILE, m = max_of(sr, see, mx[r]);
@@ -1710,7 +1712,7 @@ static void attention_group(float *out, const float *q, int n, int q_dim, int gr
             int see = pos0 + i - t0 + 1 < nt ? pos0 + i - t0 + 1 : nt;
             if (see > 0)
                 attention_pv(O + (size_t)i * group * hd, S + (size_t)i * group * KV_TILE, group, v, kv_dtype, hd, see,
-                             last + 1 - t0, row);
+                             i ? 0 : stored, row);
         }
     }
     for (int i = 0; i < n; i++)
