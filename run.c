@@ -951,8 +951,9 @@ static ALWAYS_INLINE void matmul_block_simd(float *out, int ldo, const float *x,
 enum { OP_TOKENS = 2 * VL };
 _Static_assert(OP_ROWS <= PANEL_ROWS && OP_TOKENS <= XT_TOKENS, "the panel and xT buffers hold a tile");
 
-/* out[t * ldo + r] = w[r, :K] . x[t, :K] for r < R, t < T (T <= OP_TOKENS): w f32 rows ldw apart,
- * xT the columns' activations ldxT apart from this tile's first token; V: vectors of tokens used */
+/* out[t * ldo + r] = w[r, :K] . x[t, :K] for r < R, t < T (T <= V VL <= OP_TOKENS): w f32 rows ldw
+ * apart, xT the columns' activations ldxT apart from this tile's first token; V: vectors of tokens
+ * used */
 static ALWAYS_INLINE void op_tile(float *out, int ldo, const float *w, int ldw, const float *xT, int ldxT, int K,
                                   const int R, const int V, int T) {
     vf acc[OP_ROWS][2];
@@ -967,9 +968,9 @@ static ALWAYS_INLINE void op_tile(float *out, int ldo, const float *w, int ldw, 
         }
     }
     /* stored token by token, each token's R outputs at once: stored row by row, the tile wrote T
-     * lines ldo floats apart R times over, and when ldo is a multiple of 1024 (4 KB: minimind2's
-     * 2048 FFN rows, minimind2-small's 512) those lines all fall in one set of the L1 cache, which
-     * holds 12: every store missed and those matrices ran at half speed */
+     * lines ldo floats apart R times over, and when ldo is a multiple of 512 (2 KB: minimind2's
+     * 2048 FFN rows, minimind2-small's 512 q and o rows) 16 or more of those lines fall in one set
+     * of the L1 cache, which holds 12: every store missed and those matrices ran at half speed */
     float acc_t[OP_ROWS][OP_TOKENS];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < V; v++) vf_store(acc_t[r] + v * VL, acc[r][v]);
@@ -1449,33 +1450,34 @@ static void attention_head(float *out, const float *q, const void *keys, const v
  * output rescaled when the max grows, so the scores never outgrow a tile (flash attention). ---- */
 #define KV_TILE 128     /* key positions per tile (a multiple of KEY_BLOCK) */
 #define ATT_TOKENS 16   /* tokens per unit of attention work (with all heads of one kv head) */
-#define KV_AHEAD 64     /* the caches are prefetched this many positions ahead (a multiple of KEY_BLOCK) */
+#define KV_AHEAD 64     /* the caches are prefetched this many positions ahead */
+_Static_assert(KV_TILE % KEY_BLOCK == 0 && KV_AHEAD % KEY_BLOCK == 0, "tiles and prefetches are whole key blocks");
 
 #ifdef HAVE_SIMD
 /* S[j * ldS + t] = q_j . k_t * scale for j < J queries (rows of hd from q) and the B blocks of
- * KEY_BLOCK keys from kb (each [hd][KEY_BLOCK], `block` bytes): lanes are keys, each q_j[d]
- * broadcast, every score one chain of FMAs over d in order. The n_ahead blocks from `ahead` are
- * prefetched, a line per d. */
+ * KEY_BLOCK keys from kb (each [hd][KEY_BLOCK], `block` bytes; J B <= SCORE_QUERIES): lanes are
+ * keys, each q_j[d] broadcast, every score one chain of FMAs over d in order. The n_ahead blocks
+ * from `ahead` are prefetched, 64-byte line d of each while d runs. */
 static ALWAYS_INLINE void scores_tile(float *S, int ldS, const float *q, const void *kb, size_t block,
                                       int kv_dtype, int hd, float scale, const void *ahead, int n_ahead,
                                       const int J, const int B) {
-    size_t line = (size_t)KEY_BLOCK * (kv_dtype == MM_F32 ? 4 : 2);  /* one d of a block: 64 or 32 bytes */
-    vf acc[SCORE_QUERIES][SCORE_QUERIES][KEY_BLOCK / VL];  /* [J][B][...], J B <= SCORE_QUERIES */
-    for (int j = 0; j < J; j++)
-        for (int b = 0; b < B; b++)
-            for (int u = 0; u < KEY_BLOCK / VL; u++) acc[j][b][u] = vf_zero();
+    enum { U = KEY_BLOCK / VL };  /* vectors per block row */
+    vf acc[SCORE_QUERIES][U];     /* [j * B + b][u] */
+    for (int i = 0; i < J * B; i++)
+        for (int u = 0; u < U; u++) acc[i][u] = vf_zero();
     for (int d = 0; d < hd; d++) {
-        for (int b = 0; b < n_ahead; b++) prefetch((const uint8_t *)ahead + b * block + (size_t)d * line);
+        if ((size_t)d * 64 < block)
+            for (int b = 0; b < n_ahead; b++) prefetch((const uint8_t *)ahead + b * block + (size_t)d * 64);
         for (int b = 0; b < B; b++)
-            for (int u = 0; u < KEY_BLOCK / VL; u++) {
+            for (int u = 0; u < U; u++) {
                 vf k = vf_keep(load_w(kv_dtype, (const uint8_t *)kb + b * block, (size_t)d * KEY_BLOCK + (size_t)u * VL));
-                for (int j = 0; j < J; j++) acc[j][b][u] = vf_fmadd(vf_set1(q[(size_t)j * hd + d]), k, acc[j][b][u]);
+                for (int j = 0; j < J; j++) acc[j * B + b][u] = vf_fmadd(vf_set1(q[(size_t)j * hd + d]), k, acc[j * B + b][u]);
             }
     }
     for (int j = 0; j < J; j++)
         for (int b = 0; b < B; b++)
-            for (int u = 0; u < KEY_BLOCK / VL; u++)
-                vf_store(S + (size_t)j * ldS + b * KEY_BLOCK + u * VL, vf_mul(acc[j][b][u], vf_set1(scale)));
+            for (int u = 0; u < U; u++)
+                vf_store(S + (size_t)j * ldS + b * KEY_BLOCK + u * VL, vf_mul(acc[j * B + b][u], vf_set1(scale)));
 }
 
 /* the blocks [b0, b1) of keys from k for J queries, B blocks per tile (the last ones one by one),
@@ -1494,11 +1496,12 @@ static ALWAYS_INLINE void scores_blocks(float *S, int ldS, const float *q, const
 }
 
 /* every block of keys that holds one of the first n_keys (the scores past n_keys are computed too,
- * from the cache's zeros or older positions, and never read); n_prefetch: the positions from k
- * on that the cache holds and may be prefetched (0: none). Decoding has few queries (a kv head's group of 2 or 4): their tiles take
- * several blocks at once, so that SCORE_QUERIES chains of FMAs hide each other's latency. And the
- * cache is prefetched KV_AHEAD positions ahead: without it, each tile's keys and values waited on
- * memory (the layer's weights, read in between, had pushed them out of every cache). */
+ * from the cache's zeros or older positions, and never read); n_prefetch: the positions from k on
+ * that the cache holds and may be prefetched (0: none). A token's queries are a kv head's group of
+ * heads (2 or 4 in MiniMind): with fewer than SCORE_QUERIES, a tile takes several blocks at once,
+ * so that 8 chains of FMAs hide each other's latency (not 2 or 4). And the cache is prefetched
+ * KV_AHEAD positions ahead: without it, each tile's keys and values waited on memory (the layer's
+ * weights, read in between, had pushed them out of every cache). */
 static ALWAYS_INLINE void attention_scores_simd(float *S, int ldS, const float *q, int nq, const void *k,
                                                 int kv_dtype, int hd, int n_keys, int n_prefetch, float scale) {
     int blocks = (n_keys + KEY_BLOCK - 1) / KEY_BLOCK, prefetch_blocks = (n_prefetch + KEY_BLOCK - 1) / KEY_BLOCK;
@@ -1635,8 +1638,8 @@ static void attention_pv(float *O, const float *P, int nr, const void *v, int kv
             C = (hd - d) / VL < PV_VECS ? (hd - d) / VL : PV_VECS;
             for (int r0 = 0; r0 < nr; r0 += 4)
                 pv_tiles(O + (size_t)r0 * hd + d, hd, P + (size_t)r0 * KV_TILE,
-                         (const uint8_t *)v + (size_t)d * (kv_dtype == MM_F32 ? 4 : 2), kv_dtype, hd, nt, n_prefetch,
-                         nr - r0 < 4 ? nr - r0 : 4, C);
+                         (const uint8_t *)v + (size_t)d * (kv_dtype == MM_F32 ? 4 : 2), kv_dtype, hd, nt,
+                         r0 ? 0 : n_prefetch, nr - r0 < 4 ? nr - r0 : 4, C);  /* (the first rows prefetch) */
         }
         if (d == hd) return;
     }
@@ -1688,7 +1691,7 @@ static void attention_group(float *out, const float *q, int n, int q_dim, int gr
     int last = pos0 + n - 1;
     for (int t0 = 0; t0 <= last; t0 += KV_TILE) {
         int nt = last + 1 - t0 < KV_TILE ? last + 1 - t0 : KV_TILE;
-        int stored = last + 1 - t0;  /* the positions from t0 on, which the first token prefetches */
+        int n_prefetch = last + 1 - t0;  /* the positions from t0 on: the run's first token prefetches */
         const size_t k_at = (size_t)t0 * hd;  /* position t0 of either cache (t0: a multiple of KEY_BLOCK) */
         const void *k = (const uint8_t *)keys + k_at * (kv_dtype == MM_F32 ? 4 : 2);
         for (int i = 0; i < n; i++) {  /* token i sees keys up to its own position */
@@ -1696,7 +1699,7 @@ static void attention_group(float *out, const float *q, int n, int q_dim, int gr
             if (see <= 0) continue;
             const float *qi = q + (size_t)i * q_dim + (size_t)g * group * hd;
             float *Si = S + (size_t)i * group * KV_TILE;
-            attention_scores(Si, KV_TILE, qi, group, k, kv_dtype, hd, see, i ? 0 : stored, scale, row);
+            attention_scores(Si, KV_TILE, qi, group, k, kv_dtype, hd, see, i ? 0 : n_prefetch, scale, row);
             for (int j = 0; j < group; j++) {  /* online softmax: rescale what came before */
                 int r = i * group + j;
                 float *sr = Si + (size_t)j * KV_TILE, m = max_of(sr, see, mx[r]);
@@ -1712,7 +1715,7 @@ static void attention_group(float *out, const float *q, int n, int q_dim, int gr
             int see = pos0 + i - t0 + 1 < nt ? pos0 + i - t0 + 1 : nt;
             if (see > 0)
                 attention_pv(O + (size_t)i * group * hd, S + (size_t)i * group * KV_TILE, group, v, kv_dtype, hd, see,
-                             i ? 0 : stored, row);
+                             i ? 0 : n_prefetch, row);
         }
     }
     for (int i = 0; i < n; i++)

@@ -246,7 +246,8 @@ int main(void) {
                                      {1, 3, 24, 0, 37}, {2, 5, 6, 127, 3}, {1, 8, 64, 1000, 2},
                                      /* decoding: several key blocks per tile with a block or two left,
                                       * value columns in one pass, or one and a plain tail */
-                                     {2, 2, 96, 517, 1}, {1, 3, 112, 260, 2}, {1, 7, 40, 200, 1}};
+                                     {2, 2, 96, 517, 1}, {1, 3, 112, 260, 2}, {1, 7, 40, 200, 1},
+                                     {1, 1, 64, 200, 1}};
     for (int kv = 0; kv < 2; kv++)
         for (size_t i = 0; i < sizeof a_cases / sizeof a_cases[0]; i++)
             test_attention(kv ? MM_F16 : MM_F32, a_cases[i][0], a_cases[i][1], a_cases[i][2], a_cases[i][3],
