@@ -1487,7 +1487,8 @@ static ALWAYS_INLINE void scores_blocks(float *S, int ldS, const float *q, const
     size_t block = (size_t)hd * KEY_BLOCK * (kv_dtype == MM_F32 ? 4 : 2);
     for (int b = b0; b < b1;) {
         int n = b1 - b >= B ? B : 1, a = b + KV_AHEAD / KEY_BLOCK;
-        int n_ahead = prefetch_blocks - a < 0 ? 0 : prefetch_blocks - a < n ? prefetch_blocks - a : n;
+        int n_ahead = prefetch_blocks - a;  /* of the n blocks at a, those that may be prefetched */
+        n_ahead = n_ahead < 0 ? 0 : n_ahead > n ? n : n_ahead;
         const uint8_t *kb = (const uint8_t *)k + (size_t)b * block, *ahead = n_ahead ? (const uint8_t *)k + (size_t)a * block : kb;
         if (n == B) scores_tile(S + (size_t)b * KEY_BLOCK, ldS, q, kb, block, kv_dtype, hd, scale, ahead, n_ahead, J, B);
         else scores_tile(S + (size_t)b * KEY_BLOCK, ldS, q, kb, block, kv_dtype, hd, scale, ahead, n_ahead, J, 1);
@@ -1505,19 +1506,16 @@ static ALWAYS_INLINE void scores_blocks(float *S, int ldS, const float *q, const
 static ALWAYS_INLINE void attention_scores_simd(float *S, int ldS, const float *q, int nq, const void *k,
                                                 int kv_dtype, int hd, int n_keys, int n_prefetch, float scale) {
     int blocks = (n_keys + KEY_BLOCK - 1) / KEY_BLOCK, prefetch_blocks = (n_prefetch + KEY_BLOCK - 1) / KEY_BLOCK;
+/* CALL(J) for J = n, a constant in each case (n < SCORE_QUERIES): the tiles' registers need it */
+#if SCORE_QUERIES > 4
+#define BY_QUERIES(n, CALL) switch (n) { case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; \
+    case 4: CALL(4); break; case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; }
+#else
+#define BY_QUERIES(n, CALL) switch (n) { case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; }
+#endif
     if (nq < SCORE_QUERIES) {
 #define FEW(J) scores_blocks(S, ldS, q, k, kv_dtype, hd, 0, blocks, prefetch_blocks, scale, J, SCORE_QUERIES / J)
-        switch (nq) {
-        case 1: FEW(1); break;
-        case 2: FEW(2); break;
-        case 3: FEW(3); break;
-#if SCORE_QUERIES > 4
-        case 4: FEW(4); break;
-        case 5: FEW(5); break;
-        case 6: FEW(6); break;
-        case 7: FEW(7); break;
-#endif
-        }
+        BY_QUERIES(nq, FEW)
 #undef FEW
         return;
     }
@@ -1526,19 +1524,10 @@ static ALWAYS_INLINE void attention_scores_simd(float *S, int ldS, const float *
 #define QUERIES(J) scores_blocks(S + (size_t)j * ldS, ldS, q + (size_t)j * hd, k, kv_dtype, hd, b, b + 1, \
                                 j ? 0 : prefetch_blocks, scale, J, 1)  /* (the first queries prefetch) */
         for (; j + SCORE_QUERIES <= nq; j += SCORE_QUERIES) QUERIES(SCORE_QUERIES);
-        switch (nq - j) {  /* the queries left, in one tile */
-        case 1: QUERIES(1); break;
-        case 2: QUERIES(2); break;
-        case 3: QUERIES(3); break;
-#if SCORE_QUERIES > 4
-        case 4: QUERIES(4); break;
-        case 5: QUERIES(5); break;
-        case 6: QUERIES(6); break;
-        case 7: QUERIES(7); break;
-#endif
-        }
+        BY_QUERIES(nq - j, QUERIES)  /* the queries left, in one tile */
 #undef QUERIES
     }
+#undef BY_QUERIES
 }
 #endif
 
