@@ -38,6 +38,29 @@ AVX2 = -mavx2 -mfma -mf16c
 run-avx2: run.c tokenizer.c model.h
 	$(CC) $(WARN) -O2 $(AVX2) $(OMP) -o $@ run.c -lm
 
+# The NEON kernels (aarch64), built by a cross compiler and run under qemu-user where both are
+# here (Debian: apt-get install gcc-aarch64-linux-gnu qemu-user; .ci/run installs them when
+# missing), else make test skips them. run-neon and tests/kernel_test-neon* are scripts that run
+# the aarch64 programs beside them (*.aarch64) under qemu-aarch64. The -neon builds are ARMv8.2
+# with the dot product (sdot); tests/kernel_test-neon-v8 is ARMv8.0 (its q8_0 tiles use smull).
+NEON_CC    ?= aarch64-linux-gnu-gcc
+NEON_QEMU  ?= qemu-aarch64 -L /usr/aarch64-linux-gnu -cpu max
+NEON_WORKS  = command -v $(NEON_CC) >/dev/null 2>&1 && command -v $(firstword $(NEON_QEMU)) >/dev/null 2>&1
+NEON_BUILD  = $(NEON_CC) $(WARN) -O2 $(OMP)
+NEON_BINARIES = run-neon tests/kernel_test-neon tests/kernel_test-neon-v8
+
+run-neon.aarch64: run.c tokenizer.c model.h
+	$(NEON_BUILD) -march=armv8.2-a+dotprod -o $@ run.c -lm
+
+tests/kernel_test-neon.aarch64: tests/kernel_test.c run.c tokenizer.c model.h
+	$(NEON_BUILD) -Wno-unused-function -march=armv8.2-a+dotprod -o $@ tests/kernel_test.c -lm
+
+tests/kernel_test-neon-v8.aarch64: tests/kernel_test.c run.c tokenizer.c model.h
+	$(NEON_BUILD) -Wno-unused-function -march=armv8-a -o $@ tests/kernel_test.c -lm
+
+$(NEON_BINARIES): %: %.aarch64
+	printf '#!/bin/sh\nexec $(NEON_QEMU) "$$0.aarch64" "$$@"\n' >$@ && chmod +x $@
+
 # the kernel test driver (tests/kernel_test.c includes run.c): fast kernels vs references
 KERNEL_TEST = $(CC) $(WARN) -Wno-unused-function
 tests/kernel_test: tests/kernel_test.c run.c tokenizer.c model.h
@@ -103,12 +126,16 @@ ifeq ($(shell uname -m),x86_64)
 TEST_BINARIES += run-avx2 tests/kernel_test-avx2
 TEST_SPECS += ./run-avx2::tests/kernel_test-avx2
 endif
+NEON_SPECS = ./run-neon::tests/kernel_test-neon ::tests/kernel_test-neon-v8
 FUZZ_SMOKE_SECONDS ?= 3
-test:  # the builds in parallel (about 25 s on two cores), the fuzz targets when clang can, then the suite
+test:  # the builds in parallel (about 25 s on two cores), the fuzz targets when clang can, the NEON
+       # builds when a cross compiler and qemu are here, then the suite
 	@$(MAKE) --no-print-directory -j2 $(TEST_BINARIES)
 	@if $(FUZZ_WORKS); then $(MAKE) --no-print-directory -j2 $(FUZZ_BINARIES); \
 	 else rm -f $(FUZZ_BINARIES); echo "no libFuzzer ($(FUZZ_CC) -fsanitize=fuzzer): the fuzz smoke runs will be skipped"; fi
-	FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) $(PYTHON) tests/run_tests.py $(TEST_SPECS)
+	@if $(NEON_WORKS); then $(MAKE) --no-print-directory -j2 $(NEON_BINARIES); \
+	 else rm -f $(NEON_BINARIES); echo "no $(NEON_CC) or $(firstword $(NEON_QEMU)): the NEON tests will be skipped"; fi
+	FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) $(PYTHON) tests/run_tests.py $(TEST_SPECS) $(NEON_SPECS)
 
 # speed figures (never timed tests). The engine: random-weight models of the three MiniMind shapes
 # through export.py, every dtype, threads 1 and 2, medians of BENCH_RUNS runs (tests/bench.py;
@@ -131,4 +158,5 @@ fixtures:
 
 clean:
 	rm -f run .run-built run-asan run-portable run-avx2 tests/tokenizer_test tests/tokenizer_test-asan \
-	    tests/kernel_test tests/kernel_test-asan tests/kernel_test-avx2 tests/stream $(FUZZ_BINARIES)
+	    tests/kernel_test tests/kernel_test-asan tests/kernel_test-avx2 tests/stream $(FUZZ_BINARIES) \
+	    $(NEON_BINARIES) $(NEON_BINARIES:%=%.aarch64)

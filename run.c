@@ -690,34 +690,37 @@ static void matmul_rows_q8_ref(float *out, const int8_t *xq, const float *xs, co
 }
 
 /* ---- matmul, the fast path (x86-64: AVX-512 where the compiler targets it, else AVX2 + FMA +
- * F16C; other machines use the reference) ----
+ * F16C; aarch64: NEON, with the dot-product instructions where the compiler targets them; other
+ * machines use the reference) ----
  * A register tile of TILE_ROWS weight rows x TILE_TOKENS tokens: each weight vector loaded is
  * used for every token of the tile, each activation vector for every row. Every output element
  * is its own chain of VL-lane FMAs over each K_CHUNK of columns, a fixed horizontal sum per chunk,
  * and the chunks added in order, so its value does not depend on the tile shape or the thread
  * that computes it. (One token, and prompt blocks of OP_MIN_TOKENS or more, take the other two
  * forms below: each is its own fixed order too, so results never depend on the thread count.) */
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* The vector layer: the few operations the kernels use, on a vector of VL floats (vf), and f4, a
+ * vector of 4 (a tile's four row sums). The kernels below are written once over it; only this
+ * block knows the instruction set. Each also sets the tile shapes its register count allows:
+ * TILE_TOKENS (decode tiles, TILE_ROWS x TILE_TOKENS accumulators), OP_ROWS (prompt tiles,
+ * OP_ROWS x 2 vectors), SCORE_QUERIES (attention scores, SCORE_QUERIES x KEY_BLOCK / VL) and
+ * PV_VECS (attention P.V, 4 x PV_VECS). */
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define HAVE_SIMD 1
-#define ALWAYS_INLINE inline __attribute__((always_inline))
-
-/* the sum of 8 floats (AVX2; also the q8_0 decode kernel's, on either instruction set) */
-static ALWAYS_INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* The vector layer: the few operations the kernels use, on a vector of VL floats. The kernels
- * below are written once over it; only this block knows the instruction set. */
+typedef __m128 f4;
+static ALWAYS_INLINE f4 f4_load(const float *p) { return _mm_loadu_ps(p); }
+static ALWAYS_INLINE void f4_store(float *p, f4 v) { _mm_storeu_ps(p, v); }
+static ALWAYS_INLINE f4 f4_add(f4 a, f4 b) { return _mm_add_ps(a, b); }
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define KERNELS "avx512"
 #define HAVE_AVX512 1
 enum { VL = 16, TILE_ROWS = ROW_BLOCK };  /* vf_hsum4 sums a tile of four rows */
 #define TILE_TOKENS 6       /* 24 of the 32 registers accumulate */
+#define OP_ROWS PANEL_ROWS  /* 24 accumulators + 2 activation vectors + 1 broadcast of 32 registers */
 #define SCORE_QUERIES 8     /* attention scores: 8 queries x 16 keys, 8 accumulators */
+#define PV_VECS 6           /* 4 rows x 6 vectors: 24 accumulators, head_dim 96 in one pass over the values */
 typedef __m512 vf;
 static ALWAYS_INLINE vf vf_zero(void) { return _mm512_setzero_ps(); }
 static ALWAYS_INLINE vf vf_set1(float a) { return _mm512_set1_ps(a); }
@@ -733,7 +736,7 @@ static ALWAYS_INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b
 static ALWAYS_INLINE vf vf_fnmadd(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }  /* c - a b */
 static ALWAYS_INLINE float vf_hsum(vf v) { return _mm512_reduce_add_ps(v); }
 static ALWAYS_INLINE float vf_hmax(vf v) { return _mm512_reduce_max_ps(v); }
-static ALWAYS_INLINE __m128 vf_hsum4(vf a, vf b, vf c, vf d) {  /* [sum a, sum b, sum c, sum d] */
+static ALWAYS_INLINE f4 vf_hsum4(vf a, vf b, vf c, vf d) {  /* [sum a, sum b, sum c, sum d] */
     vf ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  /* a b a b per 128 bits */
     vf cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
     vf abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
@@ -749,14 +752,13 @@ static ALWAYS_INLINE vf vf_load_f16(const uint16_t *p) { return _mm512_cvtph_ps(
 static ALWAYS_INLINE vf vf_load_bf16(const uint16_t *p) {  /* bf16 is the top half of an f32 */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-static ALWAYS_INLINE vf vf_load_i8(const int8_t *p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-}
 #else
 #define KERNELS "avx2"
 enum { VL = 8, TILE_ROWS = ROW_BLOCK };
 #define TILE_TOKENS 3       /* 12 of the 16 registers accumulate */
+#define OP_ROWS 6           /* 12 + 2 + 1 of 16 */
 #define SCORE_QUERIES 4     /* 4 queries x 16 keys: 8 accumulators */
+#define PV_VECS 2           /* 4 x 2 of 16 registers */
 typedef __m256 vf;
 static ALWAYS_INLINE vf vf_zero(void) { return _mm256_setzero_ps(); }
 static ALWAYS_INLINE vf vf_set1(float a) { return _mm256_set1_ps(a); }
@@ -770,13 +772,17 @@ static ALWAYS_INLINE vf vf_min(vf a, vf b) { return _mm256_min_ps(a, b); }
 static ALWAYS_INLINE vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
 static ALWAYS_INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static ALWAYS_INLINE vf vf_fnmadd(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
-static ALWAYS_INLINE float vf_hsum(vf v) { return hsum8(v); }
+static ALWAYS_INLINE float vf_hsum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 static ALWAYS_INLINE float vf_hmax(vf v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
-static ALWAYS_INLINE __m128 vf_hsum4(vf a, vf b, vf c, vf d) {
+static ALWAYS_INLINE f4 vf_hsum4(vf a, vf b, vf c, vf d) {
     vf ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
     vf cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
     vf abcd = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(ab), _mm256_castps_pd(cd))),
@@ -791,17 +797,61 @@ static ALWAYS_INLINE vf vf_load_f16(const uint16_t *p) { return _mm256_cvtph_ps(
 static ALWAYS_INLINE vf vf_load_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
-static ALWAYS_INLINE vf vf_load_i8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
 #endif
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define HAVE_SIMD 1
+#define HAVE_NEON 1
+#ifdef __ARM_FEATURE_DOTPROD
+#define KERNELS "neon-dotprod"
+#else
+#define KERNELS "neon"
+#endif
+enum { VL = 4, TILE_ROWS = ROW_BLOCK };
+#define TILE_TOKENS 6       /* 24 of the 32 registers accumulate */
+#define OP_ROWS PANEL_ROWS  /* 24 + 2 + 1 of 32 */
+#define SCORE_QUERIES 4     /* 4 queries x 16 keys: 16 accumulators */
+#define PV_VECS 6           /* 4 x 6: 24 accumulators */
+typedef float32x4_t vf;
+typedef float32x4_t f4;
+static ALWAYS_INLINE f4 f4_load(const float *p) { return vld1q_f32(p); }
+static ALWAYS_INLINE void f4_store(float *p, f4 v) { vst1q_f32(p, v); }
+static ALWAYS_INLINE f4 f4_add(f4 a, f4 b) { return vaddq_f32(a, b); }
+static ALWAYS_INLINE vf vf_zero(void) { return vdupq_n_f32(0.0f); }
+static ALWAYS_INLINE vf vf_set1(float a) { return vdupq_n_f32(a); }
+static ALWAYS_INLINE vf vf_load(const float *p) { return vld1q_f32(p); }
+static ALWAYS_INLINE void vf_store(float *p, vf v) { vst1q_f32(p, v); }
+static ALWAYS_INLINE vf vf_add(vf a, vf b) { return vaddq_f32(a, b); }
+static ALWAYS_INLINE vf vf_sub(vf a, vf b) { return vsubq_f32(a, b); }
+static ALWAYS_INLINE vf vf_mul(vf a, vf b) { return vmulq_f32(a, b); }
+static ALWAYS_INLINE vf vf_div(vf a, vf b) { return vdivq_f32(a, b); }
+static ALWAYS_INLINE vf vf_min(vf a, vf b) { return vminq_f32(a, b); }
+static ALWAYS_INLINE vf vf_max(vf a, vf b) { return vmaxq_f32(a, b); }
+static ALWAYS_INLINE vf vf_fmadd(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
+static ALWAYS_INLINE vf vf_fnmadd(vf a, vf b, vf c) { return vfmsq_f32(c, a, b); }
+static ALWAYS_INLINE float vf_hsum(vf v) { return vaddvq_f32(v); }
+static ALWAYS_INLINE float vf_hmax(vf v) { return vmaxvq_f32(v); }
+static ALWAYS_INLINE f4 vf_hsum4(vf a, vf b, vf c, vf d) { return vpaddq_f32(vpaddq_f32(a, b), vpaddq_f32(c, d)); }
+static ALWAYS_INLINE vf vf_round(vf v) { return vrndnq_f32(v); }  /* to nearest, ties to even */
+static ALWAYS_INLINE vf vf_exp2i(vf k) {
+    return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(k), vdupq_n_s32(127)), 23));
+}
+static ALWAYS_INLINE vf vf_load_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+static ALWAYS_INLINE vf vf_load_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+#endif
+
+#ifdef HAVE_SIMD
 
 _Static_assert(TILE_ROWS == 4, "the tile epilogue sums four rows at once (vf_hsum4)");
 
 /* v, as a value the compiler must keep in a register: a vector loaded once for several FMAs is
  * otherwise often folded into each of them as a memory operand, which loads it again every time */
 static ALWAYS_INLINE vf vf_keep(vf v) {
+#ifdef HAVE_NEON
+    __asm__("" : "+w"(v));  /* (a SIMD register) */
+#else
     __asm__("" : "+v"(v));
+#endif
     return v;
 }
 
@@ -857,12 +907,12 @@ static ALWAYS_INLINE void tile(float *out, int ldo, int dtype, const void *w, in
     for (int t = 0; t < T; t++) {
         float sums[TILE_ROWS];  /* a full tile's four rows are summed together: fewer shuffles */
         if (R == TILE_ROWS && k == K) {  /* (no columns left over: the four sums are the outputs) */
-            __m128 s4 = vf_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]);
+            f4 s4 = vf_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]);
             float *o = out + (size_t)t * ldo;
-            _mm_storeu_ps(o, add ? _mm_add_ps(_mm_loadu_ps(o), s4) : s4);
+            f4_store(o, add ? f4_add(f4_load(o), s4) : s4);
             continue;
         }
-        if (R == TILE_ROWS) _mm_storeu_ps(sums, vf_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+        if (R == TILE_ROWS) f4_store(sums, vf_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
         else for (int r = 0; r < R; r++) sums[r] = vf_hsum(acc[r][t]);
         for (int r = 0; r < R; r++) {
             float sum = sums[r];
@@ -943,11 +993,6 @@ static ALWAYS_INLINE void matmul_block_simd(float *out, int ldo, const float *x,
  * chain of FMAs over k = 0 .. K-1 in order, whatever the tile, the block or the thread. f16 and
  * bf16 weights are converted a panel of OP_ROWS rows at a time, once per prompt block. (q8_0
  * matrices have integer tiles of their own, below, for any number of tokens.) */
-#ifdef HAVE_AVX512
-#define OP_ROWS PANEL_ROWS   /* 24 accumulators + 2 activation vectors + 1 broadcast of 32 registers */
-#else
-#define OP_ROWS 6            /* 12 + 2 + 1 of 16 */
-#endif
 enum { OP_TOKENS = 2 * VL };
 _Static_assert(OP_ROWS <= PANEL_ROWS && OP_TOKENS <= XT_TOKENS, "the panel and xT buffers hold a tile");
 
@@ -1020,8 +1065,9 @@ static void op_rows(float *out, const Matrix *w, const float *xT, int ldxT, int 
     }
 }
 
+#ifdef __AVX2__
 /* the q8_0 activations of n rows of x (the fast twin of quantize_q8_ref: the same codes); AVX2, which
- * an AVX-512 machine runs too */
+ * an AVX-512 machine runs too (NEON builds run the reference: it is a small part of a matmul's time) */
 static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     for (int g = 0; g < n / MM_Q8_GROUP; g++) {
@@ -1045,6 +1091,7 @@ static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
         scale[g] = d;
     }
 }
+#endif
 
 /* ---- q8_0 matmul: integer tiles over the panels of the file ----
  * Lanes are weight rows. A panel stores 4 consecutive columns of its 16 rows in 64 bytes
@@ -1057,7 +1104,9 @@ static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
  * The byte products need one unsigned operand. AVX-512 VNNI: vpdpbusd on the weights + 128 (an
  * xor), which adds 128 x the token's sum of the group's codes to every lane: each int32 sum starts
  * at minus that (xqsum). AVX2: maddubs on |w| and x with w's sign (the sign trick: |w| <= 128 and
- * |x| <= 127, so the pairs never saturate), then madd sums the pairs. */
+ * |x| <= 127, so the pairs never saturate), then madd sums the pairs. NEON multiplies signed bytes:
+ * sdot where the machine has it (ARMv8.2's dot product), else smull into 16 bits and two pairwise
+ * sums. */
 #if defined(HAVE_AVX512) && defined(__AVX512VNNI__)
 #define Q8_VNNI 1
 #define Q8_LANES 16       /* rows per vector */
@@ -1075,6 +1124,31 @@ static ALWAYS_INLINE qf qf_zero(void) { return _mm512_setzero_ps(); }
 static ALWAYS_INLINE qf qf_fmadd_i(qi a, qf b, qf c) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), b, c); }
 static ALWAYS_INLINE qf qf_mul(qf a, qf b) { return _mm512_mul_ps(a, b); }
 static ALWAYS_INLINE void qf_store(float *p, qf v) { _mm512_storeu_ps(p, v); }
+#elif defined(HAVE_NEON)
+#define Q8_VNNI 0
+#define Q8_LANES 4
+#define Q8_TILE_TOKENS 6  /* of 32 registers: 12 int32 sums, 12 f32 sums, 2 weights, a broadcast */
+typedef int32x4_t qi;     /* 4 int32 sums, or 16 bytes: 4 of each of 4 rows */
+typedef float32x4_t qf;
+static ALWAYS_INLINE qi qi_load(const uint8_t *p) { return vreinterpretq_s32_u8(vld1q_u8(p)); }
+static ALWAYS_INLINE qi qi_set1(int32_t a) { return vdupq_n_s32(a); }
+static ALWAYS_INLINE qi qi_unsigned(qi w) { return w; }  /* (signed products: nothing to do) */
+static ALWAYS_INLINE qi qi_dot4(qi acc, qi w, qi wu, qi x4) {
+    (void)wu;
+    int8x16_t w8 = vreinterpretq_s8_s32(w), x8 = vreinterpretq_s8_s32(x4);
+#ifdef __ARM_FEATURE_DOTPROD
+    return vdotq_s32(acc, w8, x8);
+#else
+    int16x8_t lo = vmull_s8(vget_low_s8(w8), vget_low_s8(x8)), hi = vmull_high_s8(w8, x8);  /* rows 0-1, 2-3 */
+    return vaddq_s32(acc, vpaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi)));
+#endif
+}
+static ALWAYS_INLINE qf qf_scales(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+static ALWAYS_INLINE qf qf_set1(float a) { return vdupq_n_f32(a); }
+static ALWAYS_INLINE qf qf_zero(void) { return vdupq_n_f32(0.0f); }
+static ALWAYS_INLINE qf qf_fmadd_i(qi a, qf b, qf c) { return vfmaq_f32(c, vcvtq_f32_s32(a), b); }
+static ALWAYS_INLINE qf qf_mul(qf a, qf b) { return vmulq_f32(a, b); }
+static ALWAYS_INLINE void qf_store(float *p, qf v) { vst1q_f32(p, v); }
 #else
 #define Q8_VNNI 0
 #define Q8_LANES 8
@@ -1194,7 +1268,7 @@ static void q8_rows(float *out, const Matrix *w, const int8_t *xq, const float *
 static bool reference_kernels = false;
 
 static void quantize_q8(int8_t *q, float *scale, const float *x, int n) {
-#ifdef HAVE_SIMD
+#if defined(HAVE_SIMD) && defined(__AVX2__)
     if (!reference_kernels) { quantize_q8_avx2(q, scale, x, n); return; }
 #endif
     quantize_q8_ref(q, scale, x, n);
@@ -1567,11 +1641,6 @@ static float exp_shifted(float *x, int n, float m) {
 #ifdef HAVE_SIMD
 /* O[r, 0..C VL) += sum over t < nt of P[r, t] v_t[0..C VL) for r < R: C vectors of columns of R
  * rows in registers, the columns of row t + KV_AHEAD prefetched while that is one of n_prefetch */
-#ifdef HAVE_AVX512
-#define PV_VECS 6   /* 4 rows x 6 vectors: 24 accumulators, head_dim 96 in one pass over the values */
-#else
-#define PV_VECS 2   /* 4 x 2 of 16 registers */
-#endif
 static ALWAYS_INLINE void pv_tile(float *O, int ldo, const float *P, const void *v, int kv_dtype, int hd,
                                   int nt, int n_prefetch, const int R, const int C) {
     size_t elem = kv_dtype == MM_F32 ? 4 : 2;
