@@ -46,7 +46,7 @@ run-avx2: run.c tokenizer.c model.h
 NEON_CC    ?= aarch64-linux-gnu-gcc
 NEON_QEMU  ?= qemu-aarch64 -L /usr/aarch64-linux-gnu -cpu max
 NEON_WORKS  = command -v $(NEON_CC) >/dev/null 2>&1 && command -v $(firstword $(NEON_QEMU)) >/dev/null 2>&1
-NEON_BUILD  = $(NEON_CC) $(WARN) -O2 $(OMP)
+NEON_BUILD  = $(NEON_CC) $(WARN) $(CFLAGS) $(OMP)
 NEON_BINARIES = run-neon tests/kernel_test-neon tests/kernel_test-neon-v8
 
 run-neon.aarch64: run.c tokenizer.c model.h
