@@ -33,10 +33,16 @@ run-asan: run.c tokenizer.c model.h
 run-portable: run.c tokenizer.c model.h
 	$(CC) $(WARN) -O2 $(OMP) -o $@ run.c -lm
 
-# the AVX2 kernels, which machines without AVX-512 run: built and tested here too (x86-64 only)
+# the AVX2 kernels, which machines without AVX-512 run: built and tested here too (x86-64 only);
+# and the same with AVX-VNNI (Alder Lake and later, Zen 5), whose q8_0 tiles use vpdpbusd, tested
+# where the processor has it
 AVX2 = -mavx2 -mfma -mf16c
+AVXVNNI = $(AVX2) -mavxvnni
 run-avx2: run.c tokenizer.c model.h
 	$(CC) $(WARN) -O2 $(AVX2) $(OMP) -o $@ run.c -lm
+
+run-avxvnni: run.c tokenizer.c model.h
+	$(CC) $(WARN) -O2 $(AVXVNNI) $(OMP) -o $@ run.c -lm
 
 # The NEON kernels (aarch64), built by a cross compiler and run under qemu-user where both are
 # here (Debian: apt-get install gcc-aarch64-linux-gnu qemu-user; .ci/run installs them when
@@ -71,6 +77,9 @@ tests/kernel_test-asan: tests/kernel_test.c run.c tokenizer.c model.h
 
 tests/kernel_test-avx2: tests/kernel_test.c run.c tokenizer.c model.h
 	$(KERNEL_TEST) -O2 $(AVX2) $(OMP) -o $@ tests/kernel_test.c -lm
+
+tests/kernel_test-avxvnni: tests/kernel_test.c run.c tokenizer.c model.h
+	$(KERNEL_TEST) -O2 $(AVXVNNI) $(OMP) -o $@ tests/kernel_test.c -lm
 
 # the memory ceiling of decoding: how fast a mapped model file reads, for make bench
 tests/stream: tests/stream.c
@@ -125,6 +134,10 @@ TEST_SPECS = ./run:tests/tokenizer_test:tests/kernel_test ./run-asan:tests/token
 ifeq ($(shell uname -m),x86_64)
 TEST_BINARIES += run-avx2 tests/kernel_test-avx2
 TEST_SPECS += ./run-avx2::tests/kernel_test-avx2
+ifneq ($(shell grep -qw avx_vnni /proc/cpuinfo 2>/dev/null && echo yes),)
+TEST_BINARIES += run-avxvnni tests/kernel_test-avxvnni
+TEST_SPECS += ./run-avxvnni::tests/kernel_test-avxvnni
+endif
 endif
 NEON_SPECS = ./run-neon::tests/kernel_test-neon ::tests/kernel_test-neon-v8
 FUZZ_SMOKE_SECONDS ?= 3
@@ -157,6 +170,6 @@ fixtures:
 	/usr/bin/python3 tests/gen_fixtures.py
 
 clean:
-	rm -f run .run-built run-asan run-portable run-avx2 tests/tokenizer_test tests/tokenizer_test-asan \
+	rm -f run .run-built run-asan run-portable run-avx2 run-avxvnni tests/kernel_test-avxvnni tests/tokenizer_test tests/tokenizer_test-asan \
 	    tests/kernel_test tests/kernel_test-asan tests/kernel_test-avx2 tests/stream $(FUZZ_BINARIES) \
 	    $(NEON_BINARIES) $(NEON_BINARIES:%=%.aarch64)

@@ -753,7 +753,11 @@ static ALWAYS_INLINE vf vf_load_bf16(const uint16_t *p) {  /* bf16 is the top ha
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 #else
+#ifdef __AVXVNNI__
+#define KERNELS "avx2-vnni"  /* (q8_0 tiles by AVX-VNNI) */
+#else
 #define KERNELS "avx2"
+#endif
 enum { VL = 8, TILE_ROWS = ROW_BLOCK };
 #define TILE_TOKENS 3       /* 12 of the 16 registers accumulate */
 #define OP_ROWS 6           /* 12 + 2 + 1 of 16 */
@@ -1149,19 +1153,26 @@ static ALWAYS_INLINE qf qf_zero(void) { return vdupq_n_f32(0.0f); }
 static ALWAYS_INLINE qf qf_fmadd_i(qi a, qf b, qf c) { return vfmaq_f32(c, vcvtq_f32_s32(a), b); }
 static ALWAYS_INLINE qf qf_mul(qf a, qf b) { return vmulq_f32(a, b); }
 static ALWAYS_INLINE void qf_store(float *p, qf v) { vst1q_f32(p, v); }
-#else
-#define Q8_VNNI 0
+#else  /* 256-bit vectors: the AVX2 build, and AVX-512 without VNNI */
 #define Q8_LANES 8
-#define Q8_TILE_TOKENS 2  /* of 16 registers: 8 sums, 2 x 2 weights, a broadcast */
 typedef __m256i qi;
 typedef __m256 qf;
 static ALWAYS_INLINE qi qi_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 static ALWAYS_INLINE qi qi_set1(int32_t a) { return _mm256_set1_epi32(a); }
+#ifdef __AVXVNNI__  /* AVX-VNNI (Alder Lake and later, Zen 5): VNNI's vpdpbusd on 256 bits */
+#define Q8_VNNI 1
+#define Q8_TILE_TOKENS 3  /* of 16 registers: 6 int32 sums, 6 f32 sums, 2 weights, a broadcast */
+static ALWAYS_INLINE qi qi_unsigned(qi w) { return _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)); }
+static ALWAYS_INLINE qi qi_dot4(qi acc, qi w, qi wu, qi x4) { (void)w; return _mm256_dpbusd_avx_epi32(acc, wu, x4); }
+#else
+#define Q8_VNNI 0
+#define Q8_TILE_TOKENS 2  /* of 16 registers: 8 sums, 2 x 2 weights, a broadcast */
 static ALWAYS_INLINE qi qi_unsigned(qi w) { return _mm256_sign_epi8(w, w); }  /* |w| */
 static ALWAYS_INLINE qi qi_dot4(qi acc, qi w, qi wu, qi x4) {
     __m256i pairs = _mm256_maddubs_epi16(wu, _mm256_sign_epi8(x4, w));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
+#endif
 static ALWAYS_INLINE qf qf_scales(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 static ALWAYS_INLINE qf qf_set1(float a) { return _mm256_set1_ps(a); }
 static ALWAYS_INLINE qf qf_zero(void) { return _mm256_setzero_ps(); }
@@ -1249,6 +1260,8 @@ static void q8_rows(float *out, const Matrix *w, const int8_t *xq, const float *
         case 1: TAIL(1); break;
 #if Q8_TILE_TOKENS > 2
         case 2: TAIL(2); break;
+#endif
+#if Q8_TILE_TOKENS > 3
         case 3: TAIL(3); break;
         case 4: TAIL(4); break;
         case 5: TAIL(5); break;
