@@ -76,10 +76,17 @@ static void die(const char *fmt, ...) {
     exit(1);
 }
 
+/* n x size zeroed bytes that start on a 64-byte boundary, a cache line: a vector load of the
+ * activations never straddles two lines (calloc's large blocks start 16 bytes past a page, so
+ * every 64-byte load did: f32 decoding ran some 5-10% slower) */
+#define CACHE_LINE 64
 static void *xcalloc(size_t n, size_t size, const char *what) {
-    void *p = calloc(n ? n : 1, size ? size : 1);
+    n = n ? n : 1, size = size ? size : 1;
+    if (n > (SIZE_MAX - CACHE_LINE) / size) die("out of memory allocating %s (%zu x %zu bytes)", what, n, size);
+    size_t bytes = (n * size + CACHE_LINE - 1) / CACHE_LINE * CACHE_LINE;  /* aligned_alloc's rule */
+    void *p = aligned_alloc(CACHE_LINE, bytes);
     if (!p) die("out of memory allocating %s (%zu x %zu bytes)", what, n, size);
-    return p;
+    return memset(p, 0, bytes);
 }
 
 /* The KV cache: anonymous memory whose zero pages are mapped in when a position is first
