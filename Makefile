@@ -134,19 +134,20 @@ TEST_SPECS = ./run:tests/tokenizer_test:tests/kernel_test ./run-asan:tests/token
 ifeq ($(shell uname -m),x86_64)
 TEST_BINARIES += run-avx2 tests/kernel_test-avx2
 TEST_SPECS += ./run-avx2::tests/kernel_test-avx2
-ifneq ($(shell grep -qw avx_vnni /proc/cpuinfo 2>/dev/null && echo yes),)
+ifneq ($(shell $(CC) -mavxvnni -E -x c /dev/null >/dev/null 2>&1 && grep -qw avx_vnni /proc/cpuinfo 2>/dev/null && echo yes),)
 TEST_BINARIES += run-avxvnni tests/kernel_test-avxvnni
 TEST_SPECS += ./run-avxvnni::tests/kernel_test-avxvnni
 endif
+# (on an aarch64 machine ./run itself is the NEON build; ?: skipped when not built)
+NEON_SPECS = '?./run-neon::tests/kernel_test-neon' '?::tests/kernel_test-neon-v8'
 endif
-NEON_SPECS = ./run-neon::tests/kernel_test-neon ::tests/kernel_test-neon-v8
 FUZZ_SMOKE_SECONDS ?= 3
 test:  # the builds in parallel (about 25 s on two cores), the fuzz targets when clang can, the NEON
        # builds when a cross compiler and qemu are here, then the suite
 	@$(MAKE) --no-print-directory -j2 $(TEST_BINARIES)
 	@if $(FUZZ_WORKS); then $(MAKE) --no-print-directory -j2 $(FUZZ_BINARIES); \
 	 else rm -f $(FUZZ_BINARIES); echo "no libFuzzer ($(FUZZ_CC) -fsanitize=fuzzer): the fuzz smoke runs will be skipped"; fi
-	@if $(NEON_WORKS); then $(MAKE) --no-print-directory -j2 $(NEON_BINARIES); \
+	@if [ -z "$(NEON_SPECS)" ]; then :; elif $(NEON_WORKS); then $(MAKE) --no-print-directory -j2 $(NEON_BINARIES); \
 	 else rm -f $(NEON_BINARIES); echo "no $(NEON_CC) or $(firstword $(NEON_QEMU)): the NEON tests will be skipped"; fi
 	FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) $(PYTHON) tests/run_tests.py $(TEST_SPECS) $(NEON_SPECS)
 

@@ -710,9 +710,10 @@ static void matmul_rows_q8_ref(float *out, const int8_t *xq, const float *xs, co
 /* The vector layer: the few operations the kernels use, on a vector of VL floats (vf), and f4, a
  * vector of 4 (a tile's four row sums). The kernels below are written once over it; only this
  * block knows the instruction set. Each also sets the tile shapes its register count allows:
- * TILE_TOKENS (decode tiles, TILE_ROWS x TILE_TOKENS accumulators), OP_ROWS (prompt tiles,
- * OP_ROWS x 2 vectors), SCORE_QUERIES (attention scores, SCORE_QUERIES x KEY_BLOCK / VL) and
- * PV_VECS (attention P.V, 4 x PV_VECS). */
+ * TILE_TOKENS (the dot-product tiles of 2-15 tokens, TILE_ROWS x TILE_TOKENS accumulators),
+ * OP_ROWS (prompt tiles, OP_ROWS x 2 vectors), SCORE_QUERIES (attention scores, SCORE_QUERIES x
+ * KEY_BLOCK / VL) and PV_VECS (attention P.V, 4 x PV_VECS). The tile dispatches below are written
+ * for the values used (asserted after the block). */
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define HAVE_SIMD 1
@@ -854,6 +855,8 @@ static ALWAYS_INLINE vf vf_load_bf16(const uint16_t *p) { return vreinterpretq_f
 #ifdef HAVE_SIMD
 
 _Static_assert(TILE_ROWS == 4, "the tile epilogue sums four rows at once (vf_hsum4)");
+_Static_assert((TILE_TOKENS == 3 || TILE_TOKENS == 6) && (SCORE_QUERIES == 4 || SCORE_QUERIES == 8) &&
+               (PV_VECS == 2 || PV_VECS == 6), "the switches of matmul_block, BY_QUERIES and pv_tiles cover these");
 
 /* v, as a value the compiler must keep in a register: a vector loaded once for several FMAs is
  * otherwise often folded into each of them as a memory operand, which loads it again every time */
@@ -1114,7 +1117,8 @@ static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
  * a token decoding is a tile of one token, so there are no horizontal sums anywhere.
  * The byte products need one unsigned operand. AVX-512 VNNI: vpdpbusd on the weights + 128 (an
  * xor), which adds 128 x the token's sum of the group's codes to every lane: each int32 sum starts
- * at minus that (xqsum). AVX2: maddubs on |w| and x with w's sign (the sign trick: |w| <= 128 and
+ * at minus that (xqsum); AVX-VNNI, in AVX2 builds for the machines that have it, the same on 256
+ * bits. Plain AVX2: maddubs on |w| and x with w's sign (the sign trick: |w| <= 128 and
  * |x| <= 127, so the pairs never saturate), then madd sums the pairs. NEON multiplies signed bytes:
  * sdot where the machine has it (ARMv8.2's dot product), else smull into 16 bits and two pairwise
  * sums. */
@@ -1189,6 +1193,7 @@ static ALWAYS_INLINE void qf_store(float *p, qf v) { _mm256_storeu_ps(p, v); }
 #endif
 #define Q8_TILE_ROWS (2 * Q8_LANES)
 _Static_assert(MM_Q8_PANEL % Q8_LANES == 0, "a vector of rows lies within one panel");
+_Static_assert(Q8_TILE_TOKENS == 2 || Q8_TILE_TOKENS == 3 || Q8_TILE_TOKENS == 6, "q8_rows' switch covers these");
 
 /* out[t * ldo + r] = W[r0 + r] . x[t] for r < R (<= Q8_TILE_ROWS), t < T; r0: a multiple of
  * Q8_TILE_ROWS; xq, xs, xqsum: the codes, scales and minus 128 x the group sums of the tile's first
@@ -1594,7 +1599,7 @@ static ALWAYS_INLINE void scores_blocks(float *S, int ldS, const float *q, const
  * from the cache's zeros or older positions, and never read); n_prefetch: the positions from k on
  * that the cache holds and may be prefetched (0: none). A token's queries are a kv head's group of
  * heads (2 or 4 in MiniMind): with fewer than SCORE_QUERIES, a tile takes several blocks at once,
- * so that 8 chains of FMAs hide each other's latency (not 2 or 4). And the cache is prefetched
+ * so that 8 or more chains of FMAs hide each other's latency (not 2 or 4). And the cache is prefetched
  * KV_AHEAD positions ahead: without it, each tile's keys and values waited on memory (the layer's
  * weights, read in between, had pushed them out of every cache). */
 static ALWAYS_INLINE void attention_scores_simd(float *S, int ldS, const float *q, int nq, const void *k,

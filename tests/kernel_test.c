@@ -4,8 +4,9 @@
  *
  *   kernel_test            one line per check: "PASS name (detail)" or "FAIL name: detail"
  *
- * tests/run_tests.py runs it (both the normal and the sanitizer build). In a build without the
- * fast path (no AVX2) the fast and reference kernels are the same code and the checks are trivial.
+ * tests/run_tests.py runs it (the normal, sanitizer, AVX2, AVX-VNNI and NEON builds). In a build
+ * without the fast path (no AVX2 or NEON) the fast and reference kernels are the same code and the
+ * checks are trivial; so is the quantiser's on NEON, which quantises with the reference.
  */
 #define MINIMIND_NO_MAIN
 #include "../run.c"
