@@ -106,6 +106,7 @@ static void *alloc_kv(size_t bytes, void **map, size_t *map_bytes) {
     return start;
 }
 
+/* the threads a parallel region gets (--threads) */
 static int n_threads(void) {
 #ifdef _OPENMP
     return omp_get_max_threads();
@@ -125,6 +126,15 @@ static int thread_id(void) {
     return omp_get_thread_num();
 #else
     return 0;
+#endif
+}
+
+/* the threads of the region this runs in (1 outside any) */
+static int team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
 #endif
 }
 
@@ -1341,42 +1351,96 @@ static void matmul_block(float *out, const float *x, const Matrix *w, int n, int
  * come free. Every weight is read once per call. */
 typedef struct { float *out; const Matrix *w; } MatmulJob;
 
-static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens, State *s) {
-    int cols = jobs[0].w->cols, groups = cols / MM_Q8_GROUP, first_block[4], total = 0;
-    bool q8 = jobs[0].w->dtype == MM_Q8_0;  /* the matrices of one call share a dtype (one layer's) */
-    bool prompt = false;  /* a prompt block for the fast kernels: units handed out dynamically */
+/* the codes of token t's activations x[t] for the q8_0 tiles: s->xq, s->xs and, for the VNNI tiles,
+ * which multiply w + 128 (q8_tile), minus 128 x each group's codes (s->xqsum) */
+static void quantize_token(State *s, const float *x, int t, int cols, bool want_xqsum) {
+    int groups = cols / MM_Q8_GROUP;
+    int8_t *xq = s->xq + (size_t)t * cols;
+    quantize_q8(xq, s->xs + (size_t)t * groups, x + (size_t)t * cols, cols);
+    for (int g = 0; want_xqsum && g < groups; g++) {
+        int32_t sum = 0;
+        for (int i = 0; i < MM_Q8_GROUP; i++) sum += xq[g * MM_Q8_GROUP + i];
+        s->xqsum[(size_t)t * groups + g] = -128 * sum;
+    }
+}
+
+/* thread id's share (of nth) of the rows of matmuls, below */
+static void matmuls_share(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens, State *s,
+                          bool prompt, int id, int nth) {
+    int cols = jobs[0].w->cols, first_block[4], total = 0;
+    bool q8 = jobs[0].w->dtype == MM_Q8_0;
     int block_rows = ROW_BLOCK;
 #ifdef HAVE_SIMD
-    prompt = !reference_kernels && n_tokens >= OP_MIN_TOKENS;
     if (q8 && !reference_kernels) block_rows = Q8_TILE_ROWS;
 #endif
     for (int j = 0; j < n_jobs; j++) {
         first_block[j] = total;
         total += (jobs[j].w->rows + block_rows - 1) / block_rows;
     }
-    if (q8) {  /* the activations quantised once for every q8_0 matrix of the call */
-        bool want_xqsum = false;  /* the VNNI tiles multiply w + 128 (q8_tile) */
-#if defined(HAVE_SIMD) && Q8_VNNI
-        want_xqsum = !reference_kernels;
-#endif
-        #pragma omp parallel for if (n_tokens >= OP_MIN_TOKENS)
-        for (int t = 0; t < n_tokens; t++) {
-            int8_t *xq = s->xq + (size_t)t * cols;
-            quantize_q8(xq, s->xs + (size_t)t * groups, x + (size_t)t * cols, cols);
-            for (int g = 0; want_xqsum && g < groups; g++) {  /* minus 128 x each group's codes */
-                int32_t sum = 0;
-                for (int i = 0; i < MM_Q8_GROUP; i++) sum += xq[g * MM_Q8_GROUP + i];
-                s->xqsum[(size_t)t * groups + g] = -128 * sum;
-            }
-        }
-    }
     /* A prefill block of f32 activations below OP_MIN_TOKENS takes the columns K_CHUNK at a time,
      * all of a thread's rows for each chunk: the chunk of every token's x (n_tokens x K_CHUNK
      * floats) stays in the L2 cache while the weights stream past it once. Each output element
      * still sums in a fixed order. */
     int chunk = cols;
+    float *buf = s->row_buf + (size_t)id * s->row_buf_len;
 #ifdef HAVE_SIMD
     if (!reference_kernels && !q8 && n_tokens > 1) chunk = K_CHUNK;  /* one token: whole rows, in order */
+    /* prompt blocks: units of a few tiles, handed out as threads come free (the two cores of a
+     * shared machine do not run at the same speed: fixed shares left one waiting for the other) */
+    if (prompt) {
+        int ldxT = (n_tokens + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS;
+        int unit_rows = 4 * (q8 ? Q8_TILE_ROWS : OP_ROWS), first_unit[4], units = 0;
+        for (int j = 0; j < n_jobs; j++) first_unit[j] = units, units += (jobs[j].w->rows + unit_rows - 1) / unit_rows;
+        #pragma omp for schedule(dynamic, 1) nowait
+        for (int u = 0; u < units; u++) {
+            int j = n_jobs - 1;
+            while (u < first_unit[j]) j--;
+            int r0 = (u - first_unit[j]) * unit_rows, r1 = r0 + unit_rows < jobs[j].w->rows ? r0 + unit_rows : jobs[j].w->rows;
+            if (q8) q8_rows(jobs[j].out, jobs[j].w, s->xq, s->xs, s->xqsum, n_tokens, r0, r1);
+            else op_rows(jobs[j].out, jobs[j].w, s->xT, ldxT, n_tokens, r0, r1, buf);
+        }
+        return;
+    }
+#endif
+    int b0 = (int)((long)total * id / nth), b1 = (int)((long)total * (id + 1) / nth);
+    for (int k0 = 0; k0 < cols; k0 += chunk)
+        for (int b = b0; b < b1; b++) {
+            int j = n_jobs - 1;
+            while (b < first_block[j]) j--;
+            const Matrix *w = jobs[j].w;
+            int r0 = (b - first_block[j]) * block_rows, R = w->rows - r0 < block_rows ? w->rows - r0 : block_rows;
+            matmul_block(jobs[j].out, x, w, n_tokens, r0, R, k0, cols - k0 < chunk ? cols - k0 : chunk, s, buf);
+        }
+}
+
+/* out_j[t, r] = W_j[r, :] . x[t, :] for t < n_tokens, for a few matrices W_j that read the same x
+ * (q, k, v; gate, up): one parallel region over all their rows, so one fork and join of the
+ * threads. x: [n_tokens, cols], out_j: [n_tokens, W_j.rows]. Threads take contiguous ranges of
+ * blocks of rows (ROW_BLOCK, or a q8_0 tile's); prompt blocks go out in units of a few tiles as
+ * threads come free. Every weight is read once per call.
+ * Work for one thread runs without OpenMP: a region forks and joins even then (libgomp makes a
+ * team and wakes it with a system call, about 1 us here, where a token decoded at one thread
+ * passes some 80 regions: minimind2-small q8_0 spent a tenth of its time there). */
+static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens, State *s) {
+    int cols = jobs[0].w->cols;
+    bool q8 = jobs[0].w->dtype == MM_Q8_0;  /* the matrices of one call share a dtype (one layer's) */
+    bool prompt = false;  /* a prompt block for the fast kernels: units handed out dynamically */
+#ifdef HAVE_SIMD
+    prompt = !reference_kernels && n_tokens >= OP_MIN_TOKENS;
+#endif
+    if (q8) {  /* the activations quantised once for every q8_0 matrix of the call */
+        bool want_xqsum = false;
+#if defined(HAVE_SIMD) && Q8_VNNI
+        want_xqsum = !reference_kernels;
+#endif
+        if (n_tokens < OP_MIN_TOKENS)
+            for (int t = 0; t < n_tokens; t++) quantize_token(s, x, t, cols, want_xqsum);
+        else {
+            #pragma omp parallel for
+            for (int t = 0; t < n_tokens; t++) quantize_token(s, x, t, cols, want_xqsum);
+        }
+    }
+#ifdef HAVE_SIMD
     int ldxT = (n_tokens + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS;
     if (prompt && !q8) {  /* the block's activations transposed once for every matrix of the call */
         #pragma omp parallel for
@@ -1384,39 +1448,12 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
             for (int t = 0; t < ldxT; t++) s->xT[(size_t)k * ldxT + t] = t < n_tokens ? x[(size_t)t * cols + k] : 0.0f;
     }
 #endif
-    #pragma omp parallel
-    {
-        int nth = 1, id = 0;
-#ifdef _OPENMP
-        nth = omp_get_num_threads(), id = omp_get_thread_num();
-#endif
-        int b0 = (int)((long)total * id / nth), b1 = (int)((long)total * (id + 1) / nth);
-        float *buf = s->row_buf + (size_t)id * s->row_buf_len;
-#ifdef HAVE_SIMD
-        /* prompt blocks: units of a few tiles, handed out as threads come free (the two cores of a
-         * shared machine do not run at the same speed: fixed shares left one waiting for the other) */
-        int unit_rows = 4 * (q8 ? Q8_TILE_ROWS : OP_ROWS), first_unit[4], units = 0;
-        for (int j = 0; j < n_jobs; j++) first_unit[j] = units, units += (jobs[j].w->rows + unit_rows - 1) / unit_rows;
-        if (prompt) {  /* (the same for every thread: all of them meet the loop, or none) */
-            #pragma omp for schedule(dynamic, 1) nowait
-            for (int u = 0; u < units; u++) {
-                int j = n_jobs - 1;
-                while (u < first_unit[j]) j--;
-                int r0 = (u - first_unit[j]) * unit_rows, r1 = r0 + unit_rows < jobs[j].w->rows ? r0 + unit_rows : jobs[j].w->rows;
-                if (q8) q8_rows(jobs[j].out, jobs[j].w, s->xq, s->xs, s->xqsum, n_tokens, r0, r1);
-                else op_rows(jobs[j].out, jobs[j].w, s->xT, ldxT, n_tokens, r0, r1, buf);
-            }
-        }
-#endif
-        for (int k0 = 0; !prompt && k0 < cols; k0 += chunk)
-            for (int b = b0; b < b1; b++) {
-                int j = n_jobs - 1;
-                while (b < first_block[j]) j--;
-                const Matrix *w = jobs[j].w;
-                int r0 = (b - first_block[j]) * block_rows, R = w->rows - r0 < block_rows ? w->rows - r0 : block_rows;
-                matmul_block(jobs[j].out, x, w, n_tokens, r0, R, k0, cols - k0 < chunk ? cols - k0 : chunk, s, buf);
-            }
+    if (n_threads() == 1) {
+        matmuls_share(jobs, n_jobs, x, n_tokens, s, prompt, 0, 1);
+        return;
     }
+    #pragma omp parallel
+    matmuls_share(jobs, n_jobs, x, n_tokens, s, prompt, thread_id(), team_size());
 }
 
 /* out[t, r] = W[r, :] . x[t, :] for t < n_tokens.  x: [n_tokens, W.cols], out: [n_tokens, W.rows] */
@@ -1842,8 +1879,11 @@ static void route(int *idx, float *w, float *probs, const mm_header *h) {
 static void swiglu_ffn(float *out, const float *x, const FFN *f, int n, State *s) {
     int hidden = f->gate.rows;
     matmuls((MatmulJob[]){{s->hb, &f->gate}, {s->hb2, &f->up}}, 2, x, n, s);
-    #pragma omp parallel for if (n > 1)
-    for (int t = 0; t < n; t++) swiglu(s->hb + (size_t)t * hidden, s->hb2 + (size_t)t * hidden, hidden);
+    if (n == 1) swiglu(s->hb, s->hb2, hidden);  /* (no parallel region for one row: see matmuls) */
+    else {
+        #pragma omp parallel for
+        for (int t = 0; t < n; t++) swiglu(s->hb + (size_t)t * hidden, s->hb2 + (size_t)t * hidden, hidden);
+    }
     matmul(out, s->hb, &f->down, n, s);
 }
 
@@ -1956,6 +1996,27 @@ static float *forward_token(const Model *m, State *s, int token, int pos) {
     return s->logits;
 }
 
+/* Attention of layer l for unit u of a block of n tokens at pos0 (forward): the query heads of kv
+ * head u % n_kv_heads for the run of up to ATT_TOKENS tokens u / n_kv_heads, from s->q into
+ * s->att_out */
+static void attention_unit(const mm_header *h, State *s, uint32_t l, int u, int n, int pos0) {
+    int hd = (int)h->head_dim, n_kv_heads = (int)h->n_kv_heads, group = (int)(h->n_heads / h->n_kv_heads);
+    int q_dim = (int)h->n_heads * hd, t0 = u / n_kv_heads * ATT_TOKENS, g = u % n_kv_heads;
+    int len = n - t0 < ATT_TOKENS ? n - t0 : ATT_TOKENS;
+    float *buf = s->att_buf + (size_t)thread_id() * s->att_buf_len;
+    const void *keys = kv_head(s, s->key_cache, h, l, g), *values = kv_head(s, s->value_cache, h, l, g);
+    if (!reference_kernels) {
+        attention_group(s->att_out + (size_t)t0 * q_dim, s->q + (size_t)t0 * q_dim, len, q_dim, group, g,
+                        keys, values, s->kv_dtype, hd, pos0 + t0, buf);
+        return;
+    }
+    for (int t = t0; t < t0 + len; t++)
+        for (int hh = g * group; hh < (g + 1) * group; hh++)
+            attention_head(s->att_out + (size_t)t * q_dim + (size_t)hh * hd,
+                           s->q + (size_t)t * q_dim + (size_t)hh * hd, keys, values, s->kv_dtype, hd,
+                           pos0 + t, s->scores + (size_t)thread_id() * s->ctx, buf);
+}
+
 /* The batched path: n tokens at positions pos0 .. pos0+n-1 (n <= max_tokens), each layer as
  * matrix-matrix work. Logits for all n rows when all_logits, else for the last row only.
  * Returns the logits: [n, vocab] or [1, vocab]. */
@@ -1963,7 +2024,7 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
     const mm_header *h = &m->cfg;
     int dim = (int)h->dim, hd = (int)h->head_dim, half = hd / 2, n_heads = (int)h->n_heads;
     int kv_dim = (int)(h->n_kv_heads * h->head_dim), q_dim = n_heads * hd;
-    int group = (int)(h->n_heads / h->n_kv_heads), n_kv_heads = (int)h->n_kv_heads;
+    int n_kv_heads = (int)h->n_kv_heads;
     if (n < 1 || n > s->max_tokens || pos0 < 0 || pos0 + n > s->ctx)
         die("internal: forward of %d tokens at position %d (block %d, context %d)", n, pos0,
             s->max_tokens, s->ctx);
@@ -1997,23 +2058,12 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
             }
         }
         /* units of work: one kv head (with its query heads) for a run of up to ATT_TOKENS tokens */
-        int n_runs = (n + ATT_TOKENS - 1) / ATT_TOKENS;
-        #pragma omp parallel for schedule(dynamic, 1)
-        for (int u = 0; u < n_runs * n_kv_heads; u++) {
-            int t0 = u / n_kv_heads * ATT_TOKENS, g = u % n_kv_heads;
-            int len = n - t0 < ATT_TOKENS ? n - t0 : ATT_TOKENS;
-            float *buf = s->att_buf + (size_t)thread_id() * s->att_buf_len;
-            const void *keys = kv_head(s, s->key_cache, h, l, g), *values = kv_head(s, s->value_cache, h, l, g);
-            if (!reference_kernels) {
-                attention_group(s->att_out + (size_t)t0 * q_dim, s->q + (size_t)t0 * q_dim, len, q_dim, group, g,
-                                keys, values, s->kv_dtype, hd, pos0 + t0, buf);
-                continue;
-            }
-            for (int t = t0; t < t0 + len; t++)
-                for (int hh = g * group; hh < (g + 1) * group; hh++)
-                    attention_head(s->att_out + (size_t)t * q_dim + (size_t)hh * hd,
-                                   s->q + (size_t)t * q_dim + (size_t)hh * hd, keys, values, s->kv_dtype, hd,
-                                   pos0 + t, s->scores + (size_t)thread_id() * s->ctx, buf);
+        int units = (n + ATT_TOKENS - 1) / ATT_TOKENS * n_kv_heads;
+        if (n_threads() == 1)  /* (no parallel region for one thread: see matmuls) */
+            for (int u = 0; u < units; u++) attention_unit(h, s, l, u, n, pos0);
+        else {
+            #pragma omp parallel for schedule(dynamic, 1)
+            for (int u = 0; u < units; u++) attention_unit(h, s, l, u, n, pos0);
         }
         matmul(s->delta, s->att_out, &L->wo, n, s);
         for (size_t i = 0; i < (size_t)n * dim; i++) s->x[i] += s->delta[i];
