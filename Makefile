@@ -7,6 +7,7 @@ CFLAGS  ?= -O3
 WARN     = -std=c11 -Wall -Wextra -fopenmp-simd
 OMP     ?= -fopenmp
 SANITIZE = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+WERROR  ?= -Werror   # the test builds: a warning fails make test (WERROR= lets a new compiler's pass)
 PYTHON  ?= python3
 ifeq ($(strip $(OMP)),)
 WARN    += -Wno-unknown-pragmas   # built without OpenMP (make OMP=): its pragmas are ignored
@@ -27,11 +28,11 @@ run: .run-built
 
 # the same program with AddressSanitizer and UndefinedBehaviorSanitizer (SIMD kernels included)
 run-asan: run.c tokenizer.c model.h
-	$(CC) $(WARN) $(SANITIZE) $(ARCH) $(OMP) -o $@ run.c -lm
+	$(CC) $(WARN) $(WERROR) $(SANITIZE) $(ARCH) $(OMP) -o $@ run.c -lm
 
 # the portable build: no SIMD kernels (what a machine without AVX2 runs), tested numerically
 run-portable: run.c tokenizer.c model.h
-	$(CC) $(WARN) -O2 $(OMP) -o $@ run.c -lm
+	$(CC) $(WARN) $(WERROR) -O2 $(OMP) -o $@ run.c -lm
 
 # the AVX2 kernels, which machines without AVX-512 run: built and tested here too (x86-64 only);
 # and the same with AVX-VNNI (Alder Lake and later, Zen 5), whose q8_0 tiles use vpdpbusd, tested
@@ -39,10 +40,10 @@ run-portable: run.c tokenizer.c model.h
 AVX2 = -mavx2 -mfma -mf16c
 AVXVNNI = $(AVX2) -mavxvnni
 run-avx2: run.c tokenizer.c model.h
-	$(CC) $(WARN) -O2 $(AVX2) $(OMP) -o $@ run.c -lm
+	$(CC) $(WARN) $(WERROR) -O2 $(AVX2) $(OMP) -o $@ run.c -lm
 
 run-avxvnni: run.c tokenizer.c model.h
-	$(CC) $(WARN) -O2 $(AVXVNNI) $(OMP) -o $@ run.c -lm
+	$(CC) $(WARN) $(WERROR) -O2 $(AVXVNNI) $(OMP) -o $@ run.c -lm
 
 # The NEON kernels (aarch64), built by a cross compiler and run under qemu-user where both are
 # here (Debian: apt-get install gcc-aarch64-linux-gnu qemu-user; .ci/run installs them when
@@ -52,7 +53,7 @@ run-avxvnni: run.c tokenizer.c model.h
 NEON_CC    ?= aarch64-linux-gnu-gcc
 NEON_QEMU  ?= qemu-aarch64 -L /usr/aarch64-linux-gnu -cpu max
 NEON_WORKS  = command -v $(NEON_CC) >/dev/null 2>&1 && command -v $(firstword $(NEON_QEMU)) >/dev/null 2>&1
-NEON_BUILD  = $(NEON_CC) $(WARN) $(CFLAGS) $(OMP)
+NEON_BUILD  = $(NEON_CC) $(WARN) $(WERROR) $(CFLAGS) $(OMP)
 NEON_BINARIES = run-neon tests/kernel_test-neon tests/kernel_test-neon-v8
 
 run-neon.aarch64: run.c tokenizer.c model.h
@@ -68,7 +69,7 @@ $(NEON_BINARIES): %: %.aarch64
 	printf '#!/bin/sh\nexec $(NEON_QEMU) "$$0.aarch64" "$$@"\n' >$@ && chmod +x $@
 
 # the kernel test driver (tests/kernel_test.c includes run.c): fast kernels vs references
-KERNEL_TEST = $(CC) $(WARN) -Wno-unused-function
+KERNEL_TEST = $(CC) $(WARN) $(WERROR) -Wno-unused-function
 tests/kernel_test: tests/kernel_test.c run.c tokenizer.c model.h
 	$(KERNEL_TEST) $(CFLAGS) $(ARCH) $(OMP) -o $@ tests/kernel_test.c -lm
 
@@ -87,10 +88,10 @@ tests/stream: tests/stream.c
 
 # the tokenizer test driver (tests/tokenizer_test.c includes tokenizer.c)
 tests/tokenizer_test: tests/tokenizer_test.c tokenizer.c model.h
-	$(CC) $(WARN) $(CFLAGS) $(ARCH) -o $@ tests/tokenizer_test.c
+	$(CC) $(WARN) $(WERROR) $(CFLAGS) $(ARCH) -o $@ tests/tokenizer_test.c
 
 tests/tokenizer_test-asan: tests/tokenizer_test.c tokenizer.c model.h
-	$(CC) $(WARN) $(SANITIZE) -o $@ tests/tokenizer_test.c
+	$(CC) $(WARN) $(WERROR) $(SANITIZE) -o $@ tests/tokenizer_test.c
 
 # The fuzz targets (README.md, "Fuzzing"): clang's libFuzzer with AddressSanitizer and UBSan.
 # Debian: apt-get install clang libclang-rt-14-dev (the runtime of this clang's version).

@@ -882,6 +882,16 @@ static ALWAYS_INLINE vf vf_keep(vf v) {
 /* a hint to bring the cache line at p in before it is read (never a fault, whatever p) */
 static ALWAYS_INLINE void prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 
+/* the same for weights, which a token reads once each, start to end: the decoding kernels (dot_row,
+ * q8_tile) prefetch WEIGHTS_AHEAD bytes ahead of their loads, with the non-temporal hint, which
+ * keeps the stream from evicting the rest of the caches. The hardware prefetcher alone left
+ * decoding short of the memory's speed, and a plain prefetch (above) made f32 rows slower.
+ * One thread, alternated runs of ./run MODEL -m bench -n 128 -c 600, none / plain / this:
+ * minimind-3 f32 125 / 104 / 136 tokens/s (10 runs each); minimind2 f16 107 / - / 159 (8);
+ * minimind2-small q8_0 1090 / 1180 / - (8) and - / 1355 / 1484 (8); minimind-3 f16 within noise. */
+#define WEIGHTS_AHEAD 2048
+static ALWAYS_INLINE void prefetch_weights(const void *p) { __builtin_prefetch(p, 0, 0); }
+
 /* exp(r) for r in [-87, 88.7], within 2 ulp of expf (and inf for r in [88.7, 89]): r = k ln2 + f with k = round(r / ln2) and f in
  * [-ln2/2, ln2/2] (ln2 in two parts, so f is exact), exp(f) by its Taylor polynomial, times 2^k */
 static ALWAYS_INLINE vf vf_exp(vf r) {
@@ -961,13 +971,16 @@ static void (*const full_tile[])(float *, int, const void *, int, const float *,
     [MM_F32] = full_tile_f32, [MM_F16] = full_tile_f16, [MM_BF16] = full_tile_bf16};
 
 /* w[:K] . x[:K] for one row when decoding a single token: the rows are read one after another, a
- * single stream through memory that the prefetcher runs ahead of (four rows at a time, it is four
- * short streams), with four chains of FMAs so that their latency is hidden */
+ * single stream through memory (four rows at a time, it is four short streams), prefetched ahead
+ * (prefetch_weights), with four chains of FMAs so that their latency is hidden */
 static ALWAYS_INLINE float dot_row(int dtype, const void *w, const float *x, int K) {
     vf acc[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
     int k = 0;
-    for (; k + 4 * VL <= K; k += 4 * VL)
+    size_t elem = dtype == MM_F32 ? 4 : 2;
+    for (; k + 4 * VL <= K; k += 4 * VL) {
+        for (size_t b = 0; b < 4 * VL * elem; b += 64) prefetch_weights((const uint8_t *)w + k * elem + WEIGHTS_AHEAD + b);
         for (int j = 0; j < 4; j++) acc[j] = vf_fmadd(load_w(dtype, w, (size_t)(k + j * VL)), vf_load(x + k + j * VL), acc[j]);
+    }
     for (; k + VL <= K; k += VL) acc[0] = vf_fmadd(load_w(dtype, w, (size_t)k), vf_load(x + k), acc[0]);
     float sum = vf_hsum(vf_add(vf_add(acc[0], acc[1]), vf_add(acc[2], acc[3])));
     for (; k < K; k++) sum += load1(dtype, w, (size_t)k) * x[k];
@@ -1202,13 +1215,6 @@ static ALWAYS_INLINE qf qf_mul(qf a, qf b) { return _mm256_mul_ps(a, b); }
 static ALWAYS_INLINE void qf_store(float *p, qf v) { _mm256_storeu_ps(p, v); }
 #endif
 #define Q8_TILE_ROWS (2 * Q8_LANES)
-/* Each of a tile's two panels is prefetched this many bytes ahead of its loads. Decoding reads a
- * q8_0 model at tens of GB/s, much of it from the L3 cache, and the hardware prefetcher alone
- * left it short (decoding at one thread, alternated runs of ./run MODEL -m bench: minimind2-small
- * 1090 -> 1180 tokens/s, minimind-3 430 -> 465, and 750 -> 850 at two threads; minimind2, which
- * is read from memory, unchanged; 2 KB was less, 4-8 KB no better, dot_row's f32 and f16 rows
- * did not gain) */
-#define Q8_AHEAD 3072
 _Static_assert(MM_Q8_PANEL % Q8_LANES == 0, "a vector of rows lies within one panel");
 _Static_assert(Q8_TILE_TOKENS == 2 || Q8_TILE_TOKENS == 3 || Q8_TILE_TOKENS == 6, "q8_rows' switch covers these");
 
@@ -1236,7 +1242,7 @@ static ALWAYS_INLINE void q8_tile(float *out, int ldo, const Matrix *w, int r0, 
         #pragma GCC unroll 8
         for (int j = 0; j < MM_Q8_GROUP / 4; j++) {
             size_t at = ((size_t)g * MM_Q8_GROUP / 4 + j) * 4 * MM_Q8_PANEL;
-            prefetch(code[0] + at + Q8_AHEAD), prefetch(code[1] + at + Q8_AHEAD);
+            prefetch_weights(code[0] + at + WEIGHTS_AHEAD), prefetch_weights(code[1] + at + WEIGHTS_AHEAD);
             qi w0 = qi_load(code[0] + at), w1 = qi_load(code[1] + at);
             qi u0 = qi_unsigned(w0), u1 = qi_unsigned(w1);
             for (int t = 0; t < T; t++) {
@@ -1401,6 +1407,8 @@ static void matmuls_share(const MatmulJob *jobs, int n_jobs, const float *x, int
         }
         return;
     }
+#else
+    (void)q8, (void)prompt;
 #endif
     int b0 = (int)((long)total * id / nth), b1 = (int)((long)total * (id + 1) / nth);
     for (int k0 = 0; k0 < cols; k0 += chunk)
