@@ -96,7 +96,7 @@ tests/tokenizer_test-asan: tests/tokenizer_test.c tokenizer.c model.h
 # The fuzz targets (README.md, "Fuzzing"): clang's libFuzzer with AddressSanitizer and UBSan.
 # Debian: apt-get install clang libclang-rt-14-dev (the runtime of this clang's version).
 FUZZ_CC      ?= clang
-FUZZ_FLAGS    = -std=c11 -Wall -Wextra -Wno-unused-function -Wno-unknown-pragmas -Wno-pass-failed \
+FUZZ_FLAGS    = -std=c11 -Wall -Wextra -Wno-unused-function -Wno-unknown-pragmas -Wno-pass-failed $(WERROR) \
                 -fopenmp-simd -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 FUZZ_TARGETS  = loader tokenizer chat args
 FUZZ_BINARIES = $(FUZZ_TARGETS:%=tests/fuzz/%_fuzz)

@@ -882,13 +882,15 @@ static ALWAYS_INLINE vf vf_keep(vf v) {
 /* a hint to bring the cache line at p in before it is read (never a fault, whatever p) */
 static ALWAYS_INLINE void prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 
-/* the same for weights, which a token reads once each, start to end: the decoding kernels (dot_row,
- * q8_tile) prefetch WEIGHTS_AHEAD bytes ahead of their loads, with the non-temporal hint, which
- * keeps the stream from evicting the rest of the caches. The hardware prefetcher alone left
- * decoding short of the memory's speed, and a plain prefetch (above) made f32 rows slower.
- * One thread, alternated runs of ./run MODEL -m bench -n 128 -c 600, none / plain / this:
- * minimind-3 f32 125 / 104 / 136 tokens/s (10 runs each); minimind2 f16 107 / - / 159 (8);
- * minimind2-small q8_0 1090 / 1180 / - (8) and - / 1355 / 1484 (8); minimind-3 f16 within noise. */
+/* the same for weights, which a token reads once each, start to end: the decoding kernels (dot_row;
+ * q8_tile, which prompt blocks use too) prefetch WEIGHTS_AHEAD bytes ahead of their loads, with
+ * the non-temporal hint, which keeps the stream from evicting the rest of the caches. The
+ * hardware prefetcher alone left decoding short of the memory's speed, and a plain prefetch
+ * (above) made f32 rows slower. One thread, alternated runs of ./run MODEL -m bench -n 128 -c 600
+ * in one spell each (only the ratios carry over: this machine's speed moves 15-25% between
+ * spells), none / plain 2 KB / this: minimind-3 f32 125 / 104 / 136 tokens/s (10 runs each);
+ * minimind2 f16 107 / - / 159 (8); minimind2-small q8_0 1090 / 1180 (plain 3 KB) / - (8) and
+ * - / 1355 (plain 3 KB) / 1484 (8); minimind-3 f16 within noise. */
 #define WEIGHTS_AHEAD 2048
 static ALWAYS_INLINE void prefetch_weights(const void *p) { __builtin_prefetch(p, 0, 0); }
 
@@ -1350,11 +1352,7 @@ static void matmul_block(float *out, const float *x, const Matrix *w, int n, int
     else matmul_rows_ref(out, x, w, n, r0, r0 + R, buf);
 }
 
-/* out_j[t, r] = W_j[r, :] . x[t, :] for t < n_tokens, for a few matrices W_j that read the same x
- * (q, k, v; gate, up): one parallel loop over all their rows, so one fork and join of the threads.
- * x: [n_tokens, cols], out_j: [n_tokens, W_j.rows]. Threads take contiguous ranges of blocks of
- * rows (ROW_BLOCK, or a q8_0 tile's); prompt blocks go out in units of a few tiles as threads
- * come free. Every weight is read once per call. */
+/* one matrix of a matmuls call: out = W x */
 typedef struct { float *out; const Matrix *w; } MatmulJob;
 
 /* the codes of token t's activations x[t] for the q8_0 tiles: s->xq, s->xs and, for the VNNI tiles,
@@ -1426,9 +1424,10 @@ static void matmuls_share(const MatmulJob *jobs, int n_jobs, const float *x, int
  * threads. x: [n_tokens, cols], out_j: [n_tokens, W_j.rows]. Threads take contiguous ranges of
  * blocks of rows (ROW_BLOCK, or a q8_0 tile's); prompt blocks go out in units of a few tiles as
  * threads come free. Every weight is read once per call.
- * Work for one thread runs without OpenMP: a region forks and joins even then (libgomp makes a
- * team and wakes it with a system call, about 1 us here, where a token decoded at one thread
- * passes some 80 regions: minimind2-small q8_0 spent a tenth of its time there). */
+ * At one thread the rows run without entering OpenMP, and so does a few tokens' quantisation at
+ * any count: a region forks and joins even for one thread or a false if clause (libgomp makes a
+ * team and wakes it with a system call, about 1 us here, and a token decoded at one thread
+ * passed some 80 regions: minimind2-small q8_0 spent a tenth of its time there). */
 static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens, State *s) {
     int cols = jobs[0].w->cols;
     bool q8 = jobs[0].w->dtype == MM_Q8_0;  /* the matrices of one call share a dtype (one layer's) */
