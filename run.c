@@ -449,6 +449,9 @@ static void rope_inv_freq(float *inv_freq, const Rope *r, int head_dim, int max_
 #define ROW_BLOCK 4              /* weight rows per unit of matmul work (the fast path's tile) */
 #define PANEL_ROWS 12            /* weight rows a prompt block's tile converts to f32 at once */
 #define XT_TOKENS 32             /* the transposed activations are padded to a multiple of this */
+
+/* the row length of xT (State) for a block of n tokens: n padded to a multiple of XT_TOKENS */
+static size_t xT_width(size_t n) { return (n + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS; }
 #define KEY_BLOCK 16             /* key positions stored transposed together (the score kernel's lanes) */
 
 typedef struct {
@@ -527,7 +530,7 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
     if (ffn > max_cols) max_cols = ffn;
     s->row_buf_len = PANEL_ROWS * (int)max_cols;
     s->row_buf = xcalloc(nt * (size_t)s->row_buf_len, sizeof(float), "weight row buffer");
-    s->xT = xcalloc(max_cols * ((T + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS), sizeof(float), "activations");
+    s->xT = xcalloc(max_cols * xT_width(T), sizeof(float), "activations");
     s->xq = xcalloc(T * max_cols, 1, "quantised activations");
     s->xs = xcalloc(T * max_cols / MM_Q8_GROUP + 1, sizeof(float), "quantised activations");
     s->xqsum = xcalloc(T * max_cols / MM_Q8_GROUP + 1, sizeof(int32_t), "quantised activations");
@@ -565,7 +568,7 @@ static uint64_t state_bytes(const mm_header *h, int max_tokens, int ctx, int kv_
     *kv_bytes = 2 * (uint64_t)h->n_layers * kv_len * kv_dim * (kv_dtype == MM_F16 ? 2 : 4);
     uint64_t per_token = 4 * (5 * dim + 2 * q_dim + 2 * ffn + 2 * kv_dim + h->head_dim + h->vocab_size +
                               h->n_experts + 2 * (uint64_t)h->n_experts_per_tok + 2) + cols + cols / 4;
-    uint64_t xT = 4 * cols * ((T + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS);
+    uint64_t xT = 4 * cols * xT_width(T);
     return *kv_bytes + T * per_token + xT + (uint64_t)ctx * 4 * (nt + 1) + nt * 4 * PANEL_ROWS * cols +
            (uint64_t)h->vocab_size * 16;
 }
@@ -1244,7 +1247,8 @@ static ALWAYS_INLINE void q8_tile(float *out, int ldo, const Matrix *w, int r0, 
         #pragma GCC unroll 8
         for (int j = 0; j < MM_Q8_GROUP / 4; j++) {
             size_t at = ((size_t)g * MM_Q8_GROUP / 4 + j) * 4 * MM_Q8_PANEL;
-            prefetch_weights(code[0] + at + WEIGHTS_AHEAD), prefetch_weights(code[1] + at + WEIGHTS_AHEAD);
+            prefetch_weights(code[0] + at + WEIGHTS_AHEAD);
+            if (Q8_TILE_ROWS > MM_Q8_PANEL) prefetch_weights(code[1] + at + WEIGHTS_AHEAD);  /* (else the same 64 bytes) */
             qi w0 = qi_load(code[0] + at), w1 = qi_load(code[1] + at);
             qi u0 = qi_unsigned(w0), u1 = qi_unsigned(w1);
             for (int t = 0; t < T; t++) {
@@ -1392,7 +1396,7 @@ static void matmuls_share(const MatmulJob *jobs, int n_jobs, const float *x, int
     /* prompt blocks: units of a few tiles, handed out as threads come free (the two cores of a
      * shared machine do not run at the same speed: fixed shares left one waiting for the other) */
     if (prompt) {
-        int ldxT = (n_tokens + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS;
+        int ldxT = (int)xT_width((size_t)n_tokens);
         int unit_rows = 4 * (q8 ? Q8_TILE_ROWS : OP_ROWS), first_unit[4], units = 0;
         for (int j = 0; j < n_jobs; j++) first_unit[j] = units, units += (jobs[j].w->rows + unit_rows - 1) / unit_rows;
         #pragma omp for schedule(dynamic, 1) nowait
@@ -1448,7 +1452,7 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
         }
     }
 #ifdef HAVE_SIMD
-    int ldxT = (n_tokens + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS;
+    int ldxT = (int)xT_width((size_t)n_tokens);
     if (prompt && !q8) {  /* the block's activations transposed once for every matrix of the call */
         #pragma omp parallel for
         for (int k = 0; k < cols; k++)

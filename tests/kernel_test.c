@@ -81,7 +81,7 @@ static State scratch_state(int n, int cols) {
     State s = {0};
     s.row_buf_len = PANEL_ROWS * cols;
     s.row_buf = xcalloc(4 * (size_t)s.row_buf_len, sizeof(float), "test");
-    s.xT = xcalloc((size_t)cols * ((n + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS), sizeof(float), "test");
+    s.xT = xcalloc((size_t)cols * xT_width((size_t)n), sizeof(float), "test");
     s.xq = xcalloc((size_t)n * cols, 1, "test");
     s.xs = xcalloc((size_t)n * cols / MM_Q8_GROUP + 1, sizeof(float), "test");
     s.xqsum = xcalloc((size_t)n * cols / MM_Q8_GROUP + 1, sizeof(int32_t), "test");
