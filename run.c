@@ -885,8 +885,8 @@ static ALWAYS_INLINE vf vf_keep(vf v) {
 /* a hint to bring the cache line at p in before it is read (never a fault, whatever p) */
 static ALWAYS_INLINE void prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 
-/* the same for weights, which a token reads once each, start to end: the decoding kernels (dot_row;
- * q8_tile, which prompt blocks use too) prefetch WEIGHTS_AHEAD bytes ahead of their loads, with
+/* the same for weights, which a token reads once each, start to end: dot_row (decoding f32, f16
+ * and bf16) and q8_tile (q8_0 prompt blocks) prefetch WEIGHTS_AHEAD bytes ahead of their loads, with
  * the non-temporal hint, which keeps the stream from evicting the rest of the caches. The
  * hardware prefetcher alone left decoding short of the memory's speed, and a plain prefetch
  * (above) made f32 rows slower. One thread, alternated runs of ./run MODEL -m bench -n 128 -c 600
@@ -1220,6 +1220,8 @@ static ALWAYS_INLINE qf qf_mul(qf a, qf b) { return _mm256_mul_ps(a, b); }
 static ALWAYS_INLINE void qf_store(float *p, qf v) { _mm256_storeu_ps(p, v); }
 #endif
 #define Q8_TILE_ROWS (2 * Q8_LANES)
+/* a thread's share of rows is whole blocks: whole tiles, and whole panels for decoding (below) */
+#define Q8_BLOCK_ROWS (Q8_TILE_ROWS > MM_Q8_PANEL ? Q8_TILE_ROWS : MM_Q8_PANEL)
 _Static_assert(MM_Q8_PANEL % Q8_LANES == 0, "a vector of rows lies within one panel");
 _Static_assert(Q8_TILE_TOKENS == 2 || Q8_TILE_TOKENS == 3 || Q8_TILE_TOKENS == 6, "q8_rows' switch covers these");
 
@@ -1285,11 +1287,62 @@ static __attribute__((noinline)) void q8_tile_full(float *out, int ldo, const Ma
     q8_tile(out, ldo, w, r0, R, xq, xs, xqsum, Q8_TILE_TOKENS);
 }
 
-/* rows r0 .. r1 (r0 a multiple of Q8_TILE_ROWS) of out = W x for the n tokens whose codes are in
- * xq, xs, xqsum: tile by tile, each tile over every token */
+/* One token (decoding): out[r] = W[r0 + r] . x for r < R (<= MM_Q8_PANEL); r0: a multiple of
+ * MM_Q8_PANEL. The sum is q8_tile's, in the same order (so the same bits), but the panel is read
+ * in its memory order, all its codes and then all its scales: one stream. Each group's integer
+ * sums wait in `sums` (in L1) until the scales come by. q8_tile, which reads two panels' codes and
+ * their scales at once (four streams), decoded minimind2 q8_0 at one thread 17% slower (alternated
+ * ./run MODEL -m bench -n 128 -c 600, 8 runs each: 287 / 336 tokens/s; minimind-3 and
+ * minimind2-small within noise), and prefetching ahead here cost 8% (308). */
+#define Q8_PANEL_VECS (MM_Q8_PANEL / Q8_LANES)
+#define Q8_SUMS_GROUPS 128       /* groups of integer sums held at once (8 KB): longer rows take turns */
+static ALWAYS_INLINE void q8_panel_token(float *out, const Matrix *w, int r0, int R, const int8_t *xq,
+                                         const float *xs, const int32_t *xqsum) {
+    int cols = w->cols, groups = cols / MM_Q8_GROUP;
+    const uint8_t *panel = (const uint8_t *)w->data + (size_t)(r0 / MM_Q8_PANEL) * q8_panel_bytes((uint64_t)cols);
+    const uint16_t *scale = (const uint16_t *)(panel + (size_t)MM_Q8_PANEL * cols);
+    qi sums[Q8_SUMS_GROUPS][Q8_PANEL_VECS];  /* [group][vector of Q8_LANES rows] */
+    qf acc[Q8_PANEL_VECS];
+    for (int v = 0; v < Q8_PANEL_VECS; v++) acc[v] = qf_zero();
+    for (int g0 = 0; g0 < groups; g0 += Q8_SUMS_GROUPS) {
+        int g1 = g0 + Q8_SUMS_GROUPS < groups ? g0 + Q8_SUMS_GROUPS : groups;
+        for (int g = g0; g < g1; g++) {
+            qi isum[Q8_PANEL_VECS];
+            for (int v = 0; v < Q8_PANEL_VECS; v++) isum[v] = qi_set1(Q8_VNNI ? xqsum[g] : 0);
+            #pragma GCC unroll 8
+            for (int j = 0; j < MM_Q8_GROUP / 4; j++) {
+                const uint8_t *at = panel + ((size_t)g * MM_Q8_GROUP / 4 + j) * 4 * MM_Q8_PANEL;
+                int32_t x4;
+                memcpy(&x4, xq + g * MM_Q8_GROUP + 4 * j, 4);
+                qi xb = qi_set1(x4);
+                for (int v = 0; v < Q8_PANEL_VECS; v++) {
+                    qi wv = qi_load(at + 4 * Q8_LANES * v);
+                    isum[v] = qi_dot4(isum[v], wv, qi_unsigned(wv), xb);
+                }
+            }
+            for (int v = 0; v < Q8_PANEL_VECS; v++) sums[g - g0][v] = isum[v];
+        }
+        for (int g = g0; g < g1; g++) {
+            qf sx = qf_set1(xs[g]);
+            for (int v = 0; v < Q8_PANEL_VECS; v++)
+                acc[v] = qf_fmadd_i(sums[g - g0][v], qf_mul(qf_scales(scale + (size_t)g * MM_Q8_PANEL + v * Q8_LANES), sx), acc[v]);
+        }
+    }
+    float part[MM_Q8_PANEL];
+    for (int v = 0; v < Q8_PANEL_VECS; v++) qf_store(part + v * Q8_LANES, acc[v]);
+    memcpy(out, part, (size_t)R * sizeof(float));
+}
+
+/* rows r0 .. r1 (r0 a multiple of Q8_BLOCK_ROWS) of out = W x for the n tokens whose codes are in
+ * xq, xs, xqsum: tile by tile, each tile over every token; one token panel by panel */
 static void q8_rows(float *out, const Matrix *w, const int8_t *xq, const float *xs, const int32_t *xqsum,
                     int n, int r0, int r1) {
     int cols = w->cols, groups = cols / MM_Q8_GROUP;
+    if (n == 1) {
+        for (int r = r0; r < r1; r += MM_Q8_PANEL)
+            q8_panel_token(out + r, w, r, r1 - r < MM_Q8_PANEL ? r1 - r : MM_Q8_PANEL, xq, xs, xqsum);
+        return;
+    }
     for (int r = r0; r < r1; r += Q8_TILE_ROWS) {
         int R = r1 - r < Q8_TILE_ROWS ? r1 - r : Q8_TILE_ROWS, t = 0;
         for (; t + Q8_TILE_TOKENS <= n; t += Q8_TILE_TOKENS)
@@ -1379,7 +1432,7 @@ static void matmuls_share(const MatmulJob *jobs, int n_jobs, const float *x, int
     bool q8 = jobs[0].w->dtype == MM_Q8_0;
     int block_rows = ROW_BLOCK;
 #ifdef HAVE_SIMD
-    if (q8 && !reference_kernels) block_rows = Q8_TILE_ROWS;
+    if (q8 && !reference_kernels) block_rows = Q8_BLOCK_ROWS;
 #endif
     for (int j = 0; j < n_jobs; j++) {
         first_block[j] = total;
@@ -1426,7 +1479,7 @@ static void matmuls_share(const MatmulJob *jobs, int n_jobs, const float *x, int
 /* out_j[t, r] = W_j[r, :] . x[t, :] for t < n_tokens, for a few matrices W_j that read the same x
  * (q, k, v; gate, up): one parallel region over all their rows, so one fork and join of the
  * threads. x: [n_tokens, cols], out_j: [n_tokens, W_j.rows]. Threads take contiguous ranges of
- * blocks of rows (ROW_BLOCK, or a q8_0 tile's); prompt blocks go out in units of a few tiles as
+ * blocks of rows (ROW_BLOCK, or Q8_BLOCK_ROWS); prompt blocks go out in units of a few tiles as
  * threads come free. Every weight is read once per call.
  * At one thread the rows run without entering OpenMP, and so does a few tokens' quantisation at
  * any count: a region forks and joins even for one thread or a false if clause (libgomp makes a
