@@ -17,7 +17,11 @@ tests/bench-models/ for the next run. For every shape x dtype x threads, `./run 
   rss         peak resident memory of the process, MB (weights + KV cache + buffers)
   reads       what decoding reads, the model file's bytes once per token (x decode tokens/s), in
               GB/s and as a share of what tests/stream reads of the same file mapped the same
-              way with the same threads: the memory ceiling of decoding on this machine
+              way with the same threads: the memory ceiling of decoding on this machine.
+              tests/stream runs before each run and after the last, and each run's share is of
+              the mean of the two either side of it (this machine's speed moves by a third
+              within minutes, so a ceiling measured once, at another moment, said anything from
+              61% to 118%); the table gives the median share and the median ceiling.
 """
 import argparse
 import json
@@ -159,14 +163,19 @@ def main():
         for dtype in a.dtypes.split(","):
             model = model_file(shape, dtype)
             for threads in [int(t) for t in a.threads.split(",")]:
-                runs = [bench_once(a.binary, model, threads, a.extra) for _ in range(a.runs)]
+                ceilings, runs = [stream_gbs(model, threads)], []
+                for _ in range(a.runs):
+                    runs.append(bench_once(a.binary, model, threads, a.extra))
+                    ceilings.append(stream_gbs(model, threads))
                 med = {c: statistics.median(r[c] for r in runs) for c in cols}
                 reads = med["decode_tps"] * os.path.getsize(model) / 1e9
-                ceiling = stream_gbs(model, threads)
+                share = statistics.median(r["decode_tps"] * os.path.getsize(model) / 1e9 / ((c0 + c1) / 2)
+                                          for r, c0, c1 in zip(runs, ceilings, ceilings[1:]))
+                ceiling = statistics.median(ceilings)
                 line = (f"| {SHAPES[shape]['label']} | {dtype} | {threads} | {med['prefill_tps']:.0f} | "
                         f"{med['ttft_ms']:.1f} | {med['decode_tps']:.1f} | {med['decode_tps_2048']:.1f} | "
                         f"{med['decode_tps_4096']:.1f} | {med['peak_rss_mb']:.0f} | "
-                        f"{reads:.1f} ({100 * reads / ceiling:.0f}% of {ceiling:.1f}) |")
+                        f"{reads:.1f} ({100 * share:.0f}% of {ceiling:.1f}) |")
                 lines.append(line)
                 print(line, flush=True)
     if a.md:
