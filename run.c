@@ -1291,7 +1291,7 @@ static __attribute__((noinline)) void q8_tile_full(float *out, int ldo, const Ma
  * MM_Q8_PANEL. The sum is q8_tile's, in the same order (so the same bits), but the panel is read
  * in its memory order, all its codes and then all its scales: one stream. Each group's integer
  * sums wait in `sums` (in L1) until the scales come by. q8_tile, which reads two panels' codes and
- * their scales at once (four streams), decoded minimind2 q8_0 at one thread 17% slower (alternated
+ * their scales at once (four streams), decoded minimind2 q8_0 at one thread 15% slower (alternated
  * ./run MODEL -m bench -n 128 -c 600, 8 runs each: 287 / 336 tokens/s; minimind-3 and
  * minimind2-small within noise), and prefetching ahead here cost 8% (308). */
 #define Q8_PANEL_VECS (MM_Q8_PANEL / Q8_LANES)
