@@ -892,8 +892,9 @@ static ALWAYS_INLINE void prefetch(const void *p) { __builtin_prefetch(p, 0, 3);
  * (above) made f32 rows slower. One thread, alternated runs of ./run MODEL -m bench -n 128 -c 600
  * in one spell each (only the ratios carry over: this machine's speed moves 15-25% between
  * spells), none / plain 2 KB / this: minimind-3 f32 125 / 104 / 136 tokens/s (10 runs each);
- * minimind2 f16 107 / - / 159 (8); minimind2-small q8_0 1090 / 1180 (plain 3 KB) / - (8) and
- * - / 1355 (plain 3 KB) / 1484 (8); minimind-3 f16 within noise. */
+ * minimind2 f16 107 / - / 159 (8); minimind2-small q8_0, decoded by q8_tile then (now by
+ * q8_panel_token, which reads better without), 1090 / 1180 (plain 3 KB) / - (8) and - / 1355
+ * (plain 3 KB) / 1484 (8); minimind-3 f16 within noise. */
 #define WEIGHTS_AHEAD 2048
 static ALWAYS_INLINE void prefetch_weights(const void *p) { __builtin_prefetch(p, 0, 0); }
 
@@ -1135,14 +1136,15 @@ static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
 }
 #endif
 
-/* ---- q8_0 matmul: integer tiles over the panels of the file ----
+/* ---- q8_0 matmul: integer tiles over the panels of the file (one token: panel by panel) ----
  * Lanes are weight rows. A panel stores 4 consecutive columns of its 16 rows in 64 bytes
  * (model.h), so one vector load holds 4 weight bytes of each of Q8_LANES rows; one token's 4
  * activation codes at those columns are broadcast, and each lane sums its 4 byte products into its
  * int32. After each group of 32 columns the exact int32 sums are scaled by their two scales (the
  * row's, the token's) and added in f32: the terms of dot_q8_ref in its order (an FMA rounds once
  * where it rounds twice). A tile is Q8_TILE_ROWS = 2 vectors of rows x up to Q8_TILE_TOKENS tokens;
- * a token decoding is a tile of one token, so there are no horizontal sums anywhere.
+ * a token decoding takes a panel at a time (q8_panel_token), in the same order; no horizontal sums
+ * anywhere.
  * The byte products need one unsigned operand. AVX-512 VNNI: vpdpbusd on the weights + 128 (an
  * xor), which adds 128 x the token's sum of the group's codes to every lane: each int32 sum starts
  * at minus that (xqsum); AVX-VNNI, in AVX2 builds for the machines that have it, the same on 256
@@ -1289,11 +1291,13 @@ static __attribute__((noinline)) void q8_tile_full(float *out, int ldo, const Ma
 
 /* One token (decoding): out[r] = W[r0 + r] . x for r < R (<= MM_Q8_PANEL); r0: a multiple of
  * MM_Q8_PANEL. The sum is q8_tile's, in the same order (so the same bits), but the panel is read
- * in its memory order, all its codes and then all its scales: one stream. Each group's integer
- * sums wait in `sums` (in L1) until the scales come by. q8_tile, which reads two panels' codes and
- * their scales at once (four streams), decoded minimind2 q8_0 at one thread 15% slower (alternated
- * ./run MODEL -m bench -n 128 -c 600, 8 runs each: 287 / 336 tokens/s; minimind-3 and
- * minimind2-small within noise), and prefetching ahead here cost 8% (308). */
+ * in its memory order, all its codes and then all its scales: one stream (rows of more than
+ * Q8_SUMS_GROUPS groups take turns of that many groups' codes, then their scales). Each group's
+ * integer sums wait in `sums` (in L1) until the scales come by. On AVX-512, q8_tile's 32 rows
+ * are two panels, whose codes and scales it read at once (four streams): one token of minimind2
+ * q8_0 at one thread that way was 15% slower (alternated ./run MODEL -m bench -n 128 -c 600, 8
+ * runs each: 287 / 336 tokens/s; minimind-3 and minimind2-small within noise), and prefetching
+ * ahead here cost 8% (308). */
 #define Q8_PANEL_VECS (MM_Q8_PANEL / Q8_LANES)
 #define Q8_SUMS_GROUPS 128       /* groups of integer sums held at once (8 KB): longer rows take turns */
 static ALWAYS_INLINE void q8_panel_token(float *out, const Matrix *w, int r0, int R, const int8_t *xq,
@@ -1412,8 +1416,8 @@ static void matmul_block(float *out, const float *x, const Matrix *w, int n, int
 /* one matrix of a matmuls call: out = W x */
 typedef struct { float *out; const Matrix *w; } MatmulJob;
 
-/* the codes of token t's activations x[t] for the q8_0 tiles: s->xq, s->xs and, for the VNNI tiles,
- * which multiply w + 128 (q8_tile), minus 128 x each group's codes (s->xqsum) */
+/* the codes of token t's activations x[t] for the q8_0 kernels: s->xq, s->xs and, for VNNI, which
+ * multiplies w + 128 (q8_tile, q8_panel_token), minus 128 x each group's codes (s->xqsum) */
 static void quantize_token(State *s, const float *x, int t, int cols, bool want_xqsum) {
     int groups = cols / MM_Q8_GROUP;
     int8_t *xq = s->xq + (size_t)t * cols;

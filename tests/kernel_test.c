@@ -122,6 +122,17 @@ static void test_matmul(int dtype, int rows, int cols, int n) {
     check(worst < 1e-5, name, "max error %.1e of sum|w x|", worst);
     snprintf(name + strlen(name), sizeof name - strlen(name), ", threads 1 == 2");
     check(memcmp(fast, fast2, out_n * sizeof(float)) == 0, name, "bit-identical");
+    if (dtype == MM_Q8_0 && n == 1) {  /* one token by panels == the same token in a 2-token tile */
+        float *x2 = xcalloc(2 * (size_t)cols, sizeof(float), "test"), *out2 = xcalloc(2 * (size_t)rows, sizeof(float), "test");
+        State s2 = scratch_state(2, cols);
+        memcpy(x2, x, (size_t)cols * sizeof(float));
+        memcpy(x2 + cols, x, (size_t)cols * sizeof(float));
+        matmul(out2, x2, &w, 2, &s2);
+        snprintf(name, sizeof name, "matmul q8_0 %dx%d, 1 token == that token in a tile of 2", rows, cols);
+        check(memcmp(fast, out2, (size_t)rows * sizeof(float)) == 0, name, "bit-identical");
+        free(x2); free(out2);
+        free(s2.row_buf); free(s2.xT); free(s2.xq); free(s2.xs); free(s2.xqsum);
+    }
     free(storage); free(x); free(ref); free(fast); free(fast2); free(buf);
     free(s.row_buf); free(s.xT); free(s.xq); free(s.xs); free(s.xqsum);
 }
