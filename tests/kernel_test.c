@@ -88,6 +88,10 @@ static State scratch_state(int n, int cols) {
     return s;
 }
 
+static void scratch_free(State *s) {
+    free(s->row_buf); free(s->xT); free(s->xq); free(s->xs); free(s->xqsum);
+}
+
 /* fast vs reference matmul: each element within 1e-5 of the sum of |w x| (f32 rounding of a
  * different summation order); 1 and 2 threads bit-identical */
 static void test_matmul(int dtype, int rows, int cols, int n) {
@@ -131,10 +135,10 @@ static void test_matmul(int dtype, int rows, int cols, int n) {
         snprintf(name, sizeof name, "matmul q8_0 %dx%d, 1 token == that token in a tile of 2", rows, cols);
         check(memcmp(fast, out2, (size_t)rows * sizeof(float)) == 0, name, "bit-identical");
         free(x2); free(out2);
-        free(s2.row_buf); free(s2.xT); free(s2.xq); free(s2.xs); free(s2.xqsum);
+        scratch_free(&s2);
     }
     free(storage); free(x); free(ref); free(fast); free(fast2); free(buf);
-    free(s.row_buf); free(s.xT); free(s.xq); free(s.xs); free(s.xqsum);
+    scratch_free(&s);
 }
 
 /* the fast quantiser gives the reference's codes and scales exactly */
