@@ -85,11 +85,12 @@ static State scratch_state(int n, int cols) {
     s.xq = xcalloc((size_t)n * cols, 1, "test");
     s.xs = xcalloc((size_t)n * cols / MM_Q8_GROUP + 1, sizeof(float), "test");
     s.xqsum = xcalloc((size_t)n * cols / MM_Q8_GROUP + 1, sizeof(int32_t), "test");
+    s.pieces = xcalloc(4, sizeof(PieceRange), "test");
     return s;
 }
 
 static void scratch_free(State *s) {
-    free(s->row_buf); free(s->xT); free(s->xq); free(s->xs); free(s->xqsum);
+    free(s->row_buf); free(s->xT); free(s->xq); free(s->xs); free(s->xqsum); free(s->pieces);
 }
 
 /* fast vs reference matmul: each element within 1e-5 of the sum of |w x| (f32 rounding of a
@@ -121,8 +122,11 @@ static void test_matmul(int dtype, int rows, int cols, int n) {
             worst = e > worst ? e : worst;
         }
     char name[128];
-    snprintf(name, sizeof name, "matmul %s %dx%d, %d token%s%s", dtype_name((uint32_t)dtype), rows, cols, n,
-             n > 1 ? "s" : "", dtype == MM_Q8_0 && n >= OP_MIN_TOKENS ? " (prompt tiles)" : "");
+    set_threads(2);
+    RowShares shares = row_shares(&(MatmulJob){fast2, &w}, 1, n_threads());
+    snprintf(name, sizeof name, "matmul %s %dx%d, %d token%s%s%s", dtype_name((uint32_t)dtype), rows, cols, n,
+             n > 1 ? "s" : "", dtype == MM_Q8_0 && n >= OP_MIN_TOKENS ? " (prompt tiles)" : "",
+             n < OP_MIN_TOKENS && shares.steal ? " (pieces, stealing)" : "");
     check(worst < 1e-5, name, "max error %.1e of sum|w x|", worst);
     snprintf(name + strlen(name), sizeof name - strlen(name), ", threads 1 == 2");
     check(memcmp(fast, fast2, out_n * sizeof(float)) == 0, name, "bit-identical");
@@ -139,6 +143,37 @@ static void test_matmul(int dtype, int rows, int cols, int n) {
     }
     free(storage); free(x); free(ref); free(fast); free(fast2); free(buf);
     scratch_free(&s);
+}
+
+/* next_piece: three threads' ranges of 10 pieces (3, 3, 4), taken by threads 0 and 1 only (a team
+ * smaller than the ranges set), in an interleaving drawn at random: every piece is taken once, by
+ * its owner from the front of its range, or by another thread whose own range is empty from the
+ * back of the owner's */
+static void test_next_piece(void) {
+    PieceRange ranges[3];
+    int taken[10] = {0}, n_taken = 0, bad = 0;
+    for (int t = 0; t < 3; t++)
+        atomic_store(&ranges[t].next_end, piece_range((uint32_t)(10 * t / 3), (uint32_t)(10 * (t + 1) / 3)));
+    for (bool done[2] = {false, false}; !done[0] || !done[1];) {
+        int id = random_f32(&rng) < 0.5f ? 0 : 1;
+        if (done[id]) id = 1 - id;
+        uint32_t next[3], end[3];
+        for (int t = 0; t < 3; t++) {
+            uint64_t v = atomic_load(&ranges[t].next_end);
+            next[t] = (uint32_t)v, end[t] = (uint32_t)(v >> 32);
+        }
+        int p = next_piece(ranges, 3, id);
+        if (p < 0) {
+            done[id] = true;
+            continue;
+        }
+        taken[p]++, n_taken++;
+        int owner = p < 3 ? 0 : p < 6 ? 1 : 2;
+        if (owner == id) bad += (uint32_t)p != next[id];
+        else bad += (uint32_t)p != end[owner] - 1 || next[id] < end[id];
+    }
+    for (int p = 0; p < 10; p++) bad += taken[p] != 1;
+    check(bad == 0 && n_taken == 10, "next_piece: 10 pieces in 3 ranges, 2 threads", "%d pieces taken, %d wrong", n_taken, bad);
 }
 
 /* the fast quantiser gives the reference's codes and scales exactly */
@@ -246,17 +281,22 @@ int main(void) {
      * past a whole tile of 12 x 32, and a last run of at most 16 tokens) */
     static const int f_shapes[][3] = {{1, 1, 1}, {3, 7, 2}, {5, 33, 3}, {13, 100, 4}, {37, 515, 7},
                                       {8, 64, 1}, {64, 512, 64}, {4, 24, 6}, {37, 515, 17}, {13, 100, 33},
-                                      {5, 33, 16}, {26, 64, 45}};
+                                      {5, 33, 16}, {26, 64, 45},
+                                      /* 4 MB or more even in f16: two threads take pieces (RowShares) */
+                                      {2100, 1000, 1}, {2100, 1000, 3}};
     static const int q_shapes[][3] = {{1, 32, 1}, {3, 96, 2}, {5, 160, 3}, {13, 544, 1}, {37, 96, 4},
                                       {9, 64, 7}, {64, 512, 64}, {9, 1408, 2}, {37, 96, 20}, {13, 544, 48},
                                       {70, 2432, 23}, {33, 160, 16}, {100, 96, 31},
                                       /* one token: a part panel, sums held in two turns (over 128 groups) */
-                                      {70, 2432, 1}, {21, 4160, 1}};
+                                      {70, 2432, 1}, {21, 4160, 1},
+                                      /* 4 MB or more: two threads take pieces (RowShares) */
+                                      {4000, 1056, 1}, {4000, 1056, 5}};
     for (int dt = MM_F32; dt <= MM_BF16; dt++)
         for (size_t i = 0; i < sizeof f_shapes / sizeof f_shapes[0]; i++)
             test_matmul(dt, f_shapes[i][0], f_shapes[i][1], f_shapes[i][2]);
     for (size_t i = 0; i < sizeof q_shapes / sizeof q_shapes[0]; i++)
         test_matmul(MM_Q8_0, q_shapes[i][0], q_shapes[i][1], q_shapes[i][2]);
+    test_next_piece();
     test_swiglu(1000);
     test_quantize(32);
     test_quantize(2432);
