@@ -498,7 +498,7 @@ typedef struct {
     float *k_new, *v_new;       /* [max_tokens, n_kv_heads * head_dim] the block's k, v before caching */
     float *att_buf;             /* [threads, att_buf_len] attention scratch (attention_group) */
     size_t att_buf_len;
-    PieceRange *pieces;         /* [threads] each thread's pieces of a matmuls call (next_piece) */
+    PieceRange *piece_ranges;   /* [threads] each thread's pieces of a matmuls call (next_piece) */
 } State;
 
 static size_t attention_buf_len(int group, int hd);
@@ -553,14 +553,14 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
     s->v_new = xcalloc(T * kv_dim, sizeof(float), "activations");
     s->att_buf_len = attention_buf_len((int)(h->n_heads / h->n_kv_heads), (int)h->head_dim);
     s->att_buf = xcalloc(nt * s->att_buf_len, sizeof(float), "attention scratch");
-    s->pieces = xcalloc(nt, sizeof(PieceRange), "thread work ranges");
+    s->piece_ranges = xcalloc(nt, sizeof(PieceRange), "thread work ranges");
 }
 
 static void state_free(State *s) {
     void *bufs[] = {s->x, s->xb, s->delta, s->q, s->att_out, s->hb, s->hb2, s->moe_in, s->moe_out,
                     s->moe_rows, s->moe_w, s->router, s->top_idx, s->top_w, s->cos, s->sin, s->inv_freq,
                     s->scores, s->row_buf, s->xT, s->xq, s->xs, s->xqsum, s->logits, s->k_new, s->v_new, s->att_buf,
-                    s->pieces};
+                    s->piece_ranges};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     munmap(s->kv_map, s->kv_map_bytes);
 }
@@ -1441,43 +1441,48 @@ static void quantize_token(State *s, const float *x, int t, int cols, bool want_
 /* How matmuls (below) shares out the rows of its matrices outside prompt blocks: numbered through
  * the matrices in order, in blocks of block_rows (ROW_BLOCK, or Q8_BLOCK_ROWS), each thread has a
  * contiguous share of the blocks. When the call's weights come to STEAL_MIN_BYTES or more a
- * thread, the blocks are cut into pieces of about PIECE_BYTES of weights, and a thread that has
- * done its own share takes pieces that another has not begun (next_piece). */
+ * thread, the blocks are cut into pieces of at most PIECE_BYTES of weights (or one block, if that
+ * is more), and a thread that has done its own pieces takes pieces that another has not begun
+ * (next_piece). Smaller calls keep fixed shares: the cache lines of the ranges passing between
+ * the cores cost about a microsecond a call, and minimind2-small q8_0, with every call in pieces,
+ * came out up to 9% slower. */
 #define PIECE_BYTES 65536
 #define STEAL_MIN_BYTES (2 << 20)
 typedef struct {
     int block_rows, first_block[4], blocks;  /* first_block[j]: matrix j's first block */
     bool steal;                   /* handed out in pieces, with stealing */
-    int piece_blocks, pieces;     /* blocks a piece, pieces in all */
-    int ranges;                   /* threads whose ranges of pieces were set (s->pieces) */
+    int piece_blocks, n_pieces;   /* blocks a piece, pieces in all */
+    int n_ranges;                 /* threads whose ranges of pieces matmuls set (n_threads(): the
+                                     team may be smaller, and the others take what it leaves) */
 } RowShares;
 
 static uint64_t piece_range(uint32_t next, uint32_t end) { return (uint64_t)end << 32 | next; }
 
 static RowShares row_shares(const MatmulJob *jobs, int n_jobs, int nth) {
-    RowShares p = {.block_rows = ROW_BLOCK, .ranges = nth};
+    RowShares sh = {.block_rows = ROW_BLOCK, .n_ranges = nth};
 #ifdef HAVE_SIMD
-    if (jobs[0].w->dtype == MM_Q8_0 && !reference_kernels) p.block_rows = Q8_BLOCK_ROWS;
+    if (jobs[0].w->dtype == MM_Q8_0 && !reference_kernels) sh.block_rows = Q8_BLOCK_ROWS;
 #endif
     for (int j = 0; j < n_jobs; j++) {
-        p.first_block[j] = p.blocks;
-        p.blocks += (jobs[j].w->rows + p.block_rows - 1) / p.block_rows;
+        sh.first_block[j] = sh.blocks;
+        sh.blocks += (jobs[j].w->rows + sh.block_rows - 1) / sh.block_rows;
     }
-    uint64_t block_bytes = tensor_bytes((uint32_t)jobs[0].w->dtype, (uint64_t)p.block_rows, (uint64_t)jobs[0].w->cols);
-    p.steal = nth > 1 && block_bytes * (uint64_t)p.blocks >= (uint64_t)STEAL_MIN_BYTES * (uint64_t)nth;
-    p.piece_blocks = block_bytes >= PIECE_BYTES ? 1 : (int)(PIECE_BYTES / block_bytes);
-    p.pieces = (p.blocks + p.piece_blocks - 1) / p.piece_blocks;
-    return p;
+    /* (a q8_0 row's share of its panel: tensor_bytes counts q8_0 rows in whole panels) */
+    uint64_t row_bytes = tensor_bytes((uint32_t)jobs[0].w->dtype, MM_Q8_PANEL, (uint64_t)jobs[0].w->cols) / MM_Q8_PANEL;
+    uint64_t block_bytes = row_bytes * (uint64_t)sh.block_rows;
+    sh.steal = nth > 1 && block_bytes * (uint64_t)sh.blocks >= (uint64_t)STEAL_MIN_BYTES * (uint64_t)nth;
+    sh.piece_blocks = block_bytes >= PIECE_BYTES ? 1 : (int)(PIECE_BYTES / block_bytes);
+    sh.n_pieces = (sh.blocks + sh.piece_blocks - 1) / sh.piece_blocks;
+    return sh;
 }
 
-/* The next piece for thread id, or -1 when none is left. Each thread starts with the contiguous
- * range of pieces that its fixed share would be and takes them in order, one stream through
- * memory; once they are done it takes the last piece left in another thread's range. When the
- * cores run at one speed nothing moves. When one is slower (other tenants of a shared machine),
- * the other does more of the work instead of waiting for it at the end of the region: with fixed
- * shares the faster of two threads stood idle for 8-13% of every matmul of a decoded token. Small
- * calls keep their fixed shares: the cache lines of the ranges passing between the cores cost
- * about a microsecond a call, more than stealing won back on minimind2-small q8_0 (up to 9% slower). */
+/* The next piece for thread id, or -1 when none is left. Each thread starts with a contiguous
+ * range of pieces, about its fixed share, and takes them in order, one stream through memory;
+ * once they are done it takes the last piece left in another thread's range. When the cores run
+ * at one speed little moves (the first to finish may take the other's last piece). When one is
+ * slower (other tenants of a shared machine), the other does more of the work instead of waiting
+ * for it at the end of the region: with fixed shares the faster of two threads stood idle for
+ * 8-13% of every matmul of a decoded token. */
 static int next_piece(PieceRange *ranges, int n_ranges, int id) {
     for (int k = 0; k < n_ranges; k++) {
         _Atomic uint64_t *r = &ranges[(id + k) % n_ranges].next_end;
@@ -1495,22 +1500,22 @@ static int next_piece(PieceRange *ranges, int n_ranges, int id) {
 
 /* blocks b0..b1 of a matmuls call (out of RowShares' numbering) */
 static void matmul_blocks(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens, State *s,
-                          const RowShares *p, int b0, int b1, int chunk, float *buf) {
+                          const RowShares *sh, int b0, int b1, int chunk, float *buf) {
     int cols = jobs[0].w->cols;
     for (int k0 = 0; k0 < cols; k0 += chunk)
         for (int b = b0; b < b1; b++) {
             int j = n_jobs - 1;
-            while (b < p->first_block[j]) j--;
+            while (b < sh->first_block[j]) j--;
             const Matrix *w = jobs[j].w;
-            int r0 = (b - p->first_block[j]) * p->block_rows;
-            int R = w->rows - r0 < p->block_rows ? w->rows - r0 : p->block_rows;
+            int r0 = (b - sh->first_block[j]) * sh->block_rows;
+            int R = w->rows - r0 < sh->block_rows ? w->rows - r0 : sh->block_rows;
             matmul_block(jobs[j].out, x, w, n_tokens, r0, R, k0, cols - k0 < chunk ? cols - k0 : chunk, s, buf);
         }
 }
 
 /* thread id's share (of nth) of the rows of matmuls, below */
 static void matmuls_share(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens, State *s,
-                          const RowShares *p, bool prompt, int id, int nth) {
+                          const RowShares *sh, bool prompt, int id, int nth) {
     int cols = jobs[0].w->cols;
     bool q8 = jobs[0].w->dtype == MM_Q8_0;
     /* A prefill block of f32 activations below OP_MIN_TOKENS takes the columns K_CHUNK at a time,
@@ -1540,14 +1545,14 @@ static void matmuls_share(const MatmulJob *jobs, int n_jobs, const float *x, int
 #else
     (void)q8, (void)prompt;
 #endif
-    if (!p->steal) {
-        matmul_blocks(jobs, n_jobs, x, n_tokens, s, p, (int)((long)p->blocks * id / nth),
-                      (int)((long)p->blocks * (id + 1) / nth), chunk, buf);
+    if (!sh->steal) {
+        matmul_blocks(jobs, n_jobs, x, n_tokens, s, sh, (int)((long)sh->blocks * id / nth),
+                      (int)((long)sh->blocks * (id + 1) / nth), chunk, buf);
         return;
     }
-    for (int piece; (piece = next_piece(s->pieces, p->ranges, id)) >= 0;) {
-        int b0 = piece * p->piece_blocks, b1 = b0 + p->piece_blocks < p->blocks ? b0 + p->piece_blocks : p->blocks;
-        matmul_blocks(jobs, n_jobs, x, n_tokens, s, p, b0, b1, chunk, buf);
+    for (int piece; (piece = next_piece(s->piece_ranges, sh->n_ranges, id)) >= 0;) {
+        int b0 = piece * sh->piece_blocks, b1 = b0 + sh->piece_blocks < sh->blocks ? b0 + sh->piece_blocks : sh->blocks;
+        matmul_blocks(jobs, n_jobs, x, n_tokens, s, sh, b0, b1, chunk, buf);
     }
 }
 
@@ -1588,16 +1593,16 @@ static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tok
             for (int t = 0; t < ldxT; t++) s->xT[(size_t)k * ldxT + t] = t < n_tokens ? x[(size_t)t * cols + k] : 0.0f;
     }
 #endif
-    RowShares p = row_shares(jobs, n_jobs, n_threads());
-    for (int t = 0; p.steal && t < p.ranges; t++)  /* (threads missing from a smaller team leave ranges to the others) */
-        atomic_store(&s->pieces[t].next_end, piece_range((uint32_t)((long)p.pieces * t / p.ranges),
-                                                         (uint32_t)((long)p.pieces * (t + 1) / p.ranges)));
+    RowShares sh = row_shares(jobs, n_jobs, n_threads());
+    for (int t = 0; sh.steal && !prompt && t < sh.n_ranges; t++)
+        atomic_store(&s->piece_ranges[t].next_end, piece_range((uint32_t)((long)sh.n_pieces * t / sh.n_ranges),
+                                                               (uint32_t)((long)sh.n_pieces * (t + 1) / sh.n_ranges)));
     if (n_threads() == 1) {
-        matmuls_share(jobs, n_jobs, x, n_tokens, s, &p, prompt, 0, 1);
+        matmuls_share(jobs, n_jobs, x, n_tokens, s, &sh, prompt, 0, 1);
         return;
     }
     #pragma omp parallel
-    matmuls_share(jobs, n_jobs, x, n_tokens, s, &p, prompt, thread_id(), team_size());
+    matmuls_share(jobs, n_jobs, x, n_tokens, s, &sh, prompt, thread_id(), team_size());
 }
 
 /* out[t, r] = W[r, :] . x[t, :] for t < n_tokens.  x: [n_tokens, W.cols], out: [n_tokens, W.rows] */

@@ -85,17 +85,17 @@ static State scratch_state(int n, int cols) {
     s.xq = xcalloc((size_t)n * cols, 1, "test");
     s.xs = xcalloc((size_t)n * cols / MM_Q8_GROUP + 1, sizeof(float), "test");
     s.xqsum = xcalloc((size_t)n * cols / MM_Q8_GROUP + 1, sizeof(int32_t), "test");
-    s.pieces = xcalloc(4, sizeof(PieceRange), "test");
+    s.piece_ranges = xcalloc(4, sizeof(PieceRange), "test");
     return s;
 }
 
 static void scratch_free(State *s) {
-    free(s->row_buf); free(s->xT); free(s->xq); free(s->xs); free(s->xqsum); free(s->pieces);
+    free(s->row_buf); free(s->xT); free(s->xq); free(s->xs); free(s->xqsum); free(s->piece_ranges);
 }
 
 /* fast vs reference matmul: each element within 1e-5 of the sum of |w x| (f32 rounding of a
  * different summation order); 1 and 2 threads bit-identical */
-static void test_matmul(int dtype, int rows, int cols, int n) {
+static void test_matmul(int dtype, int rows, int cols, int n, bool in_pieces) {
     void *storage;
     Matrix w = random_matrix(dtype, rows, cols, &storage);
     float *x = xcalloc((size_t)n * cols, sizeof(float), "test");
@@ -122,11 +122,11 @@ static void test_matmul(int dtype, int rows, int cols, int n) {
             worst = e > worst ? e : worst;
         }
     char name[128];
-    set_threads(2);
-    RowShares shares = row_shares(&(MatmulJob){fast2, &w}, 1, n_threads());
+    RowShares shares = row_shares(&(MatmulJob){fast2, &w}, 1, n_threads());  /* (at 2 threads) */
     snprintf(name, sizeof name, "matmul %s %dx%d, %d token%s%s%s", dtype_name((uint32_t)dtype), rows, cols, n,
              n > 1 ? "s" : "", dtype == MM_Q8_0 && n >= OP_MIN_TOKENS ? " (prompt tiles)" : "",
-             n < OP_MIN_TOKENS && shares.steal ? " (pieces, stealing)" : "");
+             n < OP_MIN_TOKENS && shares.steal ? " (in pieces)" : "");
+    if (in_pieces) check(shares.steal, name, "2 threads take it in pieces");
     check(worst < 1e-5, name, "max error %.1e of sum|w x|", worst);
     snprintf(name + strlen(name), sizeof name - strlen(name), ", threads 1 == 2");
     check(memcmp(fast, fast2, out_n * sizeof(float)) == 0, name, "bit-identical");
@@ -167,6 +167,10 @@ static void test_next_piece(void) {
             done[id] = true;
             continue;
         }
+        if (p >= 10) {
+            bad++;
+            continue;
+        }
         taken[p]++, n_taken++;
         int owner = p < 3 ? 0 : p < 6 ? 1 : 2;
         if (owner == id) bad += (uint32_t)p != next[id];
@@ -174,6 +178,34 @@ static void test_next_piece(void) {
     }
     for (int p = 0; p < 10; p++) bad += taken[p] != 1;
     check(bad == 0 && n_taken == 10, "next_piece: 10 pieces in 3 ranges, 2 threads", "%d pieces taken, %d wrong", n_taken, bad);
+}
+
+/* next_piece with two threads at once on one range: thread 0 owns all 2000 pieces and takes them
+ * from the front while thread 1, its own range empty, takes them from the back, every take on the
+ * same word; 200 rounds, each piece taken once */
+static void test_next_piece_threads(void) {
+#ifdef _OPENMP
+    enum { ROUNDS = 200, N = 2000 };
+    static _Atomic int taken[N];
+    int bad = 0;
+    for (int round = 0; round < ROUNDS; round++) {
+        PieceRange ranges[2];
+        atomic_store(&ranges[0].next_end, piece_range(0, N));
+        atomic_store(&ranges[1].next_end, piece_range(N, N));
+        for (int p = 0; p < N; p++) atomic_store(&taken[p], 0);
+        #pragma omp parallel num_threads(2) reduction(+:bad)
+        {
+            #pragma omp barrier
+            for (int p; (p = next_piece(ranges, 2, omp_get_thread_num())) >= 0;) {
+                if (p < N) atomic_fetch_add(&taken[p], 1);
+                else bad++;
+                for (volatile int spin = 0; spin < 20; spin++) {}  /* a piece's work, so the threads overlap */
+            }
+        }
+        for (int p = 0; p < N; p++) bad += atomic_load(&taken[p]) != 1;
+    }
+    check(bad == 0, "next_piece: 2 threads at once on one range, 200 x 2000 pieces", "%d pieces not taken exactly once", bad);
+#endif
 }
 
 /* the fast quantiser gives the reference's codes and scales exactly */
@@ -281,22 +313,26 @@ int main(void) {
      * past a whole tile of 12 x 32, and a last run of at most 16 tokens) */
     static const int f_shapes[][3] = {{1, 1, 1}, {3, 7, 2}, {5, 33, 3}, {13, 100, 4}, {37, 515, 7},
                                       {8, 64, 1}, {64, 512, 64}, {4, 24, 6}, {37, 515, 17}, {13, 100, 33},
-                                      {5, 33, 16}, {26, 64, 45},
-                                      /* 4 MB or more even in f16: two threads take pieces (RowShares) */
-                                      {2100, 1000, 1}, {2100, 1000, 3}};
+                                      {5, 33, 16}, {26, 64, 45}};
     static const int q_shapes[][3] = {{1, 32, 1}, {3, 96, 2}, {5, 160, 3}, {13, 544, 1}, {37, 96, 4},
                                       {9, 64, 7}, {64, 512, 64}, {9, 1408, 2}, {37, 96, 20}, {13, 544, 48},
                                       {70, 2432, 23}, {33, 160, 16}, {100, 96, 31},
                                       /* one token: a part panel, sums held in two turns (over 128 groups) */
-                                      {70, 2432, 1}, {21, 4160, 1},
-                                      /* 4 MB or more: two threads take pieces (RowShares) */
-                                      {4000, 1056, 1}, {4000, 1056, 5}};
+                                      {70, 2432, 1}, {21, 4160, 1}};
     for (int dt = MM_F32; dt <= MM_BF16; dt++)
         for (size_t i = 0; i < sizeof f_shapes / sizeof f_shapes[0]; i++)
-            test_matmul(dt, f_shapes[i][0], f_shapes[i][1], f_shapes[i][2]);
+            test_matmul(dt, f_shapes[i][0], f_shapes[i][1], f_shapes[i][2], false);
     for (size_t i = 0; i < sizeof q_shapes / sizeof q_shapes[0]; i++)
-        test_matmul(MM_Q8_0, q_shapes[i][0], q_shapes[i][1], q_shapes[i][2]);
+        test_matmul(MM_Q8_0, q_shapes[i][0], q_shapes[i][1], q_shapes[i][2], false);
+    /* 2 MB of weights a thread or more (4.2 MB in f16): decoding's two threads take pieces
+     * (RowShares), one token and a few */
+    for (int dt = MM_F32; dt <= MM_Q8_0; dt++) {
+        int rows = dt == MM_Q8_0 ? 4000 : 2100, cols = dt == MM_Q8_0 ? 1056 : 1000;
+        test_matmul(dt, rows, cols, 1, true);
+        test_matmul(dt, rows, cols, dt == MM_Q8_0 ? 5 : 3, true);
+    }
     test_next_piece();
+    test_next_piece_threads();
     test_swiglu(1000);
     test_quantize(32);
     test_quantize(2432);
