@@ -2235,6 +2235,16 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
 
 typedef void (*logits_fn)(const float *logits, int t, void *ctx);
 
+/* Logits that are NaN or infinite come from weights that overflow f32 (a corrupt file): sampling
+ * and perplexity would turn them into garbage (NaN compares false, so no token is a candidate;
+ * inf - inf in the softmax is NaN), so they stop with an error instead. */
+static void check_logits(const float *logits, int n) {
+    for (int i = 0; i < n; i++)
+        if (!isfinite(logits[i]))
+            die("the model computed %s logit for token %d (corrupt weights in the model file?)",
+                isnan(logits[i]) ? "a NaN" : "an infinite", i);
+}
+
 /* tokens[0..n) at positions 0..n-1; emit(logits of position t, t, ctx) for every t in order */
 static void run_sequence(const Model *m, State *s, const int *tokens, int n, bool batched,
                          logits_fn emit, void *ctx) {
@@ -2272,6 +2282,7 @@ typedef struct {
 static void add_nll(const float *logits, int t, void *ctx) {
     PplSum *p = ctx;
     if (t + 1 >= p->n) return;          /* the window's last position predicts nothing we have */
+    check_logits(logits, p->vocab);
     float max = logits[0];
     for (int i = 1; i < p->vocab; i++) max = logits[i] > max ? logits[i] : max;
     double sum = 0;
@@ -2318,8 +2329,7 @@ static int by_logit_desc(const void *a, const void *b) {
 /* the next token from logits [vocab] (modified in place); seen[i]: token i is in the context */
 static int sample(Sampler *sp, float *logits, const uint8_t *seen) {
     int V = sp->vocab;
-    for (int i = 0; i < V; i++)  /* NaN compares false: no token would be a candidate */
-        if (isnan(logits[i])) die("the model computed a NaN logit for token %d (corrupt weights in the model file?)", i);
+    check_logits(logits, V);
     if (sp->temperature > 0)
         for (int i = 0; i < V; i++) logits[i] /= sp->temperature;
     if (sp->repeat_penalty != 1.0f)  /* MiniMind: positive logits divided, negative multiplied */

@@ -472,6 +472,16 @@ def limits_tests(binary):
             f.write(data)
         return expect_error(run([binary, path, "-i", "the", "-n", "4", "-s", "1"]), "NaN logit")
 
+    @test(f"{tag}: weights that overflow f32: ppl stops with an error, not a NaN or infinite perplexity")
+    def _():
+        data = bytearray(open(model, "rb").read())
+        off, size = tensor_data(data, "model.norm.weight")
+        data[off:off + size] = struct.pack("<f", 1e37) * (size // 4)  # logits past f32's 3.4e38
+        path = os.path.join(TMP, "overflow.bin")
+        with open(path, "wb") as f:
+            f.write(data)
+        return expect_error(run([binary, path, "-m", "ppl", "-i", "the cat sat on the mat"]), "logit for token")
+
     @test(f"{tag}: an error quoting a newline stays on one line")
     def _():
         p = run([binary, model, "-m", "da\nnce", "-i", "x"])
