@@ -13,25 +13,34 @@ ifeq ($(strip $(OMP)),)
 WARN    += -Wno-unknown-pragmas   # built without OpenMP (make OMP=): its pragmas are ignored
 endif
 
-.PHONY: all run test bench fixtures fuzz fuzz-build fuzz-corpus clean
+.PHONY: all run test bench fixtures fuzz fuzz-build fuzz-corpus clean FORCE
+
+# the sources of ./run: run.c includes the rest (one translation unit)
+SRC   = run.c tokenizer.c model.h kernels.h kernels/vector.h kernels/matmul.c kernels/attention.c
+BUILD = $(CC) $(WARN) $(CFLAGS) $(ARCH) $(OMP)
 
 all: .run-built
 
-# the program ./run (its target is a stamp, so that `make run` can mean "build and run the demo")
-.run-built: run.c tokenizer.c model.h
-	$(CC) $(WARN) $(CFLAGS) $(ARCH) $(OMP) -o run run.c -lm
+# The program ./run. Its target is a stamp, so that `make run` can mean "build and run the demo";
+# it is rebuilt when ./run is missing, a source changed, or the compiler or its flags changed
+# (.run-flags holds the last command, rewritten only when it differs).
+.run-built: $(SRC) .run-flags $(if $(wildcard run),,FORCE)
+	$(BUILD) -o run run.c -lm
 	@touch $@
+
+.run-flags: FORCE
+	@echo '$(BUILD)' | cmp -s - $@ || echo '$(BUILD)' >$@
 
 # the demo: a small minimind-3 trained on Tang poems (demo/train.py), generating from a prompt
 run: .run-built
 	./run demo/model.bin -i "春眠不覺曉，" -n 48 -s 42
 
 # the same program with AddressSanitizer and UndefinedBehaviorSanitizer (SIMD kernels included)
-run-asan: run.c tokenizer.c model.h
+run-asan: $(SRC)
 	$(CC) $(WARN) $(WERROR) $(SANITIZE) $(ARCH) $(OMP) -o $@ run.c -lm
 
 # the portable build: no SIMD kernels (what a machine without AVX2 runs), tested numerically
-run-portable: run.c tokenizer.c model.h
+run-portable: $(SRC)
 	$(CC) $(WARN) $(WERROR) -O2 $(OMP) -o $@ run.c -lm
 
 # the AVX2 kernels, which machines without AVX-512 run: built and tested here too (x86-64 only);
@@ -39,10 +48,10 @@ run-portable: run.c tokenizer.c model.h
 # where the processor has it
 AVX2 = -mavx2 -mfma -mf16c
 AVXVNNI = $(AVX2) -mavxvnni
-run-avx2: run.c tokenizer.c model.h
+run-avx2: $(SRC)
 	$(CC) $(WARN) $(WERROR) -O2 $(AVX2) $(OMP) -o $@ run.c -lm
 
-run-avxvnni: run.c tokenizer.c model.h
+run-avxvnni: $(SRC)
 	$(CC) $(WARN) $(WERROR) -O2 $(AVXVNNI) $(OMP) -o $@ run.c -lm
 
 # The NEON kernels (aarch64), built by a cross compiler and run under qemu-user where both are
@@ -56,13 +65,13 @@ NEON_WORKS  = command -v $(NEON_CC) >/dev/null 2>&1 && command -v $(firstword $(
 NEON_BUILD  = $(NEON_CC) $(WARN) $(WERROR) $(CFLAGS) $(OMP)
 NEON_BINARIES = run-neon tests/kernel_test-neon tests/kernel_test-neon-v8
 
-run-neon.aarch64: run.c tokenizer.c model.h
+run-neon.aarch64: $(SRC)
 	$(NEON_BUILD) -march=armv8.2-a+dotprod -o $@ run.c -lm
 
-tests/kernel_test-neon.aarch64: tests/kernel_test.c run.c tokenizer.c model.h
+tests/kernel_test-neon.aarch64: tests/kernel_test.c $(SRC)
 	$(NEON_BUILD) -Wno-unused-function -march=armv8.2-a+dotprod -o $@ tests/kernel_test.c -lm
 
-tests/kernel_test-neon-v8.aarch64: tests/kernel_test.c run.c tokenizer.c model.h
+tests/kernel_test-neon-v8.aarch64: tests/kernel_test.c $(SRC)
 	$(NEON_BUILD) -Wno-unused-function -march=armv8-a -o $@ tests/kernel_test.c -lm
 
 $(NEON_BINARIES): %: %.aarch64
@@ -70,16 +79,16 @@ $(NEON_BINARIES): %: %.aarch64
 
 # the kernel test driver (tests/kernel_test.c includes run.c): fast kernels vs references
 KERNEL_TEST = $(CC) $(WARN) $(WERROR) -Wno-unused-function
-tests/kernel_test: tests/kernel_test.c run.c tokenizer.c model.h
+tests/kernel_test: tests/kernel_test.c $(SRC)
 	$(KERNEL_TEST) $(CFLAGS) $(ARCH) $(OMP) -o $@ tests/kernel_test.c -lm
 
-tests/kernel_test-asan: tests/kernel_test.c run.c tokenizer.c model.h
+tests/kernel_test-asan: tests/kernel_test.c $(SRC)
 	$(KERNEL_TEST) $(SANITIZE) $(ARCH) $(OMP) -o $@ tests/kernel_test.c -lm
 
-tests/kernel_test-avx2: tests/kernel_test.c run.c tokenizer.c model.h
+tests/kernel_test-avx2: tests/kernel_test.c $(SRC)
 	$(KERNEL_TEST) -O2 $(AVX2) $(OMP) -o $@ tests/kernel_test.c -lm
 
-tests/kernel_test-avxvnni: tests/kernel_test.c run.c tokenizer.c model.h
+tests/kernel_test-avxvnni: tests/kernel_test.c $(SRC)
 	$(KERNEL_TEST) -O2 $(AVXVNNI) $(OMP) -o $@ tests/kernel_test.c -lm
 
 # the memory ceiling of decoding: how fast a mapped model file reads, for make bench
@@ -105,7 +114,7 @@ FUZZ_SECONDS ?= 10
 FUZZ_WORKS    = printf 'int LLVMFuzzerTestOneInput(const char *d, long n) { return 0; }' | \
                 $(FUZZ_CC) -fsanitize=fuzzer -x c - -o /dev/null >/dev/null 2>&1
 
-tests/fuzz/%_fuzz: tests/fuzz/%_fuzz.c tests/fuzz/fuzz.h run.c tokenizer.c model.h
+tests/fuzz/%_fuzz: tests/fuzz/%_fuzz.c tests/fuzz/fuzz.h $(SRC)
 	$(FUZZ_CC) $(FUZZ_FLAGS) $(ARCH) -o $@ $< -lm
 
 fuzz-build: $(FUZZ_BINARIES)
@@ -172,6 +181,6 @@ fixtures:
 	/usr/bin/python3 tests/gen_fixtures.py
 
 clean:
-	rm -f run .run-built run-asan run-portable run-avx2 run-avxvnni tests/kernel_test-avxvnni tests/tokenizer_test tests/tokenizer_test-asan \
+	rm -f run .run-built .run-flags run-asan run-portable run-avx2 run-avxvnni tests/kernel_test-avxvnni tests/tokenizer_test tests/tokenizer_test-asan \
 	    tests/kernel_test tests/kernel_test-asan tests/kernel_test-avx2 tests/stream $(FUZZ_BINARIES) \
 	    $(NEON_BINARIES) $(NEON_BINARIES:%=%.aarch64)

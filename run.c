@@ -1,9 +1,11 @@
-/* run.c: inference for MiniMind models (MiniMind2 and minimind-3, dense and MoE) in one file.
+/* run.c: inference for MiniMind models (MiniMind2 and minimind-3, dense and MoE) in C.
  *
- * Read top to bottom: the model file and its loader, the run state, the building blocks
- * (rmsnorm, matmul, rope, attention, swiglu, moe), the forward pass (a plain single-token
- * reference and the batched path used for prompts), the modes, and main.
- * The maths follows MiniMind's model/model_minimind.py; the layout of a model file is model.h.
+ * Read top to bottom: the model file and its loader, RoPE's settings, the run state, the building
+ * blocks in plain C (a weight row, dot products, rmsnorm, RoPE, the KV cache, attention of one
+ * head, SwiGLU, the MoE router), the plug points where the fast kernels come in, the forward pass,
+ * sampling, generation and chat, the command line. The maths follows MiniMind's
+ * model/model_minimind.py; the layout of a model file is model.h; the fast kernels are behind
+ * kernels.h.
  */
 #define _POSIX_C_SOURCE 200809L  /* mmap, clock_gettime */
 #define _DEFAULT_SOURCE          /* MAP_POPULATE (Linux) */
@@ -13,7 +15,6 @@
 #include <math.h>
 #include <signal.h>
 #include <stdarg.h>
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -25,12 +26,12 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "model.h"
-#include "tokenizer.c"  /* one translation unit: tokenizer.c exports tokenizer_*, utf8_*, chat_* */
+#include "kernels.h"            /* the fast kernels' interface, and what run.c shares with them */
+#include "kernels/matmul.c"     /* their code: one translation unit, as tokenizer.c */
+#include "kernels/attention.c"
+#include "tokenizer.c"          /* tokenizer_*, utf8_*, chat_* */
 
 _Static_assert(sizeof(mm_header) == 256, "mm_header must be 256 bytes");
 _Static_assert(offsetof(mm_header, tokenizer_offset) == 128, "mm_header layout");
@@ -77,13 +78,13 @@ static void die(const char *fmt, ...) {
     exit(1);
 }
 
-/* n x size zeroed bytes that start on a 64-byte boundary, a cache line: a vector load of the
- * activations never straddles two lines (calloc's large blocks start 16 bytes past a page, so
- * every 64-byte load did: f32 decoding ran some 5-10% slower) */
+/* n x size zeroed bytes that start on a 64-byte boundary, a cache line, so that a vector load of
+ * the activations never straddles two lines (calloc's large blocks start 16 bytes past a page) */
 #define CACHE_LINE 64
 static void *xcalloc(size_t n, size_t size, const char *what) {
     n = n ? n : 1, size = size ? size : 1;
-    if (n > (SIZE_MAX - CACHE_LINE) / size) die("out of memory allocating %s (%zu x %zu bytes)", what, n, size);
+    if (n > (SIZE_MAX - CACHE_LINE) / size)
+        die("out of memory allocating %s (%zu x %zu bytes)", what, n, size);
     size_t bytes = (n * size + CACHE_LINE - 1) / CACHE_LINE * CACHE_LINE;  /* aligned_alloc's rule */
     void *p = aligned_alloc(CACHE_LINE, bytes);
     if (!p) die("out of memory allocating %s (%zu x %zu bytes)", what, n, size);
@@ -91,10 +92,9 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
 }
 
 /* The KV cache: anonymous memory whose zero pages are mapped in when a position is first
- * written, a page fault per 4 KB (some 3000 for one 512-token prompt of minimind-3, and on a
- * virtual machine that was a quarter of its prefill time). Where the kernel offers 2 MB pages on
- * request, ask; the start is 2 MB-aligned, so a kv head's first positions take one such page,
- * not parts of two. Returns the start; *map, *map_bytes: what to munmap. */
+ * written, a page fault per 4 KB (docs/kernels.md: what that cost). Where the kernel offers 2 MB
+ * pages on request, ask; the start is 2 MB-aligned, so a kv head's first positions take one such
+ * page, not parts of two. Returns the start; *map, *map_bytes: what to munmap. */
 #define HUGE_PAGE ((size_t)2 << 20)
 static void *alloc_kv(size_t bytes, void **map, size_t *map_bytes) {
     *map_bytes = bytes + HUGE_PAGE;
@@ -107,47 +107,18 @@ static void *alloc_kv(size_t bytes, void **map, size_t *map_bytes) {
     return start;
 }
 
-/* the threads a parallel region gets (--threads) */
-static int n_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
 static double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static int thread_id(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
-/* the threads of the region this runs in (1 outside any) */
-static int team_size(void) {
-#ifdef _OPENMP
-    return omp_get_num_threads();
-#else
-    return 1;
-#endif
-}
 
 /* ============================================================================================
  * The model: config from the header, weights pointing into the mapped file
  * ============================================================================================ */
 
-typedef struct {
-    int dtype;                  /* enum mm_dtype */
-    int rows, cols;             /* a linear weight [out, in], as in PyTorch */
-    const void *data;           /* f32/f16/bf16 values [rows, cols], or q8_0 panels (model.h) */
-} Matrix;
+/* (Matrix, a linear weight [rows, cols] in the mapped file, is kernels.h's) */
 
 typedef struct {
     Matrix gate, up, down;      /* gate, up: [ffn, dim]; down: [dim, ffn] */
@@ -182,18 +153,14 @@ static const char *dtype_name(uint32_t dt) {
     return dt < 4 ? names[dt] : "unknown";
 }
 
-/* bytes of one q8_0 panel of 16 rows: the codes, then the f16 scales (model.h) */
-static uint64_t q8_panel_bytes(uint64_t cols) {
-    return MM_Q8_PANEL * cols + MM_Q8_PANEL * (cols / MM_Q8_GROUP) * 2;
-}
-
 /* bytes of a [rows, cols] tensor in a dtype; 0 when it cannot be stored that way */
 static uint64_t tensor_bytes(uint32_t dtype, uint64_t rows, uint64_t cols) {
     uint64_t n = rows * cols;
     switch (dtype) {
     case MM_F32: return n * 4;
     case MM_F16: case MM_BF16: return n * 2;
-    case MM_Q8_0: return cols % MM_Q8_GROUP ? 0 : (rows + MM_Q8_PANEL - 1) / MM_Q8_PANEL * q8_panel_bytes(cols);
+    case MM_Q8_0:
+        return cols % MM_Q8_GROUP ? 0 : (rows + MM_Q8_PANEL - 1) / MM_Q8_PANEL * q8_panel_bytes(cols);
     default: return 0;
     }
 }
@@ -269,36 +236,45 @@ static void check_config(const Model *m) {
     const mm_header *h = &m->cfg;
     const char *p = m->path;
 #define REQUIRE(cond, ...) do { if (!(cond)) die(__VA_ARGS__); } while (0)
-    REQUIRE(h->dim >= 1 && h->dim <= 65536, "%s: header field dim = %u, expected 1..65536", p, h->dim);
-    REQUIRE(h->n_layers >= 1 && h->n_layers <= 1024, "%s: header field n_layers = %u, expected 1..1024", p, h->n_layers);
-    REQUIRE(h->n_heads >= 1 && h->n_heads <= 1024, "%s: header field n_heads = %u, expected 1..1024", p, h->n_heads);
+#define IN_RANGE(field, lo, hi) /* lo <= field <= hi (unsigned: below lo wraps past hi - lo) */            \
+    REQUIRE(h->field - (lo) <= (uint32_t)(hi) - (lo), "%s: header field " #field " = %u, expected %u..%u", \
+            p, h->field, (unsigned)(lo), (unsigned)(hi))
+    IN_RANGE(dim, 1, 65536);
+    IN_RANGE(n_layers, 1, 1024);
+    IN_RANGE(n_heads, 1, 1024);
     REQUIRE(h->n_kv_heads >= 1 && h->n_heads % h->n_kv_heads == 0,
-            "%s: header field n_kv_heads = %u, expected a divisor of n_heads %u", p, h->n_kv_heads, h->n_heads);
+            "%s: header field n_kv_heads = %u, expected a divisor of n_heads %u", p, h->n_kv_heads,
+            h->n_heads);
     REQUIRE(h->head_dim >= 2 && h->head_dim <= 4096 && h->head_dim % 2 == 0,
             "%s: header field head_dim = %u, expected an even number 2..4096", p, h->head_dim);
-    REQUIRE(h->vocab_size >= 1 && h->vocab_size <= (1u << 24), "%s: header field vocab_size = %u, expected 1..16777216", p, h->vocab_size);
-    REQUIRE(h->max_seq_len >= 1 && h->max_seq_len <= (1u << 24), "%s: header field max_seq_len = %u, expected 1..16777216", p, h->max_seq_len);
+    IN_RANGE(vocab_size, 1, 1u << 24);
+    IN_RANGE(max_seq_len, 1, 1u << 24);
     REQUIRE(h->generation == MM_GEN_MINIMIND2 || h->generation == MM_GEN_MINIMIND3,
             "%s: header field generation = %u, expected 2 (MiniMind2) or 3 (minimind-3)", p, h->generation);
     REQUIRE((h->flags & ~(uint32_t)(MM_FLAG_QK_NORM | MM_FLAG_TIED_EMBED | MM_FLAG_MOE)) == 0,
             "%s: header field flags = 0x%x has unknown bits", p, h->flags);
-    REQUIRE(isfinite(h->rms_eps) && h->rms_eps > 0 && h->rms_eps < 1, "%s: header field rms_eps = %g, expected 0 < eps < 1", p, h->rms_eps);
-    REQUIRE(isfinite(h->rope_theta) && h->rope_theta > 1, "%s: header field rope_theta = %g, expected > 1", p, h->rope_theta);
+    REQUIRE(isfinite(h->rms_eps) && h->rms_eps > 0 && h->rms_eps < 1,
+            "%s: header field rms_eps = %g, expected 0 < eps < 1", p, h->rms_eps);
+    REQUIRE(isfinite(h->rope_theta) && h->rope_theta > 1, "%s: header field rope_theta = %g, expected > 1", p,
+            h->rope_theta);
     if (h->flags & MM_FLAG_MOE) {
-        REQUIRE(h->n_experts >= 1 && h->n_experts <= 1024, "%s: header field n_experts = %u, expected 1..1024", p, h->n_experts);
+        IN_RANGE(n_experts, 1, 1024);
         REQUIRE(h->n_experts_per_tok >= 1 && h->n_experts_per_tok <= h->n_experts,
-                "%s: header field n_experts_per_tok = %u, expected 1..%u", p, h->n_experts_per_tok, h->n_experts);
-        REQUIRE(h->n_shared_experts <= 1024, "%s: header field n_shared_experts = %u, expected 0..1024", p, h->n_shared_experts);
-        REQUIRE(h->moe_hidden_dim >= 1 && h->moe_hidden_dim <= (1u << 20), "%s: header field moe_hidden_dim = %u, expected 1..1048576", p, h->moe_hidden_dim);
-        REQUIRE(h->moe_norm <= MM_MOE_NORM_ALWAYS, "%s: header field moe_norm = %u, expected 0..2", p, h->moe_norm);
+                "%s: header field n_experts_per_tok = %u, expected 1..%u", p, h->n_experts_per_tok,
+                h->n_experts);
+        IN_RANGE(n_shared_experts, 0, 1024);
+        IN_RANGE(moe_hidden_dim, 1, 1u << 20);
+        IN_RANGE(moe_norm, 0, MM_MOE_NORM_ALWAYS);
     } else {
-        REQUIRE(h->hidden_dim >= 1 && h->hidden_dim <= (1u << 20), "%s: header field hidden_dim = %u, expected 1..1048576", p, h->hidden_dim);
+        IN_RANGE(hidden_dim, 1, 1u << 20);
     }
-    REQUIRE(h->rope_scaling <= MM_ROPE_YARN, "%s: header field rope_scaling = %u, expected 0..2", p, h->rope_scaling);
-    REQUIRE(h->chat_template <= MM_CHAT_MINIMIND3, "%s: header field chat_template = %u, expected 0..3", p, h->chat_template);
+    IN_RANGE(rope_scaling, 0, MM_ROPE_YARN);
+    IN_RANGE(chat_template, 0, MM_CHAT_MINIMIND3);
     REQUIRE(h->bos_id < h->vocab_size && h->eos_id < h->vocab_size && h->pad_id < h->vocab_size,
-            "%s: bos/eos/pad ids %u/%u/%u outside the vocab of %u", p, h->bos_id, h->eos_id, h->pad_id, h->vocab_size);
+            "%s: bos/eos/pad ids %u/%u/%u outside the vocab of %u", p, h->bos_id, h->eos_id, h->pad_id,
+            h->vocab_size);
     REQUIRE((uint64_t)h->n_heads * h->head_dim <= (1u << 20), "%s: n_heads x head_dim too large", p);
+#undef IN_RANGE
 #undef REQUIRE
 }
 
@@ -444,149 +420,136 @@ static void rope_inv_freq(float *inv_freq, const Rope *r, int head_dim, int max_
 }
 
 /* ============================================================================================
- * The run state: activations for a block of tokens, and the KV cache
+ * The run state: activations for a block of tokens, the KV cache, scratch
  * ============================================================================================ */
 
-#define ROW_BLOCK 4              /* weight rows per unit of matmul work (the fast path's tile) */
-#define PANEL_ROWS 12            /* weight rows a prompt block's tile converts to f32 at once */
-#define XT_TOKENS 32             /* the transposed activations are padded to a multiple of this */
-
-/* the row length of xT (State) for a block of n tokens: n padded to a multiple of XT_TOKENS */
-static size_t xT_width(size_t n) { return (n + XT_TOKENS - 1) / XT_TOKENS * XT_TOKENS; }
-#define KEY_BLOCK 16             /* key positions stored transposed together (the score kernel's lanes) */
-
-/* what is left of a thread's range of pieces of a matmuls call (next_piece): the next piece in the
- * low 32 bits, the end in the high, one word so that its owner (taking from the front) and
- * another thread (from the back) never both take the last piece; a cache line of its own */
-typedef struct { _Alignas(64) _Atomic uint64_t next_end; } PieceRange;
-
 typedef struct {
-    int max_tokens;             /* tokens per forward call (the prefill block) */
-    int ctx;                    /* KV cache length in positions */
-    float *x;                   /* [max_tokens, dim] residual stream */
-    float *xb;                  /* [max_tokens, dim] normed input of a sublayer */
+    int max_tokens;             /* tokens per forward call (--batch) */
+    int ctx;                    /* positions the KV cache holds (-c) */
+    float *x;                   /* [max_tokens, dim] the residual stream */
+    float *xb;                  /* [max_tokens, dim] the normed input of a sublayer */
     float *q;                   /* [max_tokens, n_heads * head_dim] */
-    float *att_out;             /* [max_tokens, n_heads * head_dim] attention output */
-    float *delta;               /* [max_tokens, dim] sublayer output before the residual add */
-    float *hb, *hb2;            /* [max_tokens, ffn] SwiGLU gate and up */
-    float *moe_in, *moe_out;    /* [max_tokens, dim] rows routed to one expert */
+    float *k, *v;               /* [max_tokens, n_kv_heads * head_dim] the block's keys and values */
+    float *att_out;             /* [max_tokens, n_heads * head_dim] attention's output */
+    float *delta;               /* [max_tokens, dim] a sublayer's output, before the residual add */
+    float *hb, *hb2;            /* [max_tokens, ffn] SwiGLU's gate and up */
+    float *router;              /* [max_tokens, n_experts] MoE router probabilities */
+    int *top_idx;               /* [max_tokens, top_k] the experts each token goes to */
+    float *top_w;               /* [max_tokens, top_k] and their weights */
+    float *moe_in, *moe_out;    /* [max_tokens, dim] the rows routed to one expert */
     int *moe_rows;              /* [max_tokens] which rows those are */
     float *moe_w;               /* [max_tokens] and the weight each gives the expert */
-    float *router;              /* [max_tokens, n_experts] router probabilities */
-    int *top_idx;               /* [max_tokens, top_k] chosen experts */
-    float *top_w;               /* [max_tokens, top_k] their weights */
-    float *cos, *sin;           /* [max_tokens, head_dim/2] rotation of each token's position */
-    float *inv_freq;            /* [head_dim/2] */
-    float attn_factor;
-    float *scores;              /* [threads, ctx] attention scores, one row per thread */
-    float *row_buf;             /* [threads, PANEL_ROWS * max cols] weight rows converted to f32
-                                   (or a q8_0 row's codes and scales, for the reference) */
-    float *xT;                  /* [max cols, max_tokens rounded up to XT_TOKENS] a block's x transposed */
-    int row_buf_len;
-    int8_t *xq;                 /* [max_tokens, max cols] activations quantised for q8_0 matrices */
-    float *xs;                  /* [max_tokens, max cols / 32] their scales */
-    int32_t *xqsum;             /* [max_tokens, max cols / 32] -128 x the sum of each group's codes */
+    float *inv_freq;            /* [head_dim / 2] RoPE's frequencies */
+    float attn_factor;          /* YaRN's factor on cos and sin, else 1 */
+    float *cos, *sin;           /* [max_tokens, head_dim / 2] the rotation of each token's position */
     float *logits;              /* [max_tokens, vocab] */
-    int kv_dtype;               /* MM_F32, or MM_F16 (--kv f16) */
+    int kv_dtype;               /* the KV cache: MM_F32, or MM_F16 (--kv f16) */
     int kv_len;                 /* ctx rounded up to a multiple of KEY_BLOCK */
-    void *kv_map;               /* the mapping that holds both caches (alloc_kv) */
+    void *key_cache;            /* [n_layers] of one layer's keys, laid out as KvLayer's (kernels.h) */
+    void *value_cache;          /* [n_layers] of one layer's values */
+    void *kv_map;               /* the mapping that holds both (alloc_kv) */
     size_t kv_map_bytes;
-    void *key_cache;            /* [n_layers, n_kv_heads, kv_len / KEY_BLOCK, head_dim, KEY_BLOCK] of
-                                   kv_dtype: each kv head's keys one run of memory, KEY_BLOCK
-                                   positions side by side (see key_store) */
-    void *value_cache;          /* [n_layers, n_kv_heads, kv_len, head_dim] of kv_dtype */
-    float *k_new, *v_new;       /* [max_tokens, n_kv_heads * head_dim] the block's k, v before caching */
-    float *att_buf;             /* [threads, att_buf_len] attention scratch (attention_group) */
-    size_t att_buf_len;
-    PieceRange *piece_ranges;   /* [threads] each thread's pieces of a matmuls call (next_piece) */
+    float *row_buf;             /* [threads, row_buf_len] a weight row as f32 (matmul_plain) */
+    int row_buf_len;
+    float *scores;              /* [threads, ctx] attention scores (attention_head) */
+    KernelScratch ks;           /* the fast kernels' scratch; matmul_plain's q8_0 x too (ks.xq, ks.xs) */
+    void *buffers[40];          /* every buffer above, for state_free */
+    int n_buffers;
+    bool counting;              /* state_init only adds up the bytes it would allocate */
+    uint64_t bytes;
 } State;
 
-static size_t attention_buf_len(int group, int hd);
+/* n x size zeroed bytes for the state, or with s->counting only their count */
+static void *state_buffer(State *s, size_t n, size_t size) {
+    s->bytes += (uint64_t)n * size;
+    if (s->counting) return NULL;
+    if (s->n_buffers == (int)(sizeof s->buffers / sizeof s->buffers[0]))
+        die("internal: too many state buffers");
+    return s->buffers[s->n_buffers++] = xcalloc(n, size, "the run state");
+}
 
-static void state_init(State *s, const Model *m, int max_tokens, int ctx, const Rope *rope, int kv_dtype) {
+/* bytes of the KV cache: keys and values of ctx positions, every layer and kv head */
+static uint64_t kv_cache_bytes(const mm_header *h, int ctx, int kv_dtype) {
+    uint64_t kv_len = ((uint64_t)ctx + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+    return 2 * (uint64_t)h->n_layers * h->n_kv_heads * kv_len * h->head_dim * kv_elem_size(kv_dtype);
+}
+
+/* The state for blocks of up to max_tokens tokens and a context of ctx positions; with counting,
+ * only s->bytes, what it would take (check_memory). Every buffer is sized here and nowhere else. */
+static void state_init(State *s, const Model *m, int max_tokens, int ctx, const Rope *rope, int kv_dtype,
+                       bool counting) {
     const mm_header *h = &m->cfg;
-    size_t dim = h->dim, q_dim = (size_t)h->n_heads * h->head_dim, kv_dim = (size_t)h->n_kv_heads * h->head_dim;
+    size_t T = (size_t)max_tokens, dim = h->dim, hd = h->head_dim, nt = (size_t)n_threads();
+    size_t q_dim = h->n_heads * hd, kv_dim = h->n_kv_heads * hd, E = h->n_experts, k = h->n_experts_per_tok;
     size_t ffn = h->flags & MM_FLAG_MOE ? h->moe_hidden_dim : h->hidden_dim;
-    size_t T = (size_t)max_tokens, nt = (size_t)n_threads();
-    memset(s, 0, sizeof *s);
-    s->max_tokens = max_tokens;
-    s->ctx = ctx;
-    s->x = xcalloc(T * dim, sizeof(float), "activations");
-    s->xb = xcalloc(T * dim, sizeof(float), "activations");
-    s->delta = xcalloc(T * dim, sizeof(float), "activations");
-    s->q = xcalloc(T * q_dim, sizeof(float), "activations");
-    s->att_out = xcalloc(T * q_dim, sizeof(float), "activations");
-    s->hb = xcalloc(T * ffn, sizeof(float), "activations");
-    s->hb2 = xcalloc(T * ffn, sizeof(float), "activations");
+    size_t max_cols = dim > q_dim ? dim : q_dim;  /* the widest x a matrix multiplies */
+    max_cols = ffn > max_cols ? ffn : max_cols;
+    *s = (State){.max_tokens = max_tokens, .ctx = ctx, .kv_dtype = kv_dtype, .counting = counting,
+                 .kv_len = (ctx + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK, .row_buf_len = 2 * (int)max_cols};
+    s->x = state_buffer(s, T * dim, sizeof(float));
+    s->xb = state_buffer(s, T * dim, sizeof(float));
+    s->q = state_buffer(s, T * q_dim, sizeof(float));
+    s->k = state_buffer(s, T * kv_dim, sizeof(float));
+    s->v = state_buffer(s, T * kv_dim, sizeof(float));
+    s->att_out = state_buffer(s, T * q_dim, sizeof(float));
+    s->delta = state_buffer(s, T * dim, sizeof(float));
+    s->hb = state_buffer(s, T * ffn, sizeof(float));
+    s->hb2 = state_buffer(s, T * ffn, sizeof(float));
     if (h->flags & MM_FLAG_MOE) {
-        s->moe_in = xcalloc(T * dim, sizeof(float), "activations");
-        s->moe_out = xcalloc(T * dim, sizeof(float), "activations");
-        s->moe_rows = xcalloc(T, sizeof(int), "activations");
-        s->moe_w = xcalloc(T, sizeof(float), "activations");
-        s->router = xcalloc(T * h->n_experts, sizeof(float), "activations");
-        s->top_idx = xcalloc(T * h->n_experts_per_tok, sizeof(int), "activations");
-        s->top_w = xcalloc(T * h->n_experts_per_tok, sizeof(float), "activations");
+        s->router = state_buffer(s, T * E, sizeof(float));
+        s->top_idx = state_buffer(s, T * k, sizeof(int));
+        s->top_w = state_buffer(s, T * k, sizeof(float));
+        s->moe_in = state_buffer(s, T * dim, sizeof(float));
+        s->moe_out = state_buffer(s, T * dim, sizeof(float));
+        s->moe_rows = state_buffer(s, T, sizeof(int));
+        s->moe_w = state_buffer(s, T, sizeof(float));
     }
-    s->cos = xcalloc(T * h->head_dim / 2, sizeof(float), "rope table");
-    s->sin = xcalloc(T * h->head_dim / 2, sizeof(float), "rope table");
-    s->inv_freq = xcalloc(h->head_dim / 2, sizeof(float), "rope table");
-    rope_inv_freq(s->inv_freq, rope, (int)h->head_dim, (int)h->max_seq_len);
+    s->inv_freq = state_buffer(s, hd / 2, sizeof(float));
+    s->cos = state_buffer(s, T * hd / 2, sizeof(float));
+    s->sin = state_buffer(s, T * hd / 2, sizeof(float));
+    s->logits = state_buffer(s, T * h->vocab_size, sizeof(float));
+    s->row_buf = state_buffer(s, nt * (size_t)s->row_buf_len, sizeof(float));
+    s->scores = state_buffer(s, nt * (size_t)ctx, sizeof(float));
+    int group = (int)(h->n_heads / h->n_kv_heads);
+    void *scratch =
+        state_buffer(s, kernel_scratch_bytes(max_tokens, (int)max_cols, group, (int)hd, (int)nt), 1);
+    uint64_t kv_bytes = kv_cache_bytes(h, ctx, kv_dtype);
+    s->bytes += kv_bytes;
+    if (counting) return;
+    kernel_scratch_init(&s->ks, scratch, max_tokens, (int)max_cols, group, (int)hd, (int)nt);
+    rope_inv_freq(s->inv_freq, rope, (int)hd, (int)h->max_seq_len);
     s->attn_factor = rope->scaling == MM_ROPE_YARN ? rope->attn_factor : 1.0f;
-    s->scores = xcalloc(nt * (size_t)ctx, sizeof(float), "attention scores");
-    size_t max_cols = dim > q_dim ? dim : q_dim;
-    if (ffn > max_cols) max_cols = ffn;
-    s->row_buf_len = PANEL_ROWS * (int)max_cols;
-    s->row_buf = xcalloc(nt * (size_t)s->row_buf_len, sizeof(float), "weight row buffer");
-    s->xT = xcalloc(max_cols * xT_width(T), sizeof(float), "activations");
-    s->xq = xcalloc(T * max_cols, 1, "quantised activations");
-    s->xs = xcalloc(T * max_cols / MM_Q8_GROUP + 1, sizeof(float), "quantised activations");
-    s->xqsum = xcalloc(T * max_cols / MM_Q8_GROUP + 1, sizeof(int32_t), "quantised activations");
-    s->logits = xcalloc(T * h->vocab_size, sizeof(float), "logits");
-    /* mapped, not written: memory is only committed for the positions used (alloc_kv) */
-    s->kv_dtype = kv_dtype;
-    s->kv_len = (ctx + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
-    size_t kv_elem = kv_dtype == MM_F16 ? 2 : 4, kv_n = (size_t)h->n_layers * (size_t)s->kv_len * kv_dim;
-    size_t cache_bytes = (kv_n * kv_elem + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;  /* keys, then values */
-    s->key_cache = alloc_kv(2 * cache_bytes, &s->kv_map, &s->kv_map_bytes);
-    s->value_cache = (uint8_t *)s->key_cache + cache_bytes;
-    s->k_new = xcalloc(T * kv_dim, sizeof(float), "activations");
-    s->v_new = xcalloc(T * kv_dim, sizeof(float), "activations");
-    s->att_buf_len = attention_buf_len((int)(h->n_heads / h->n_kv_heads), (int)h->head_dim);
-    s->att_buf = xcalloc(nt * s->att_buf_len, sizeof(float), "attention scratch");
-    s->piece_ranges = xcalloc(nt, sizeof(PieceRange), "thread work ranges");
+    /* mapped, not written: memory is committed only for the positions used (alloc_kv); the values
+     * start on a 2 MB page of their own */
+    size_t half = (kv_bytes / 2 + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+    s->key_cache = alloc_kv(2 * half, &s->kv_map, &s->kv_map_bytes);
+    s->value_cache = (uint8_t *)s->key_cache + half;
 }
 
 static void state_free(State *s) {
-    void *bufs[] = {s->x, s->xb, s->delta, s->q, s->att_out, s->hb, s->hb2, s->moe_in, s->moe_out,
-                    s->moe_rows, s->moe_w, s->router, s->top_idx, s->top_w, s->cos, s->sin, s->inv_freq,
-                    s->scores, s->row_buf, s->xT, s->xq, s->xs, s->xqsum, s->logits, s->k_new, s->v_new, s->att_buf,
-                    s->piece_ranges};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
-    munmap(s->kv_map, s->kv_map_bytes);
+    for (int i = 0; i < s->n_buffers; i++) free(s->buffers[i]);
+    if (s->kv_map) munmap(s->kv_map, s->kv_map_bytes);
 }
 
-/* Bytes that state_init (and main's token buffers) allocate for max_tokens and ctx: the KV
- * cache, which grows with the context, and the per-token activations and logits. */
-static uint64_t state_bytes(const mm_header *h, int max_tokens, int ctx, int kv_dtype, uint64_t *kv_bytes) {
-    uint64_t dim = h->dim, q_dim = (uint64_t)h->n_heads * h->head_dim, kv_dim = (uint64_t)h->n_kv_heads * h->head_dim;
-    uint64_t ffn = h->flags & MM_FLAG_MOE ? h->moe_hidden_dim : h->hidden_dim;
-    uint64_t T = (uint64_t)max_tokens, nt = (uint64_t)n_threads(), cols = dim;
-    if (q_dim > cols) cols = q_dim;
-    if (ffn > cols) cols = ffn;
-    uint64_t kv_len = ((uint64_t)ctx + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
-    *kv_bytes = 2 * (uint64_t)h->n_layers * kv_len * kv_dim * (kv_dtype == MM_F16 ? 2 : 4);
-    uint64_t per_token = 4 * (5 * dim + 2 * q_dim + 2 * ffn + 2 * kv_dim + h->head_dim + h->vocab_size +
-                              h->n_experts + 2 * (uint64_t)h->n_experts_per_tok + 2) + cols + cols / 4;
-    uint64_t xT = 4 * cols * xT_width(T);
-    return *kv_bytes + T * per_token + xT + (uint64_t)ctx * 4 * (nt + 1) + nt * 4 * PANEL_ROWS * cols +
-           (uint64_t)h->vocab_size * 16;
+/* layer l's part of the KV cache */
+static KvLayer kv_layer(const State *s, const mm_header *h, uint32_t l) {
+    size_t layer = (size_t)h->n_kv_heads * s->kv_len * h->head_dim * kv_elem_size(s->kv_dtype);
+    return (KvLayer){.keys = (uint8_t *)s->key_cache + l * layer,
+                     .values = (uint8_t *)s->value_cache + l * layer,
+                     .dtype = s->kv_dtype,
+                     .kv_len = s->kv_len,
+                     .n_kv_heads = (int)h->n_kv_heads,
+                     .group = (int)(h->n_heads / h->n_kv_heads),
+                     .head_dim = (int)h->head_dim};
 }
 
-/* Refuse, before allocating, a state that cannot fit: this machine's memory, or the address
- * space that RLIMIT_AS leaves beside the mapped model file. (Calloc'ed pages are only committed
- * when used, so without this a huge -c would start and be killed part way.) */
+/* Refuse, before allocating, a state that cannot fit: this machine's memory, or the address space
+ * that RLIMIT_AS leaves beside the mapped model file. (The KV cache is mapped and its pages only
+ * committed when used, so without this a huge -c would start and be killed part way.) */
 static void check_memory(const Model *m, int max_tokens, int ctx, int kv_dtype) {
-    uint64_t kv, need = state_bytes(&m->cfg, max_tokens, ctx, kv_dtype, &kv);
+    State probe;
+    state_init(&probe, m, max_tokens, ctx, NULL, kv_dtype, true);
+    uint64_t need = probe.bytes, kv = kv_cache_bytes(&m->cfg, ctx, kv_dtype);
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     uint64_t have = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : UINT64_MAX;
     const char *what = "memory";
@@ -598,60 +561,38 @@ static void check_memory(const Model *m, int max_tokens, int ctx, int kv_dtype) 
     if (need > have)
         die("a context of %d positions needs %llu bytes (KV cache %llu, activations %llu), more than the "
             "%llu bytes of %s; use a smaller -c%s", ctx, (unsigned long long)need, (unsigned long long)kv,
-            (unsigned long long)(need - kv), (unsigned long long)have, what, kv_dtype == MM_F16 ? "" : " or --kv f16");
+            (unsigned long long)(need - kv), (unsigned long long)have, what,
+            kv_dtype == MM_F16 ? "" : " or --kv f16");
 }
 
 /* ============================================================================================
- * Building blocks
+ * Building blocks, in plain C
  * ============================================================================================ */
-
-static float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) { /* zero or subnormal: man * 2^-24 */
-        float v = ldexpf((float)man, -24);
-        return sign ? -v : v;
-    }
-    bits = exp == 0x1f ? sign | 0x7f800000u | (man << 13) : sign | ((exp + 112) << 23) | (man << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 /* Row r of a q8_0 matrix gathered from its panel: codes [cols], scales [cols / 32] */
 static void q8_row(const Matrix *w, int r, int8_t *codes, float *scales) {
     int cols = w->cols, i = r % MM_Q8_PANEL;
-    const uint8_t *panel = (const uint8_t *)w->data + (size_t)(r / MM_Q8_PANEL) * q8_panel_bytes((uint64_t)cols);
-    for (int c = 0; c < cols; c++) codes[c] = (int8_t)panel[(size_t)(c / 4) * 4 * MM_Q8_PANEL + 4 * i + c % 4];
-    const uint8_t *half = panel + (size_t)MM_Q8_PANEL * cols;
+    const uint8_t *panel =
+        (const uint8_t *)w->data + (size_t)(r / MM_Q8_PANEL) * q8_panel_bytes((uint64_t)cols);
+    for (int c = 0; c < cols; c++)
+        codes[c] = (int8_t)panel[(size_t)(c / 4) * 4 * MM_Q8_PANEL + 4 * i + c % 4];
+    const uint8_t *scale = panel + (size_t)MM_Q8_PANEL * cols;
     for (int g = 0; g < cols / MM_Q8_GROUP; g++) {
         uint16_t h;
-        memcpy(&h, half + 2 * ((size_t)g * MM_Q8_PANEL + i), 2);
+        memcpy(&h, scale + 2 * ((size_t)g * MM_Q8_PANEL + i), 2);
         scales[g] = f16_to_f32(h);
     }
 }
 
-/* Row r of a weight matrix as f32: a pointer into the file for f32, else converted into buf. */
+/* Row r of a weight matrix as f32: a pointer into the file for f32, else converted into buf
+ * (room for 2 cols floats) */
 static const float *matrix_row(const Matrix *w, int r, float *buf) {
     size_t at = (size_t)r * w->cols;
+    const uint16_t *half = (const uint16_t *)w->data + at;
     switch (w->dtype) {
     case MM_F32: return (const float *)w->data + at;
-    case MM_F16: {
-        const uint16_t *p = (const uint16_t *)w->data + at;
-        for (int c = 0; c < w->cols; c++) buf[c] = f16_to_f32(p[c]);
-        return buf;
-    }
-    case MM_BF16: {
-        const uint16_t *p = (const uint16_t *)w->data + at;
-        for (int c = 0; c < w->cols; c++) buf[c] = bf16_to_f32(p[c]);
-        return buf;
-    }
+    case MM_F16: for (int c = 0; c < w->cols; c++) buf[c] = f16_to_f32(half[c]); return buf;
+    case MM_BF16: for (int c = 0; c < w->cols; c++) buf[c] = bf16_to_f32(half[c]); return buf;
     default: { /* MM_Q8_0: buf holds the codes (cols bytes), the scales, then the values */
         int8_t *codes = (int8_t *)buf;
         float *scales = buf + w->cols / 4, *values = scales + w->cols / MM_Q8_GROUP;
@@ -669,945 +610,44 @@ static float dot(const float *a, const float *b, int n) {
     return sum;
 }
 
-/* ---- q8_0 activations: x quantised per group of 32 like the weights, so that a q8_0 matrix
- * times a vector is integer dot products per group and two scales ---- */
-
-/* q[i] = round(x[i] / d) with d = max|x| / 127 over each group of 32; n is a multiple of 32 */
-static void quantize_q8_ref(int8_t *q, float *scale, const float *x, int n) {
-    for (int g = 0; g < n / MM_Q8_GROUP; g++) {
-        const float *xg = x + (size_t)g * MM_Q8_GROUP;
-        float amax = 0;
-        for (int i = 0; i < MM_Q8_GROUP; i++) amax = fmaxf(amax, fabsf(xg[i]));
-        float d = amax / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
-        for (int i = 0; i < MM_Q8_GROUP; i++) q[g * MM_Q8_GROUP + i] = (int8_t)nearbyintf(xg[i] * id);
-        scale[g] = d;
-    }
-}
-
-/* w . x for a q8_0 weight row and a q8_0 activation row: exact int32 per group, then scales */
-static float dot_q8_ref(const int8_t *w, const float *w_scale, const int8_t *x, const float *x_scale, int n) {
+/* w . x for a q8_0 weight row and a q8_0 activation row (quantize_q8): an exact integer sum per
+ * group of 32, times the two scales */
+static float dot_q8(const int8_t *w, const float *w_scale, const int8_t *x, const float *x_scale, int n) {
     float sum = 0;
     for (int g = 0; g < n / MM_Q8_GROUP; g++) {
         int32_t isum = 0;
-        for (int i = 0; i < MM_Q8_GROUP; i++) isum += (int32_t)w[g * MM_Q8_GROUP + i] * x[g * MM_Q8_GROUP + i];
+        for (int i = 0; i < MM_Q8_GROUP; i++)
+            isum += (int32_t)w[g * MM_Q8_GROUP + i] * x[g * MM_Q8_GROUP + i];
         sum += (float)isum * (w_scale[g] * x_scale[g]);
     }
     return sum;
 }
 
-/* ---- matmul, the plain reference: out[t, r] = W[r, :] . x[t, :] for rows r0..r1, every token.
- * x: [n, W.cols], out: [n, W.rows]. Each weight row is converted once for the whole block. ---- */
-static void matmul_rows_ref(float *out, const float *x, const Matrix *w, int n, int r0, int r1, float *buf) {
-    for (int r = r0; r < r1; r++) {
-        const float *row = matrix_row(w, r, buf);
-        for (int t = 0; t < n; t++) out[(size_t)t * w->rows + r] = dot(row, x + (size_t)t * w->cols, w->cols);
-    }
-}
-
-/* the same for q8_0 weights with activations already quantised: xq [n, cols], xs [n, cols/32];
- * buf: room for a row's codes and scales */
-static void matmul_rows_q8_ref(float *out, const int8_t *xq, const float *xs, const Matrix *w, int n,
-                               int r0, int r1, float *buf) {
-    int cols = w->cols, groups = cols / MM_Q8_GROUP;
-    int8_t *codes = (int8_t *)buf;
-    float *scales = buf + cols / 4;
-    for (int r = r0; r < r1; r++) {
-        q8_row(w, r, codes, scales);
-        for (int t = 0; t < n; t++)
-            out[(size_t)t * w->rows + r] = dot_q8_ref(codes, scales, xq + (size_t)t * cols, xs + (size_t)t * groups, cols);
-    }
-}
-
-/* ---- matmul, the fast path (x86-64: AVX-512 where the compiler targets it, else AVX2 + FMA +
- * F16C; aarch64: NEON, with the dot-product instructions where the compiler targets them; other
- * machines use the reference) ----
- * A register tile of TILE_ROWS weight rows x TILE_TOKENS tokens: each weight vector loaded is
- * used for every token of the tile, each activation vector for every row. Every output element
- * is its own chain of VL-lane FMAs over each K_CHUNK of columns, a fixed horizontal sum per chunk,
- * and the chunks added in order, so its value does not depend on the tile shape or the thread
- * that computes it. (One token, and prompt blocks of OP_MIN_TOKENS or more, take the other two
- * forms below: each is its own fixed order too, so results never depend on the thread count.) */
-#define ALWAYS_INLINE inline __attribute__((always_inline))
-
-/* The vector layer: the few operations the kernels use, on a vector of VL floats (vf), and f4, a
- * vector of 4 (a tile's four row sums). The kernels below are written once over it; only this
- * block knows the instruction set. Each also sets the tile shapes its register count allows:
- * TILE_TOKENS (the dot-product tiles of 2-15 tokens, TILE_ROWS x TILE_TOKENS accumulators),
- * OP_ROWS (prompt tiles, OP_ROWS x 2 vectors), SCORE_QUERIES (attention scores, SCORE_QUERIES x
- * KEY_BLOCK / VL) and PV_VECS (attention P.V, 4 x PV_VECS). The tile dispatches below are written
- * for the values used (asserted after the block). */
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define HAVE_SIMD 1
-typedef __m128 f4;
-static ALWAYS_INLINE f4 f4_load(const float *p) { return _mm_loadu_ps(p); }
-static ALWAYS_INLINE void f4_store(float *p, f4 v) { _mm_storeu_ps(p, v); }
-static ALWAYS_INLINE f4 f4_add(f4 a, f4 b) { return _mm_add_ps(a, b); }
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define KERNELS "avx512"
-#define HAVE_AVX512 1
-enum { VL = 16, TILE_ROWS = ROW_BLOCK };  /* vf_hsum4 sums a tile of four rows */
-#define TILE_TOKENS 6       /* 24 of the 32 registers accumulate */
-#define OP_ROWS PANEL_ROWS  /* 24 accumulators + 2 activation vectors + 1 broadcast of 32 registers */
-#define SCORE_QUERIES 8     /* attention scores: 8 queries x 16 keys, 8 accumulators */
-#define PV_VECS 6           /* 4 rows x 6 vectors: 24 accumulators, head_dim 96 in one pass over the values */
-typedef __m512 vf;
-static ALWAYS_INLINE vf vf_zero(void) { return _mm512_setzero_ps(); }
-static ALWAYS_INLINE vf vf_set1(float a) { return _mm512_set1_ps(a); }
-static ALWAYS_INLINE vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
-static ALWAYS_INLINE void vf_store(float *p, vf v) { _mm512_storeu_ps(p, v); }
-static ALWAYS_INLINE vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
-static ALWAYS_INLINE vf vf_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
-static ALWAYS_INLINE vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
-static ALWAYS_INLINE vf vf_div(vf a, vf b) { return _mm512_div_ps(a, b); }
-static ALWAYS_INLINE vf vf_min(vf a, vf b) { return _mm512_min_ps(a, b); }
-static ALWAYS_INLINE vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
-static ALWAYS_INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }    /* a b + c */
-static ALWAYS_INLINE vf vf_fnmadd(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }  /* c - a b */
-static ALWAYS_INLINE float vf_hsum(vf v) { return _mm512_reduce_add_ps(v); }
-static ALWAYS_INLINE float vf_hmax(vf v) { return _mm512_reduce_max_ps(v); }
-static ALWAYS_INLINE f4 vf_hsum4(vf a, vf b, vf c, vf d) {  /* [sum a, sum b, sum c, sum d] */
-    vf ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  /* a b a b per 128 bits */
-    vf cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    vf abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
-                            _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-static ALWAYS_INLINE vf vf_round(vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-static ALWAYS_INLINE vf vf_exp2i(vf k) {  /* 2^k for whole k in [-126, 127]: k + 127 in the exponent */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23));
-}
-static ALWAYS_INLINE vf vf_load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
-static ALWAYS_INLINE vf vf_load_bf16(const uint16_t *p) {  /* bf16 is the top half of an f32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-#else
-#ifdef __AVXVNNI__
-#define KERNELS "avx2-vnni"  /* (q8_0 tiles by AVX-VNNI) */
-#else
-#define KERNELS "avx2"
-#endif
-enum { VL = 8, TILE_ROWS = ROW_BLOCK };
-#define TILE_TOKENS 3       /* 12 of the 16 registers accumulate */
-#define OP_ROWS 6           /* 12 + 2 + 1 of 16 */
-#define SCORE_QUERIES 4     /* 4 queries x 16 keys: 8 accumulators */
-#define PV_VECS 2           /* 4 x 2 of 16 registers */
-typedef __m256 vf;
-static ALWAYS_INLINE vf vf_zero(void) { return _mm256_setzero_ps(); }
-static ALWAYS_INLINE vf vf_set1(float a) { return _mm256_set1_ps(a); }
-static ALWAYS_INLINE vf vf_load(const float *p) { return _mm256_loadu_ps(p); }
-static ALWAYS_INLINE void vf_store(float *p, vf v) { _mm256_storeu_ps(p, v); }
-static ALWAYS_INLINE vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
-static ALWAYS_INLINE vf vf_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
-static ALWAYS_INLINE vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
-static ALWAYS_INLINE vf vf_div(vf a, vf b) { return _mm256_div_ps(a, b); }
-static ALWAYS_INLINE vf vf_min(vf a, vf b) { return _mm256_min_ps(a, b); }
-static ALWAYS_INLINE vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
-static ALWAYS_INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-static ALWAYS_INLINE vf vf_fnmadd(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
-static ALWAYS_INLINE float vf_hsum(vf v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-static ALWAYS_INLINE float vf_hmax(vf v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-static ALWAYS_INLINE f4 vf_hsum4(vf a, vf b, vf c, vf d) {
-    vf ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
-    vf cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
-    vf abcd = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(ab), _mm256_castps_pd(cd))),
-                            _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(ab), _mm256_castps_pd(cd))));
-    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-static ALWAYS_INLINE vf vf_round(vf v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-static ALWAYS_INLINE vf vf_exp2i(vf k) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23));
-}
-static ALWAYS_INLINE vf vf_load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-static ALWAYS_INLINE vf vf_load_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-#endif
-#elif defined(__aarch64__) && defined(__ARM_NEON)
-#include <arm_neon.h>
-#define HAVE_SIMD 1
-#define HAVE_NEON 1
-#ifdef __ARM_FEATURE_DOTPROD
-#define KERNELS "neon-dotprod"
-#else
-#define KERNELS "neon"
-#endif
-enum { VL = 4, TILE_ROWS = ROW_BLOCK };
-#define TILE_TOKENS 6       /* 24 of the 32 registers accumulate */
-#define OP_ROWS PANEL_ROWS  /* 24 + 2 + 1 of 32 */
-#define SCORE_QUERIES 4     /* 4 queries x 16 keys: 16 accumulators */
-#define PV_VECS 6           /* 4 x 6: 24 accumulators */
-typedef float32x4_t vf;
-typedef float32x4_t f4;
-static ALWAYS_INLINE f4 f4_load(const float *p) { return vld1q_f32(p); }
-static ALWAYS_INLINE void f4_store(float *p, f4 v) { vst1q_f32(p, v); }
-static ALWAYS_INLINE f4 f4_add(f4 a, f4 b) { return vaddq_f32(a, b); }
-static ALWAYS_INLINE vf vf_zero(void) { return vdupq_n_f32(0.0f); }
-static ALWAYS_INLINE vf vf_set1(float a) { return vdupq_n_f32(a); }
-static ALWAYS_INLINE vf vf_load(const float *p) { return vld1q_f32(p); }
-static ALWAYS_INLINE void vf_store(float *p, vf v) { vst1q_f32(p, v); }
-static ALWAYS_INLINE vf vf_add(vf a, vf b) { return vaddq_f32(a, b); }
-static ALWAYS_INLINE vf vf_sub(vf a, vf b) { return vsubq_f32(a, b); }
-static ALWAYS_INLINE vf vf_mul(vf a, vf b) { return vmulq_f32(a, b); }
-static ALWAYS_INLINE vf vf_div(vf a, vf b) { return vdivq_f32(a, b); }
-static ALWAYS_INLINE vf vf_min(vf a, vf b) { return vminq_f32(a, b); }
-static ALWAYS_INLINE vf vf_max(vf a, vf b) { return vmaxq_f32(a, b); }
-static ALWAYS_INLINE vf vf_fmadd(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
-static ALWAYS_INLINE vf vf_fnmadd(vf a, vf b, vf c) { return vfmsq_f32(c, a, b); }
-static ALWAYS_INLINE float vf_hsum(vf v) { return vaddvq_f32(v); }
-static ALWAYS_INLINE float vf_hmax(vf v) { return vmaxvq_f32(v); }
-static ALWAYS_INLINE f4 vf_hsum4(vf a, vf b, vf c, vf d) { return vpaddq_f32(vpaddq_f32(a, b), vpaddq_f32(c, d)); }
-static ALWAYS_INLINE vf vf_round(vf v) { return vrndnq_f32(v); }  /* to nearest, ties to even */
-static ALWAYS_INLINE vf vf_exp2i(vf k) {
-    return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(k), vdupq_n_s32(127)), 23));
-}
-static ALWAYS_INLINE vf vf_load_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
-static ALWAYS_INLINE vf vf_load_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
-#endif
-
-#ifdef HAVE_SIMD
-
-_Static_assert(TILE_ROWS == 4, "the tile epilogue sums four rows at once (vf_hsum4)");
-_Static_assert((TILE_TOKENS == 3 || TILE_TOKENS == 6) && (SCORE_QUERIES == 4 || SCORE_QUERIES == 8) &&
-               (PV_VECS == 2 || PV_VECS == 6), "the switches of matmul_block, BY_QUERIES and pv_tiles cover these");
-
-/* v, as a value the compiler must keep in a register: a vector loaded once for several FMAs is
- * otherwise often folded into each of them as a memory operand, which loads it again every time */
-static ALWAYS_INLINE vf vf_keep(vf v) {
-#ifdef HAVE_NEON
-    __asm__("" : "+w"(v));  /* (a SIMD register) */
-#else
-    __asm__("" : "+v"(v));
-#endif
-    return v;
-}
-
-/* a hint to bring the cache line at p in before it is read (never a fault, whatever p) */
-static ALWAYS_INLINE void prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
-
-/* the same for weights, which a token reads once each, start to end: dot_row (decoding f32, f16
- * and bf16) and q8_tile (q8_0 prompt blocks) prefetch WEIGHTS_AHEAD bytes ahead of their loads, with
- * the non-temporal hint, which keeps the stream from evicting the rest of the caches. The
- * hardware prefetcher alone left decoding short of the memory's speed, and a plain prefetch
- * (above) made f32 rows slower. One thread, alternated runs of ./run MODEL -m bench -n 128 -c 600
- * in one spell each (only the ratios carry over: this machine's speed moves 15-25% between
- * spells), none / plain 2 KB / this: minimind-3 f32 125 / 104 / 136 tokens/s (10 runs each);
- * minimind2 f16 107 / - / 159 (8); minimind2-small q8_0, decoded by q8_tile then (now by
- * q8_panel_token, which reads better without), 1090 / 1180 (plain 3 KB) / - (8) and - / 1355
- * (plain 3 KB) / 1484 (8); minimind-3 f16 within noise. */
-#define WEIGHTS_AHEAD 2048
-static ALWAYS_INLINE void prefetch_weights(const void *p) { __builtin_prefetch(p, 0, 0); }
-
-/* exp(r) for r in [-87, 88.7], within 2 ulp of expf (and inf for r in [88.7, 89]): r = k ln2 + f with k = round(r / ln2) and f in
- * [-ln2/2, ln2/2] (ln2 in two parts, so f is exact), exp(f) by its Taylor polynomial, times 2^k */
-static ALWAYS_INLINE vf vf_exp(vf r) {
-    static const float c[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
-                               1.6666665459e-1f, 5.0000001201e-1f};  /* exp(f) - 1 - f, over f^2 */
-    vf k = vf_round(vf_mul(r, vf_set1(1.44269504f)));
-    vf f = vf_fnmadd(k, vf_set1(-2.12194440e-4f), vf_fnmadd(k, vf_set1(0.693359375f), r));
-    vf y = vf_set1(c[0]);
-    for (int j = 1; j < 6; j++) y = vf_fmadd(y, f, vf_set1(c[j]));
-    return vf_mul(vf_fmadd(y, vf_mul(f, f), vf_add(f, vf_set1(1.0f))), vf_exp2i(k));
-}
-
-/* VL weights from element i of p, as f32 */
-static ALWAYS_INLINE vf load_w(int dtype, const void *p, size_t i) {
-    if (dtype == MM_F32) return vf_load((const float *)p + i);
-    if (dtype == MM_F16) return vf_load_f16((const uint16_t *)p + i);
-    return vf_load_bf16((const uint16_t *)p + i);
-}
-
-static ALWAYS_INLINE float load1(int dtype, const void *p, size_t i) {
-    if (dtype == MM_F32) return ((const float *)p)[i];
-    uint16_t h = ((const uint16_t *)p)[i];
-    return dtype == MM_F16 ? f16_to_f32(h) : bf16_to_f32(h);
-}
-
-/* out[t * ldo + r] (+)= w[r, :K] . x[t, :K] for r < R, t < T; w rows ldw elements apart (f32/f16/bf16),
- * x rows ldx apart; add: accumulate onto out (a later chunk of the columns) */
-static ALWAYS_INLINE void tile(float *out, int ldo, int dtype, const void *w, int ldw,
-                               const float *x, int ldx, int K, const int R, const int T, bool add) {
-    size_t elem = dtype == MM_F32 ? 4 : 2;
-    const uint8_t *wr[TILE_ROWS];
-    const float *xt[TILE_TOKENS];
-    for (int r = 0; r < R; r++) wr[r] = (const uint8_t *)w + (size_t)r * ldw * elem;
-    for (int t = 0; t < T; t++) xt[t] = x + (size_t)t * ldx;
-    vf acc[TILE_ROWS][TILE_TOKENS];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = vf_zero();
-    int k = 0;
-    for (; k + VL <= K; k += VL) {
-        vf xv[TILE_TOKENS];
-        for (int t = 0; t < T; t++) xv[t] = vf_keep(vf_load(xt[t] + k));
-        for (int r = 0; r < R; r++) {
-            vf wv = vf_keep(load_w(dtype, wr[r], (size_t)k));
-            for (int t = 0; t < T; t++) acc[r][t] = vf_fmadd(wv, xv[t], acc[r][t]);
-        }
-    }
-    for (int t = 0; t < T; t++) {
-        float sums[TILE_ROWS];  /* a full tile's four rows are summed together: fewer shuffles */
-        if (R == TILE_ROWS && k == K) {  /* (no columns left over: the four sums are the outputs) */
-            f4 s4 = vf_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]);
-            float *o = out + (size_t)t * ldo;
-            f4_store(o, add ? f4_add(f4_load(o), s4) : s4);
-            continue;
-        }
-        if (R == TILE_ROWS) f4_store(sums, vf_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
-        else for (int r = 0; r < R; r++) sums[r] = vf_hsum(acc[r][t]);
-        for (int r = 0; r < R; r++) {
-            float sum = sums[r];
-            for (int kk = k; kk < K; kk++) sum += load1(dtype, wr[r], (size_t)kk) * xt[t][kk];
-            out[(size_t)t * ldo + r] = add ? out[(size_t)t * ldo + r] + sum : sum;
-        }
-    }
-}
-
-/* The full tile as a function of its own per dtype: out of line, the register allocator keeps its
- * accumulators and pointers in registers (inlined into a large caller it spills) */
-#define FULL_TILE(name, dtype)                                                                          \
-    static __attribute__((noinline)) void name(float *out, int ldo, const void *w, int ldw, const float *x, \
-                                               int ldx, int K, bool add) {                              \
-        tile(out, ldo, dtype, w, ldw, x, ldx, K, TILE_ROWS, TILE_TOKENS, add);                           \
-    }
-FULL_TILE(full_tile_f32, MM_F32)
-FULL_TILE(full_tile_f16, MM_F16)
-FULL_TILE(full_tile_bf16, MM_BF16)
-#undef FULL_TILE
-static void (*const full_tile[])(float *, int, const void *, int, const float *, int, int, bool) = {
-    [MM_F32] = full_tile_f32, [MM_F16] = full_tile_f16, [MM_BF16] = full_tile_bf16};
-
-/* w[:K] . x[:K] for one row when decoding a single token: the rows are read one after another, a
- * single stream through memory (four rows at a time, it is four short streams), prefetched ahead
- * (prefetch_weights), with four chains of FMAs so that their latency is hidden */
-static ALWAYS_INLINE float dot_row(int dtype, const void *w, const float *x, int K) {
-    vf acc[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
-    int k = 0;
-    size_t elem = dtype == MM_F32 ? 4 : 2;
-    for (; k + 4 * VL <= K; k += 4 * VL) {
-        for (size_t b = 0; b < 4 * VL * elem; b += 64) prefetch_weights((const uint8_t *)w + k * elem + WEIGHTS_AHEAD + b);
-        for (int j = 0; j < 4; j++) acc[j] = vf_fmadd(load_w(dtype, w, (size_t)(k + j * VL)), vf_load(x + k + j * VL), acc[j]);
-    }
-    for (; k + VL <= K; k += VL) acc[0] = vf_fmadd(load_w(dtype, w, (size_t)k), vf_load(x + k), acc[0]);
-    float sum = vf_hsum(vf_add(vf_add(acc[0], acc[1]), vf_add(acc[2], acc[3])));
-    for (; k < K; k++) sum += load1(dtype, w, (size_t)k) * x[k];
-    return sum;
-}
-
-/* rows r0 .. r0+R (R <= TILE_ROWS) of out (+)= W x over kc columns, every token: w points at row r0
- * of those columns (rows ldw apart), x at the same columns of token 0 (rows ldx apart) */
-static ALWAYS_INLINE void matmul_block_simd(float *out, int ldo, const float *x, int ldx, int n, int dtype,
-                                            const void *w, int ldw, int kc, int r0, int R, bool add) {
-    float *o = out + r0;
-    if (n == 1) {  /* decoding: bound by reading the weights */
-        for (int r = 0; r < R; r++) {
-            float sum = dot_row(dtype, (const uint8_t *)w + (size_t)r * ldw * (dtype == MM_F32 ? 4 : 2), x, kc);
-            o[r] = add ? o[r] + sum : sum;
-        }
-        return;
-    }
-    if (R < TILE_ROWS) {   /* the last rows of a matrix whose height is not a multiple of the tile's */
-        for (int r = 0; r < R; r++)
+/* out[t, r] = W[r, :] . x[t, :] for every row r and token t < n; x: [n, W.cols], out: [n, W.rows].
+ * Each weight row is converted to f32 once for the whole block; a q8_0 matrix multiplies x
+ * quantised the same way (dot_q8). The threads share the rows. */
+static void matmul_plain(float *out, const float *x, const Matrix *w, int n, State *s) {
+    int rows = w->rows, cols = w->cols, groups = cols / MM_Q8_GROUP;
+    bool q8 = w->dtype == MM_Q8_0;
+    int8_t *xq = s->ks.xq;
+    float *xs = s->ks.xs;
+    for (int t = 0; q8 && t < n; t++)
+        quantize_q8(xq + (size_t)t * cols, xs + (size_t)t * groups, x + (size_t)t * cols, cols);
+    #pragma omp parallel for
+    for (int r = 0; r < rows; r++) {
+        float *buf = s->row_buf + (size_t)thread_id() * s->row_buf_len;
+        if (q8) {
+            int8_t *codes = (int8_t *)buf;
+            float *scales = buf + cols / 4;
+            q8_row(w, r, codes, scales);
             for (int t = 0; t < n; t++)
-                tile(o + (size_t)t * ldo + r, ldo, dtype, (const uint8_t *)w + (size_t)r * ldw *
-                     (dtype == MM_F32 ? 4 : 2), ldw, x + (size_t)t * ldx, ldx, kc, 1, 1, add);
-        return;
-    }
-    int t = 0;
-    for (; t + TILE_TOKENS <= n; t += TILE_TOKENS)
-        full_tile[dtype](o + (size_t)t * ldo, ldo, w, ldw, x + (size_t)t * ldx, ldx, kc, add);
-    /* the tokens left, in one tile of their number (a constant: its accumulators are registers) */
-#define TAIL(T) tile(o + (size_t)t * ldo, ldo, dtype, w, ldw, x + (size_t)t * ldx, ldx, kc, TILE_ROWS, T, add)
-    switch (n - t) {
-    case 1: TAIL(1); break;
-    case 2: TAIL(2); break;
-#if TILE_TOKENS > 3
-    case 3: TAIL(3); break;
-    case 4: TAIL(4); break;
-    case 5: TAIL(5); break;
-#endif
-    }
-#undef TAIL
-}
-
-/* ---- matmul for prompt blocks: the outer-product form ----
- * OP_ROWS weight rows times OP_TOKENS tokens: for every column k, each row's weight is broadcast and
- * multiplied into a vector of VL tokens' activations, which are stored transposed for this
- * (xT[k, token], every token's x of the block). No horizontal sums: each output element is one
- * chain of FMAs over k = 0 .. K-1 in order, whatever the tile, the block or the thread. f16 and
- * bf16 weights are converted a panel of OP_ROWS rows at a time, once per prompt block. (q8_0
- * matrices have integer tiles of their own, below, for any number of tokens.) */
-enum { OP_TOKENS = 2 * VL };
-_Static_assert(OP_ROWS <= PANEL_ROWS && OP_TOKENS <= XT_TOKENS, "the panel and xT buffers hold a tile");
-
-/* out[t * ldo + r] = w[r, :K] . x[t, :K] for r < R, t < T (T <= V VL <= OP_TOKENS): w f32 rows ldw
- * apart, xT the columns' activations ldxT apart from this tile's first token; V: vectors of tokens
- * used */
-static ALWAYS_INLINE void op_tile(float *out, int ldo, const float *w, int ldw, const float *xT, int ldxT, int K,
-                                  const int R, const int V, int T) {
-    vf acc[OP_ROWS][2];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < V; v++) acc[r][v] = vf_zero();
-    for (int k = 0; k < K; k++) {
-        vf xv[2];
-        for (int v = 0; v < V; v++) xv[v] = vf_load(xT + (size_t)k * ldxT + v * VL);
-        for (int r = 0; r < R; r++) {
-            vf wv = vf_set1(w[(size_t)r * ldw + k]);
-            for (int v = 0; v < V; v++) acc[r][v] = vf_fmadd(wv, xv[v], acc[r][v]);
+                out[(size_t)t * rows + r] =
+                    dot_q8(codes, scales, xq + (size_t)t * cols, xs + (size_t)t * groups, cols);
+        } else {
+            const float *row = matrix_row(w, r, buf);
+            for (int t = 0; t < n; t++) out[(size_t)t * rows + r] = dot(row, x + (size_t)t * cols, cols);
         }
     }
-    /* stored token by token, each token's R outputs at once: stored row by row, the tile wrote T
-     * lines ldo floats apart R times over, and when ldo is a multiple of 512 (2 KB: minimind2's
-     * 2048 FFN rows, minimind2-small's 512 q and o rows) 16 or more of those lines fall in one set
-     * of the L1 cache, which holds 12: every store missed and those matrices ran at half speed */
-    float acc_t[OP_ROWS][OP_TOKENS];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < V; v++) vf_store(acc_t[r] + v * VL, acc[r][v]);
-    for (int t = 0; t < T; t++)
-        for (int r = 0; r < R; r++) out[(size_t)t * ldo + r] = acc_t[r][t];
-}
-
-/* the full tile out of line: its accumulators stay in registers */
-static __attribute__((noinline)) void op_tile_full(float *out, int ldo, const float *w, int ldw, const float *xT,
-                                                   int ldxT, int K, int T) {
-    op_tile(out, ldo, w, ldw, xT, ldxT, K, OP_ROWS, 2, T);
-}
-
-/* rows r0 .. r1 of out = W x for the n tokens whose x is in xT ([W.cols, ldxT]) */
-static void op_rows(float *out, const Matrix *w, const float *xT, int ldxT, int n, int r0, int r1, float *buf) {
-    int cols = w->cols;
-    for (int r = r0; r < r1; r += OP_ROWS) {
-        int R = r1 - r < OP_ROWS ? r1 - r : OP_ROWS;
-        const float *panel = (const float *)w->data + (size_t)r * cols;
-        if (w->dtype != MM_F32) {  /* the panel's rows converted once, used by every token */
-            for (int i = 0; i < R; i++) {
-                float *dst = buf + (size_t)i * cols;
-                const void *src = (const uint16_t *)w->data + (size_t)(r + i) * cols;
-                int c = 0;
-                for (; c + VL <= cols; c += VL) vf_store(dst + c, load_w(w->dtype, src, (size_t)c));
-                for (; c < cols; c++) dst[c] = load1(w->dtype, src, (size_t)c);
-            }
-            panel = buf;
-        }
-        for (int t = 0; t < n; t += OP_TOKENS) {
-            int T = n - t < OP_TOKENS ? n - t : OP_TOKENS;
-            float *o = out + (size_t)t * w->rows + r;
-            const float *xt = xT + t;
-            if (R == OP_ROWS && T > VL) { op_tile_full(o, w->rows, panel, cols, xt, ldxT, cols, T); continue; }
-            /* the last rows (a thread's share ends on a multiple of 4, a matrix maybe not), or a
-             * last run of at most VL tokens: tiles of 4 rows, then of 1 */
-            int i = 0;
-            for (; i + 4 <= R; i += 4) {
-                if (T > VL) op_tile(o + i, w->rows, panel + (size_t)i * cols, cols, xt, ldxT, cols, 4, 2, T);
-                else op_tile(o + i, w->rows, panel + (size_t)i * cols, cols, xt, ldxT, cols, 4, 1, T);
-            }
-            for (; i < R; i++) {
-                if (T > VL) op_tile(o + i, w->rows, panel + (size_t)i * cols, cols, xt, ldxT, cols, 1, 2, T);
-                else op_tile(o + i, w->rows, panel + (size_t)i * cols, cols, xt, ldxT, cols, 1, 1, T);
-            }
-        }
-    }
-}
-
-#ifdef __AVX2__
-/* the q8_0 activations of n rows of x (the fast twin of quantize_q8_ref: the same codes); AVX2, which
- * an AVX-512 machine runs too (NEON builds run the reference: it is a small part of a matmul's time) */
-static void quantize_q8_avx2(int8_t *q, float *scale, const float *x, int n) {
-    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-    for (int g = 0; g < n / MM_Q8_GROUP; g++) {
-        const float *xg = x + (size_t)g * MM_Q8_GROUP;
-        __m256 v[4], m = _mm256_setzero_ps();
-        for (int j = 0; j < 4; j++) {
-            v[j] = _mm256_loadu_ps(xg + 8 * j);
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign_bit, v[j]));
-        }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        float d = _mm_cvtss_f32(m4) / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
-        __m256i i32[4];
-        for (int j = 0; j < 4; j++) i32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(id)));
-        /* 32-bit -> 8-bit packs work within 128-bit lanes: put the bytes back in order */
-        __m256i i16a = _mm256_packs_epi32(i32[0], i32[1]), i16b = _mm256_packs_epi32(i32[2], i32[3]);
-        __m256i i8 = _mm256_packs_epi16(i16a, i16b);
-        i8 = _mm256_permutevar8x32_epi32(i8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)(q + (size_t)g * MM_Q8_GROUP), i8);
-        scale[g] = d;
-    }
-}
-#endif
-
-/* ---- q8_0 matmul: integer tiles over the panels of the file (one token: panel by panel) ----
- * Lanes are weight rows. A panel stores 4 consecutive columns of its 16 rows in 64 bytes
- * (model.h), so one vector load holds 4 weight bytes of each of Q8_LANES rows; one token's 4
- * activation codes at those columns are broadcast, and each lane sums its 4 byte products into its
- * int32. After each group of 32 columns the exact int32 sums are scaled by their two scales (the
- * row's, the token's) and added in f32: the terms of dot_q8_ref in its order (an FMA rounds once
- * where it rounds twice). A tile is Q8_TILE_ROWS = 2 vectors of rows x up to Q8_TILE_TOKENS tokens;
- * a token decoding takes a panel at a time (q8_panel_token), in the same order; no horizontal sums
- * anywhere.
- * The byte products need one unsigned operand. AVX-512 VNNI: vpdpbusd on the weights + 128 (an
- * xor), which adds 128 x the token's sum of the group's codes to every lane: each int32 sum starts
- * at minus that (xqsum); AVX-VNNI, in AVX2 builds for the machines that have it, the same on 256
- * bits. Plain AVX2: maddubs on |w| and x with w's sign (the sign trick: |w| <= 128 and
- * |x| <= 127, so the pairs never saturate), then madd sums the pairs. NEON multiplies signed bytes:
- * sdot where the machine has it (ARMv8.2's dot product), else smull into 16 bits and two pairwise
- * sums. */
-#if defined(HAVE_AVX512) && defined(__AVX512VNNI__)
-#define Q8_VNNI 1
-#define Q8_LANES 16       /* rows per vector */
-#define Q8_TILE_TOKENS 6  /* of 32 registers: 12 int32 sums, 12 f32 sums, 2 x 2 weights */
-typedef __m512i qi;
-typedef __m512 qf;
-static ALWAYS_INLINE qi qi_load(const uint8_t *p) { return _mm512_loadu_si512(p); }
-static ALWAYS_INLINE qi qi_set1(int32_t a) { return _mm512_set1_epi32(a); }
-static ALWAYS_INLINE qi qi_unsigned(qi w) { return _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80)); }
-/* acc + the 4 byte products of each lane: wu = qi_unsigned(w) */
-static ALWAYS_INLINE qi qi_dot4(qi acc, qi w, qi wu, qi x4) { (void)w; return _mm512_dpbusd_epi32(acc, wu, x4); }
-static ALWAYS_INLINE qf qf_scales(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
-static ALWAYS_INLINE qf qf_set1(float a) { return _mm512_set1_ps(a); }
-static ALWAYS_INLINE qf qf_zero(void) { return _mm512_setzero_ps(); }
-static ALWAYS_INLINE qf qf_fmadd_i(qi a, qf b, qf c) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), b, c); }
-static ALWAYS_INLINE qf qf_mul(qf a, qf b) { return _mm512_mul_ps(a, b); }
-static ALWAYS_INLINE void qf_store(float *p, qf v) { _mm512_storeu_ps(p, v); }
-#elif defined(HAVE_NEON)
-#define Q8_VNNI 0
-#define Q8_LANES 4
-#define Q8_TILE_TOKENS 6  /* of 32 registers: 12 int32 sums, 12 f32 sums, 2 weights, a broadcast */
-typedef int32x4_t qi;     /* 4 int32 sums, or 16 bytes: 4 of each of 4 rows */
-typedef float32x4_t qf;
-static ALWAYS_INLINE qi qi_load(const uint8_t *p) { return vreinterpretq_s32_u8(vld1q_u8(p)); }
-static ALWAYS_INLINE qi qi_set1(int32_t a) { return vdupq_n_s32(a); }
-static ALWAYS_INLINE qi qi_unsigned(qi w) { return w; }  /* (signed products: nothing to do) */
-static ALWAYS_INLINE qi qi_dot4(qi acc, qi w, qi wu, qi x4) {
-    (void)wu;
-    int8x16_t w8 = vreinterpretq_s8_s32(w), x8 = vreinterpretq_s8_s32(x4);
-#ifdef __ARM_FEATURE_DOTPROD
-    return vdotq_s32(acc, w8, x8);
-#else
-    int16x8_t lo = vmull_s8(vget_low_s8(w8), vget_low_s8(x8)), hi = vmull_high_s8(w8, x8);  /* rows 0-1, 2-3 */
-    return vaddq_s32(acc, vpaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi)));
-#endif
-}
-static ALWAYS_INLINE qf qf_scales(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
-static ALWAYS_INLINE qf qf_set1(float a) { return vdupq_n_f32(a); }
-static ALWAYS_INLINE qf qf_zero(void) { return vdupq_n_f32(0.0f); }
-static ALWAYS_INLINE qf qf_fmadd_i(qi a, qf b, qf c) { return vfmaq_f32(c, vcvtq_f32_s32(a), b); }
-static ALWAYS_INLINE qf qf_mul(qf a, qf b) { return vmulq_f32(a, b); }
-static ALWAYS_INLINE void qf_store(float *p, qf v) { vst1q_f32(p, v); }
-#else  /* 256-bit vectors: the AVX2 build, and AVX-512 without VNNI */
-#define Q8_LANES 8
-typedef __m256i qi;
-typedef __m256 qf;
-static ALWAYS_INLINE qi qi_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
-static ALWAYS_INLINE qi qi_set1(int32_t a) { return _mm256_set1_epi32(a); }
-#ifdef __AVXVNNI__  /* AVX-VNNI (Alder Lake and later, Zen 5): VNNI's vpdpbusd on 256 bits */
-#define Q8_VNNI 1
-#define Q8_TILE_TOKENS 3  /* of 16 registers: 6 int32 sums, 6 f32 sums, 2 weights, a broadcast */
-static ALWAYS_INLINE qi qi_unsigned(qi w) { return _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)); }
-static ALWAYS_INLINE qi qi_dot4(qi acc, qi w, qi wu, qi x4) { (void)w; return _mm256_dpbusd_avx_epi32(acc, wu, x4); }
-#else
-#define Q8_VNNI 0
-#define Q8_TILE_TOKENS 2  /* of 16 registers: 8 sums, 2 x 2 weights, a broadcast */
-static ALWAYS_INLINE qi qi_unsigned(qi w) { return _mm256_sign_epi8(w, w); }  /* |w| */
-static ALWAYS_INLINE qi qi_dot4(qi acc, qi w, qi wu, qi x4) {
-    __m256i pairs = _mm256_maddubs_epi16(wu, _mm256_sign_epi8(x4, w));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-#endif
-static ALWAYS_INLINE qf qf_scales(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-static ALWAYS_INLINE qf qf_set1(float a) { return _mm256_set1_ps(a); }
-static ALWAYS_INLINE qf qf_zero(void) { return _mm256_setzero_ps(); }
-static ALWAYS_INLINE qf qf_fmadd_i(qi a, qf b, qf c) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), b, c); }
-static ALWAYS_INLINE qf qf_mul(qf a, qf b) { return _mm256_mul_ps(a, b); }
-static ALWAYS_INLINE void qf_store(float *p, qf v) { _mm256_storeu_ps(p, v); }
-#endif
-#define Q8_TILE_ROWS (2 * Q8_LANES)
-/* a thread's share of rows is whole blocks: whole tiles, and whole panels for decoding (below) */
-#define Q8_BLOCK_ROWS (Q8_TILE_ROWS > MM_Q8_PANEL ? Q8_TILE_ROWS : MM_Q8_PANEL)
-_Static_assert(MM_Q8_PANEL % Q8_LANES == 0, "a vector of rows lies within one panel");
-_Static_assert(Q8_TILE_TOKENS == 2 || Q8_TILE_TOKENS == 3 || Q8_TILE_TOKENS == 6, "q8_rows' switch covers these");
-
-/* out[t * ldo + r] = W[r0 + r] . x[t] for r < R (<= Q8_TILE_ROWS), t < T; r0: a multiple of
- * Q8_TILE_ROWS; xq, xs, xqsum: the codes, scales and minus 128 x the group sums of the tile's first
- * token (rows cols, groups, groups apart) */
-static ALWAYS_INLINE void q8_tile(float *out, int ldo, const Matrix *w, int r0, int R, const int8_t *xq,
-                                  const float *xs, const int32_t *xqsum, const int T) {
-    int cols = w->cols, groups = cols / MM_Q8_GROUP;
-    size_t panel_bytes = q8_panel_bytes((uint64_t)cols);
-    const uint8_t *code[2];
-    const uint16_t *scale[2];
-    for (int v = 0; v < 2; v++) {  /* vector v: Q8_LANES rows from row r0 + v Q8_LANES, in their panel */
-        int row = r0 + v * Q8_LANES;
-        if (row >= r0 + R) row = r0;  /* past the matrix: read real memory, store nothing */
-        const uint8_t *panel = (const uint8_t *)w->data + (size_t)(row / MM_Q8_PANEL) * panel_bytes;
-        code[v] = panel + 4 * (row % MM_Q8_PANEL);
-        scale[v] = (const uint16_t *)(panel + (size_t)MM_Q8_PANEL * cols) + row % MM_Q8_PANEL;
-    }
-    qf acc[2][Q8_TILE_TOKENS];
-    for (int t = 0; t < T; t++) acc[0][t] = acc[1][t] = qf_zero();
-    for (int g = 0; g < groups; g++) {
-        qi isum[2][Q8_TILE_TOKENS];
-        for (int t = 0; t < T; t++) isum[0][t] = isum[1][t] = qi_set1(Q8_VNNI ? xqsum[(size_t)t * groups + g] : 0);
-        #pragma GCC unroll 8
-        for (int j = 0; j < MM_Q8_GROUP / 4; j++) {
-            size_t at = ((size_t)g * MM_Q8_GROUP / 4 + j) * 4 * MM_Q8_PANEL;
-            prefetch_weights(code[0] + at + WEIGHTS_AHEAD);
-            if (Q8_TILE_ROWS > MM_Q8_PANEL) prefetch_weights(code[1] + at + WEIGHTS_AHEAD);  /* (else the same 64 bytes) */
-            qi w0 = qi_load(code[0] + at), w1 = qi_load(code[1] + at);
-            qi u0 = qi_unsigned(w0), u1 = qi_unsigned(w1);
-            for (int t = 0; t < T; t++) {
-                int32_t x4;
-                memcpy(&x4, xq + (size_t)t * cols + g * MM_Q8_GROUP + 4 * j, 4);
-                qi xb = qi_set1(x4);
-                isum[0][t] = qi_dot4(isum[0][t], w0, u0, xb);
-                isum[1][t] = qi_dot4(isum[1][t], w1, u1, xb);
-            }
-        }
-        qf s0 = qf_scales(scale[0] + (size_t)g * MM_Q8_PANEL), s1 = qf_scales(scale[1] + (size_t)g * MM_Q8_PANEL);
-        for (int t = 0; t < T; t++) {
-            qf sx = qf_set1(xs[(size_t)t * groups + g]);
-            acc[0][t] = qf_fmadd_i(isum[0][t], qf_mul(s0, sx), acc[0][t]);
-            acc[1][t] = qf_fmadd_i(isum[1][t], qf_mul(s1, sx), acc[1][t]);
-        }
-    }
-    for (int t = 0; t < T; t++) {
-        float *o = out + (size_t)t * ldo;
-        if (R == Q8_TILE_ROWS) {
-            qf_store(o, acc[0][t]);
-            qf_store(o + Q8_LANES, acc[1][t]);
-        } else {  /* the last rows of a matrix */
-            float part[Q8_TILE_ROWS];
-            qf_store(part, acc[0][t]);
-            qf_store(part + Q8_LANES, acc[1][t]);
-            memcpy(o, part, (size_t)R * sizeof(float));
-        }
-    }
-}
-
-static __attribute__((noinline)) void q8_tile_full(float *out, int ldo, const Matrix *w, int r0, int R,
-                                                   const int8_t *xq, const float *xs, const int32_t *xqsum) {
-    q8_tile(out, ldo, w, r0, R, xq, xs, xqsum, Q8_TILE_TOKENS);
-}
-
-/* One token (decoding): out[r] = W[r0 + r] . x for r < R (<= MM_Q8_PANEL); r0: a multiple of
- * MM_Q8_PANEL. The sum is q8_tile's, in the same order (so the same bits), but the panel is read
- * in its memory order, all its codes and then all its scales: one stream (rows of more than
- * Q8_SUMS_GROUPS groups take turns of that many groups' codes, then their scales). Each group's
- * integer sums wait in `sums` (in L1) until the scales come by. On AVX-512, q8_tile's 32 rows
- * are two panels, whose codes and scales it read at once (four streams): one token of minimind2
- * q8_0 at one thread that way was 15% slower (alternated ./run MODEL -m bench -n 128 -c 600, 8
- * runs each: 287 / 336 tokens/s; minimind-3 and minimind2-small within noise), and prefetching
- * ahead here cost 8% (308). */
-#define Q8_PANEL_VECS (MM_Q8_PANEL / Q8_LANES)
-#define Q8_SUMS_GROUPS 128       /* groups of integer sums held at once (8 KB): longer rows take turns */
-static ALWAYS_INLINE void q8_panel_token(float *out, const Matrix *w, int r0, int R, const int8_t *xq,
-                                         const float *xs, const int32_t *xqsum) {
-    int cols = w->cols, groups = cols / MM_Q8_GROUP;
-    const uint8_t *panel = (const uint8_t *)w->data + (size_t)(r0 / MM_Q8_PANEL) * q8_panel_bytes((uint64_t)cols);
-    const uint16_t *scale = (const uint16_t *)(panel + (size_t)MM_Q8_PANEL * cols);
-    qi sums[Q8_SUMS_GROUPS][Q8_PANEL_VECS];  /* [group][vector of Q8_LANES rows] */
-    qf acc[Q8_PANEL_VECS];
-    for (int v = 0; v < Q8_PANEL_VECS; v++) acc[v] = qf_zero();
-    for (int g0 = 0; g0 < groups; g0 += Q8_SUMS_GROUPS) {
-        int g1 = g0 + Q8_SUMS_GROUPS < groups ? g0 + Q8_SUMS_GROUPS : groups;
-        for (int g = g0; g < g1; g++) {
-            qi isum[Q8_PANEL_VECS];
-            for (int v = 0; v < Q8_PANEL_VECS; v++) isum[v] = qi_set1(Q8_VNNI ? xqsum[g] : 0);
-            #pragma GCC unroll 8
-            for (int j = 0; j < MM_Q8_GROUP / 4; j++) {
-                const uint8_t *at = panel + ((size_t)g * MM_Q8_GROUP / 4 + j) * 4 * MM_Q8_PANEL;
-                int32_t x4;
-                memcpy(&x4, xq + g * MM_Q8_GROUP + 4 * j, 4);
-                qi xb = qi_set1(x4);
-                for (int v = 0; v < Q8_PANEL_VECS; v++) {
-                    qi wv = qi_load(at + 4 * Q8_LANES * v);
-                    isum[v] = qi_dot4(isum[v], wv, qi_unsigned(wv), xb);
-                }
-            }
-            for (int v = 0; v < Q8_PANEL_VECS; v++) sums[g - g0][v] = isum[v];
-        }
-        for (int g = g0; g < g1; g++) {
-            qf sx = qf_set1(xs[g]);
-            for (int v = 0; v < Q8_PANEL_VECS; v++)
-                acc[v] = qf_fmadd_i(sums[g - g0][v], qf_mul(qf_scales(scale + (size_t)g * MM_Q8_PANEL + v * Q8_LANES), sx), acc[v]);
-        }
-    }
-    float part[MM_Q8_PANEL];
-    for (int v = 0; v < Q8_PANEL_VECS; v++) qf_store(part + v * Q8_LANES, acc[v]);
-    memcpy(out, part, (size_t)R * sizeof(float));
-}
-
-/* rows r0 .. r1 (r0 a multiple of Q8_BLOCK_ROWS) of out = W x for the n tokens whose codes are in
- * xq, xs, xqsum: tile by tile, each tile over every token; one token panel by panel */
-static void q8_rows(float *out, const Matrix *w, const int8_t *xq, const float *xs, const int32_t *xqsum,
-                    int n, int r0, int r1) {
-    int cols = w->cols, groups = cols / MM_Q8_GROUP;
-    if (n == 1) {
-        for (int r = r0; r < r1; r += MM_Q8_PANEL)
-            q8_panel_token(out + r, w, r, r1 - r < MM_Q8_PANEL ? r1 - r : MM_Q8_PANEL, xq, xs, xqsum);
-        return;
-    }
-    for (int r = r0; r < r1; r += Q8_TILE_ROWS) {
-        int R = r1 - r < Q8_TILE_ROWS ? r1 - r : Q8_TILE_ROWS, t = 0;
-        for (; t + Q8_TILE_TOKENS <= n; t += Q8_TILE_TOKENS)
-            q8_tile_full(out + (size_t)t * w->rows + r, w->rows, w, r, R, xq + (size_t)t * cols,
-                         xs + (size_t)t * groups, xqsum + (size_t)t * groups);
-        /* the tokens left, in one tile of their number (a constant: its sums stay in registers) */
-#define TAIL(T) q8_tile(out + (size_t)t * w->rows + r, w->rows, w, r, R, xq + (size_t)t * cols, \
-                        xs + (size_t)t * groups, xqsum + (size_t)t * groups, T)
-        switch (n - t) {
-        case 1: TAIL(1); break;
-#if Q8_TILE_TOKENS > 2
-        case 2: TAIL(2); break;
-#endif
-#if Q8_TILE_TOKENS > 3
-        case 3: TAIL(3); break;
-        case 4: TAIL(4); break;
-        case 5: TAIL(5); break;
-#endif
-        }
-#undef TAIL
-    }
-}
-#else
-#define KERNELS "portable"
-#endif
-
-#define K_CHUNK 512              /* columns per pass of an f32-activation matmul (multiple of 32) */
-#define OP_MIN_TOKENS 16         /* prompt blocks of this many tokens take the outer-product form */
-
-/* --ref-kernels: every matmul and attention through the plain reference, for testing */
-static bool reference_kernels = false;
-
-static void quantize_q8(int8_t *q, float *scale, const float *x, int n) {
-#if defined(HAVE_SIMD) && defined(__AVX2__)
-    if (!reference_kernels) { quantize_q8_avx2(q, scale, x, n); return; }
-#endif
-    quantize_q8_ref(q, scale, x, n);
-}
-
-/* rows r0 .. r0+R of out = W x, every token: the fast kernels, or the reference. The fast path
- * for f32-activation prefill blocks takes the columns in chunks (k0, kc) and accumulates, see
- * matmuls. q8_0 matrices multiply the activations' codes (s->xq, s->xs, s->xqsum), whole rows at
- * once. */
-static void matmul_block(float *out, const float *x, const Matrix *w, int n, int r0, int R, int k0, int kc,
-                         const State *s, float *buf) {
-    int rows = w->rows, cols = w->cols;
-#ifdef HAVE_SIMD
-    if (!reference_kernels) {
-        if (w->dtype == MM_Q8_0) {
-            q8_rows(out, w, s->xq, s->xs, s->xqsum, n, r0, r0 + R);
-            return;
-        }
-        bool add = k0 > 0;
-        /* one instance per dtype, so that the weight loads are decided at compile time */
-        const uint8_t *w0 = (const uint8_t *)w->data + ((size_t)r0 * cols + k0) * (w->dtype == MM_F32 ? 4 : 2);
-        if (w->dtype == MM_F32) matmul_block_simd(out, rows, x + k0, cols, n, MM_F32, w0, cols, kc, r0, R, add);
-        else if (w->dtype == MM_F16) matmul_block_simd(out, rows, x + k0, cols, n, MM_F16, w0, cols, kc, r0, R, add);
-        else matmul_block_simd(out, rows, x + k0, cols, n, MM_BF16, w0, cols, kc, r0, R, add);
-        return;
-    }
-#endif
-    (void)rows, (void)cols, (void)k0, (void)kc;
-    if (w->dtype == MM_Q8_0) matmul_rows_q8_ref(out, s->xq, s->xs, w, n, r0, r0 + R, buf);
-    else matmul_rows_ref(out, x, w, n, r0, r0 + R, buf);
-}
-
-/* one matrix of a matmuls call: out = W x */
-typedef struct { float *out; const Matrix *w; } MatmulJob;
-
-/* the codes of token t's activations x[t] for the q8_0 kernels: s->xq, s->xs and, for VNNI, which
- * multiplies w + 128 (q8_tile, q8_panel_token), minus 128 x each group's codes (s->xqsum) */
-static void quantize_token(State *s, const float *x, int t, int cols, bool want_xqsum) {
-    int groups = cols / MM_Q8_GROUP;
-    int8_t *xq = s->xq + (size_t)t * cols;
-    quantize_q8(xq, s->xs + (size_t)t * groups, x + (size_t)t * cols, cols);
-    for (int g = 0; want_xqsum && g < groups; g++) {
-        int32_t sum = 0;
-        for (int i = 0; i < MM_Q8_GROUP; i++) sum += xq[g * MM_Q8_GROUP + i];
-        s->xqsum[(size_t)t * groups + g] = -128 * sum;
-    }
-}
-
-/* How matmuls (below) shares out the rows of its matrices outside prompt blocks: numbered through
- * the matrices in order, in blocks of block_rows (ROW_BLOCK, or Q8_BLOCK_ROWS), each thread has a
- * contiguous share of the blocks. When the call's weights come to STEAL_MIN_BYTES or more a
- * thread, the blocks are cut into pieces of at most PIECE_BYTES of weights (or one block, if that
- * is more), and a thread that has done its own pieces takes pieces that another has not begun
- * (next_piece). Smaller calls keep fixed shares: the cache lines of the ranges passing between
- * the cores cost more than stealing won back (minimind2-small q8_0 at two threads, every call in
- * pieces: 2588 -> 2401 tokens/s, about a microsecond a call). */
-#define PIECE_BYTES 65536
-#define STEAL_MIN_BYTES (2 << 20)
-typedef struct {
-    int block_rows, first_block[4], blocks;  /* first_block[j]: matrix j's first block */
-    bool steal;                   /* handed out in pieces, with stealing */
-    int piece_blocks, n_pieces;   /* blocks a piece, pieces in all */
-    int n_ranges;                 /* threads whose ranges of pieces matmuls set (n_threads(): the
-                                     team may be smaller, and the others take what it leaves) */
-} RowShares;
-
-static uint64_t piece_range(uint32_t next, uint32_t end) { return (uint64_t)end << 32 | next; }
-
-static RowShares row_shares(const MatmulJob *jobs, int n_jobs, int nth) {
-    RowShares sh = {.block_rows = ROW_BLOCK, .n_ranges = nth};
-#ifdef HAVE_SIMD
-    if (jobs[0].w->dtype == MM_Q8_0 && !reference_kernels) sh.block_rows = Q8_BLOCK_ROWS;
-#endif
-    for (int j = 0; j < n_jobs; j++) {
-        sh.first_block[j] = sh.blocks;
-        sh.blocks += (jobs[j].w->rows + sh.block_rows - 1) / sh.block_rows;
-    }
-    /* (a q8_0 row's share of its panel: tensor_bytes counts q8_0 rows in whole panels) */
-    uint64_t row_bytes = tensor_bytes((uint32_t)jobs[0].w->dtype, MM_Q8_PANEL, (uint64_t)jobs[0].w->cols) / MM_Q8_PANEL;
-    uint64_t block_bytes = row_bytes * (uint64_t)sh.block_rows;
-    sh.steal = nth > 1 && block_bytes * (uint64_t)sh.blocks >= (uint64_t)STEAL_MIN_BYTES * (uint64_t)nth;
-    sh.piece_blocks = block_bytes >= PIECE_BYTES ? 1 : (int)(PIECE_BYTES / block_bytes);
-    sh.n_pieces = (sh.blocks + sh.piece_blocks - 1) / sh.piece_blocks;
-    return sh;
-}
-
-/* The next piece for thread id, or -1 when none is left. Each thread starts with a contiguous
- * range of pieces, about its fixed share, and takes them in order, one stream through memory;
- * once they are done it takes the last piece left in another thread's range. When the cores run
- * at one speed little moves (the first to finish may take the other's last piece). When one is
- * slower (other tenants of a shared machine), the other does more of the work instead of waiting
- * for it at the end of the region (with fixed shares, timers around the regions in a test build
- * had the faster of two threads idle for 8-13% of every matmul of a decoded token). */
-static int next_piece(PieceRange *ranges, int n_ranges, int id) {
-    for (int k = 0; k < n_ranges; k++) {
-        _Atomic uint64_t *r = &ranges[(id + k) % n_ranges].next_end;
-        bool own = k == 0;  /* the owner takes from the front, the others from the back */
-        uint64_t v = atomic_load(r);
-        for (;;) {
-            uint32_t next = (uint32_t)v, end = (uint32_t)(v >> 32);
-            if (next >= end) break;
-            if (atomic_compare_exchange_weak(r, &v, own ? piece_range(next + 1, end) : piece_range(next, end - 1)))
-                return (int)(own ? next : end - 1);
-        }
-    }
-    return -1;
-}
-
-/* blocks b0..b1 of a matmuls call (out of RowShares' numbering) */
-static void matmul_blocks(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens, State *s,
-                          const RowShares *sh, int b0, int b1, int chunk, float *buf) {
-    int cols = jobs[0].w->cols;
-    for (int k0 = 0; k0 < cols; k0 += chunk)
-        for (int b = b0; b < b1; b++) {
-            int j = n_jobs - 1;
-            while (b < sh->first_block[j]) j--;
-            const Matrix *w = jobs[j].w;
-            int r0 = (b - sh->first_block[j]) * sh->block_rows;
-            int R = w->rows - r0 < sh->block_rows ? w->rows - r0 : sh->block_rows;
-            matmul_block(jobs[j].out, x, w, n_tokens, r0, R, k0, cols - k0 < chunk ? cols - k0 : chunk, s, buf);
-        }
-}
-
-/* thread id's share (of nth) of the rows of matmuls, below */
-static void matmuls_share(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens, State *s,
-                          const RowShares *sh, bool prompt, int id, int nth) {
-    int cols = jobs[0].w->cols;
-    bool q8 = jobs[0].w->dtype == MM_Q8_0;
-    /* A prefill block of f32 activations below OP_MIN_TOKENS takes the columns K_CHUNK at a time,
-     * all of a share's (or piece's) rows for each chunk: the chunk of every token's x (n_tokens x
-     * K_CHUNK floats) stays in the L2 cache while the weights stream past it once. Each output
-     * element still sums in a fixed order. */
-    int chunk = cols;
-    float *buf = s->row_buf + (size_t)id * s->row_buf_len;
-#ifdef HAVE_SIMD
-    if (!reference_kernels && !q8 && n_tokens > 1) chunk = K_CHUNK;  /* one token: whole rows, in order */
-    /* prompt blocks: units of a few tiles, handed out as threads come free (the two cores of a
-     * shared machine do not run at the same speed: fixed shares left one waiting for the other) */
-    if (prompt) {
-        int ldxT = (int)xT_width((size_t)n_tokens);
-        int unit_rows = 4 * (q8 ? Q8_TILE_ROWS : OP_ROWS), first_unit[4], units = 0;
-        for (int j = 0; j < n_jobs; j++) first_unit[j] = units, units += (jobs[j].w->rows + unit_rows - 1) / unit_rows;
-        #pragma omp for schedule(dynamic, 1) nowait
-        for (int u = 0; u < units; u++) {
-            int j = n_jobs - 1;
-            while (u < first_unit[j]) j--;
-            int r0 = (u - first_unit[j]) * unit_rows, r1 = r0 + unit_rows < jobs[j].w->rows ? r0 + unit_rows : jobs[j].w->rows;
-            if (q8) q8_rows(jobs[j].out, jobs[j].w, s->xq, s->xs, s->xqsum, n_tokens, r0, r1);
-            else op_rows(jobs[j].out, jobs[j].w, s->xT, ldxT, n_tokens, r0, r1, buf);
-        }
-        return;
-    }
-#else
-    (void)q8, (void)prompt;
-#endif
-    if (!sh->steal) {
-        matmul_blocks(jobs, n_jobs, x, n_tokens, s, sh, (int)((long)sh->blocks * id / nth),
-                      (int)((long)sh->blocks * (id + 1) / nth), chunk, buf);
-        return;
-    }
-    for (int piece; (piece = next_piece(s->piece_ranges, sh->n_ranges, id)) >= 0;) {
-        int b0 = piece * sh->piece_blocks, b1 = b0 + sh->piece_blocks < sh->blocks ? b0 + sh->piece_blocks : sh->blocks;
-        matmul_blocks(jobs, n_jobs, x, n_tokens, s, sh, b0, b1, chunk, buf);
-    }
-}
-
-/* out_j[t, r] = W_j[r, :] . x[t, :] for t < n_tokens, for a few matrices W_j that read the same x
- * (q, k, v; gate, up): one parallel region over all their rows, so one fork and join of the
- * threads. x: [n_tokens, cols], out_j: [n_tokens, W_j.rows]. Threads take contiguous shares of
- * blocks of rows, the larger calls in pieces with stealing (RowShares); prompt blocks go out in
- * units of a few tiles as threads come free. Every weight is read once per call, and each output
- * by one thread in a fixed order, so the bits do not depend on which thread it was.
- * At one thread the rows run without entering OpenMP, and so does a few tokens' quantisation at
- * any count: a region forks and joins even for one thread or a false if clause (libgomp makes a
- * team and wakes it with a system call, about 1 us here, and a token decoded at one thread
- * passed some 80 regions: minimind2-small q8_0 spent a tenth of its time there). */
-static void matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens, State *s) {
-    int cols = jobs[0].w->cols;
-    bool q8 = jobs[0].w->dtype == MM_Q8_0;  /* the matrices of one call share a dtype (one layer's) */
-    bool prompt = false;  /* a prompt block for the fast kernels: units handed out dynamically */
-#ifdef HAVE_SIMD
-    prompt = !reference_kernels && n_tokens >= OP_MIN_TOKENS;
-#endif
-    if (q8) {  /* the activations quantised once for every q8_0 matrix of the call */
-        bool want_xqsum = false;
-#if defined(HAVE_SIMD) && Q8_VNNI
-        want_xqsum = !reference_kernels;
-#endif
-        if (n_tokens < OP_MIN_TOKENS)
-            for (int t = 0; t < n_tokens; t++) quantize_token(s, x, t, cols, want_xqsum);
-        else {
-            #pragma omp parallel for
-            for (int t = 0; t < n_tokens; t++) quantize_token(s, x, t, cols, want_xqsum);
-        }
-    }
-#ifdef HAVE_SIMD
-    int ldxT = (int)xT_width((size_t)n_tokens);
-    if (prompt && !q8) {  /* the block's activations transposed once for every matrix of the call */
-        #pragma omp parallel for
-        for (int k = 0; k < cols; k++)
-            for (int t = 0; t < ldxT; t++) s->xT[(size_t)k * ldxT + t] = t < n_tokens ? x[(size_t)t * cols + k] : 0.0f;
-    }
-#endif
-    RowShares sh = row_shares(jobs, n_jobs, n_threads());
-    for (int t = 0; sh.steal && !prompt && t < sh.n_ranges; t++)
-        atomic_store(&s->piece_ranges[t].next_end, piece_range((uint32_t)((long)sh.n_pieces * t / sh.n_ranges),
-                                                               (uint32_t)((long)sh.n_pieces * (t + 1) / sh.n_ranges)));
-    if (n_threads() == 1) {
-        matmuls_share(jobs, n_jobs, x, n_tokens, s, &sh, prompt, 0, 1);
-        return;
-    }
-    #pragma omp parallel
-    matmuls_share(jobs, n_jobs, x, n_tokens, s, &sh, prompt, thread_id(), team_size());
-}
-
-/* out[t, r] = W[r, :] . x[t, :] for t < n_tokens.  x: [n_tokens, W.cols], out: [n_tokens, W.rows] */
-static void matmul(float *out, const float *x, const Matrix *w, int n_tokens, State *s) {
-    matmuls(&(MatmulJob){out, w}, 1, x, n_tokens, s);
 }
 
 /* out = w * x / sqrt(mean(x^2) + eps), in fp32 */
@@ -1616,6 +656,11 @@ static void rmsnorm(float *out, const float *x, const float *w, int n, float eps
     for (int i = 0; i < n; i++) ss += x[i] * x[i];
     float inv = 1.0f / sqrtf(ss / (float)n + eps);
     for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * inv);
+}
+
+/* the same for each of n rows of dim */
+static void rmsnorm_rows(float *out, const float *x, const float *w, int n, int dim, float eps) {
+    for (int t = 0; t < n; t++) rmsnorm(out + (size_t)t * dim, x + (size_t)t * dim, w, dim, eps);
 }
 
 static void softmax(float *x, int n) {
@@ -1627,19 +672,6 @@ static void softmax(float *x, int n) {
 }
 
 static float silu(float x) { return x / (1.0f + expf(-x)); }
-
-/* gate[i] = silu(gate[i]) * up[i] for i < n: SwiGLU's product */
-static void swiglu(float *gate, const float *up, int n) {
-    int i = 0;
-#ifdef HAVE_SIMD
-    if (!reference_kernels)
-        for (; i + VL <= n; i += VL) {  /* exp(-x) clamped to [e^-87, inf]: silu is then x or -0 */
-            vf x = vf_load(gate + i), e = vf_exp(vf_min(vf_max(vf_sub(vf_zero(), x), vf_set1(-87.0f)), vf_set1(89.0f)));
-            vf_store(gate + i, vf_mul(vf_div(x, vf_add(vf_set1(1.0f), e)), vf_load(up + i)));
-        }
-#endif
-    for (; i < n; i++) gate[i] = silu(gate[i]) * up[i];
-}
 
 /* cos/sin of position pos for every pair: the angle pos * inv_freq is rounded to fp32 first,
  * as upstream does, because at large positions that rounding shows in the logits */
@@ -1660,347 +692,37 @@ static void rope_rotate(float *v, const float *cos_, const float *sin_, int half
     }
 }
 
-/* ---- the KV cache: per layer and kv head, head_dim values per position, f32 or (--kv f16) f16;
- * values as rows, keys transposed in blocks (key_store, below) ---- */
-
-/* f32 -> f16, rounding to nearest even (overflow to inf; the cache holds rotated k and v) */
-static uint16_t f32_to_f16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint32_t sign = (x >> 16) & 0x8000, mag = x & 0x7fffffff;
-    if (mag >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (mag > 0x7f800000 ? 0x200 : 0));  /* inf, nan */
-    if (mag >= 0x477ff000) return (uint16_t)(sign | 0x7c00);        /* rounds past 65504: inf */
-    if (mag < 0x38800000) {                                          /* f16 subnormal or zero */
-        float v = fabsf(f) * 16777216.0f;                            /* in units of 2^-24 */
-        return (uint16_t)(sign | (uint16_t)nearbyintf(v));
-    }
-    uint32_t r = mag - 0x38000000;                                   /* rebias 127 -> 15, in place */
-    r = (r + 0xfff + ((r >> 13) & 1)) >> 13;
-    return (uint16_t)(sign | r);
-}
-
-/* n values of the value cache from element at, as f32: a pointer into an f32 cache, else converted */
-static const float *value_row(const void *cache, int dtype, size_t at, int n, float *buf) {
-    if (dtype == MM_F32) return (const float *)cache + at;
-    const uint16_t *p = (const uint16_t *)cache + at;
-    for (int i = 0; i < n; i++) buf[i] = f16_to_f32(p[i]);
-    return buf;
-}
-
-static void value_store(void *cache, int dtype, size_t at, const float *x, int n) {
-    if (dtype == MM_F32) { memcpy((float *)cache + at, x, (size_t)n * sizeof(float)); return; }
-    uint16_t *p = (uint16_t *)cache + at;
-    for (int i = 0; i < n; i++) p[i] = f32_to_f16(x[i]);
-}
-
-/* kv head g of layer l in the key or value cache: kv_len positions of head_dim values */
-static void *kv_head(const State *s, void *cache, const mm_header *h, uint32_t l, int g) {
-    size_t elem = s->kv_dtype == MM_F16 ? 2 : 4;
-    return (uint8_t *)cache + ((size_t)l * h->n_kv_heads + (size_t)g) * s->kv_len * h->head_dim * elem;
-}
-
-/* Keys are stored transposed in blocks of KEY_BLOCK positions, [block][head_dim][KEY_BLOCK]: one
- * vector load holds dimension d of KEY_BLOCK keys, so the scores of KEY_BLOCK keys are head_dim
- * FMAs with no horizontal sums (attention_scores). key_store and key_row convert one position. */
-static size_t key_at(int pos, int d, int hd) {
-    return ((size_t)(pos / KEY_BLOCK) * hd + (size_t)d) * KEY_BLOCK + (size_t)(pos % KEY_BLOCK);
-}
-
-static void key_store(void *keys, int dtype, int pos, const float *x, int hd) {
+/* the key k and value v of kv head g at position pos, into the cache (f32, or rounded to f16) */
+static void cache_store(const KvLayer *c, int g, int pos, const float *k, const float *v) {
+    int hd = c->head_dim;
+    void *keys = kv_keys(c, g), *values = kv_values(c, g);
     for (int d = 0; d < hd; d++) {
-        if (dtype == MM_F32) ((float *)keys)[key_at(pos, d, hd)] = x[d];
-        else ((uint16_t *)keys)[key_at(pos, d, hd)] = f32_to_f16(x[d]);
+        size_t ki = key_at(pos, d, hd), vi = (size_t)pos * hd + (size_t)d;
+        if (c->dtype == MM_F32) ((float *)keys)[ki] = k[d], ((float *)values)[vi] = v[d];
+        else ((uint16_t *)keys)[ki] = f32_to_f16(k[d]), ((uint16_t *)values)[vi] = f32_to_f16(v[d]);
     }
 }
 
-static const float *key_row(const void *keys, int dtype, int pos, int hd, float *buf) {
-    for (int d = 0; d < hd; d++)
-        buf[d] = dtype == MM_F32 ? ((const float *)keys)[key_at(pos, d, hd)]
-                                 : f16_to_f32(((const uint16_t *)keys)[key_at(pos, d, hd)]);
-    return buf;
+/* element i of a kv head's keys or values, as f32 */
+static float cache_at(const void *cache, int dtype, size_t i) {
+    return dtype == MM_F32 ? ((const float *)cache)[i] : f16_to_f32(((const uint16_t *)cache)[i]);
 }
 
-/* ---- attention, the plain reference: one query head over positions 0..pos of its kv head,
- * out = softmax(q.k / sqrt(hd)) . v.  keys, values: its kv head's caches;
- * scores: [pos + 1]; row: [head_dim] ---- */
-static void attention_head(float *out, const float *q, const void *keys, const void *values, int kv_dtype,
-                           int head_dim, int pos, float *scores, float *row) {
-    float scale = 1.0f / sqrtf((float)head_dim);
-    for (int t = 0; t <= pos; t++)
-        scores[t] = dot(q, key_row(keys, kv_dtype, t, head_dim, row), head_dim) * scale;
-    softmax(scores, pos + 1);
-    memset(out, 0, (size_t)head_dim * sizeof(float));
+/* One query head q over positions 0..pos of kv head g: out = softmax(q . k_t / sqrt(head_dim)) . v_t
+ * (out, q: [head_dim]; scores: room for pos + 1) */
+static void attention_head(float *out, const float *q, const KvLayer *c, int g, int pos, float *scores) {
+    int hd = c->head_dim;
+    const void *keys = kv_keys(c, g), *values = kv_values(c, g);
     for (int t = 0; t <= pos; t++) {
-        const float *v = value_row(values, kv_dtype, (size_t)t * head_dim, head_dim, row);
-        for (int i = 0; i < head_dim; i++) out[i] += scores[t] * v[i];
+        float score = 0;
+        for (int d = 0; d < hd; d++) score += q[d] * cache_at(keys, c->dtype, key_at(t, d, hd));
+        scores[t] = score / sqrtf((float)hd);
     }
-}
-
-/* ---- attention, the fast path: all the query heads that share a kv head, for a run of tokens,
- * over the keys in tiles of KV_TILE positions. Each key and value row is read once for every
- * query that sees it (not once per query head), the scores of a tile are a small matrix product
- * (the matmul tile), and the softmax runs online: a running max and sum per query, the partial
- * output rescaled when the max grows, so the scores never outgrow a tile (flash attention). ---- */
-#define KV_TILE 128     /* key positions per tile (a multiple of KEY_BLOCK) */
-#define ATT_TOKENS 16   /* tokens per unit of attention work (with all heads of one kv head) */
-#define KV_AHEAD 64     /* the caches are prefetched this many positions ahead */
-_Static_assert(KV_TILE % KEY_BLOCK == 0 && KV_AHEAD % KEY_BLOCK == 0, "tiles and prefetches are whole key blocks");
-
-#ifdef HAVE_SIMD
-/* S[j * ldS + t] = q_j . k_t * scale for j < J queries (rows of hd from q) and the B blocks of
- * KEY_BLOCK keys from kb (each [hd][KEY_BLOCK], `block` bytes; J B <= SCORE_QUERIES): lanes are
- * keys, each q_j[d] broadcast, every score one chain of FMAs over d in order. The n_ahead blocks
- * from `ahead` are prefetched, 64-byte line d of each while d runs. */
-static ALWAYS_INLINE void scores_tile(float *S, int ldS, const float *q, const void *kb, size_t block,
-                                      int kv_dtype, int hd, float scale, const void *ahead, int n_ahead,
-                                      const int J, const int B) {
-    enum { U = KEY_BLOCK / VL };  /* vectors per block row */
-    vf acc[SCORE_QUERIES][U];     /* [j * B + b][u] */
-    for (int i = 0; i < J * B; i++)
-        for (int u = 0; u < U; u++) acc[i][u] = vf_zero();
-    for (int d = 0; d < hd; d++) {
-        if ((size_t)d * 64 < block)
-            for (int b = 0; b < n_ahead; b++) prefetch((const uint8_t *)ahead + b * block + (size_t)d * 64);
-        for (int b = 0; b < B; b++)
-            for (int u = 0; u < U; u++) {
-                vf k = vf_keep(load_w(kv_dtype, (const uint8_t *)kb + b * block, (size_t)d * KEY_BLOCK + (size_t)u * VL));
-                for (int j = 0; j < J; j++) acc[j * B + b][u] = vf_fmadd(vf_set1(q[(size_t)j * hd + d]), k, acc[j * B + b][u]);
-            }
-    }
-    for (int j = 0; j < J; j++)
-        for (int b = 0; b < B; b++)
-            for (int u = 0; u < U; u++)
-                vf_store(S + (size_t)j * ldS + b * KEY_BLOCK + u * VL, vf_mul(acc[j * B + b][u], vf_set1(scale)));
-}
-
-/* the blocks [b0, b1) of keys from k for J queries, B blocks per tile (the last ones one by one),
- * prefetching KV_AHEAD positions ahead those of the first prefetch_blocks */
-static ALWAYS_INLINE void scores_blocks(float *S, int ldS, const float *q, const void *k, int kv_dtype, int hd,
-                                        int b0, int b1, int prefetch_blocks, float scale, const int J, const int B) {
-    size_t block = (size_t)hd * KEY_BLOCK * (kv_dtype == MM_F32 ? 4 : 2);
-    for (int b = b0; b < b1;) {
-        int n = b1 - b >= B ? B : 1, a = b + KV_AHEAD / KEY_BLOCK;
-        int n_ahead = prefetch_blocks - a;  /* of the n blocks at a, those that may be prefetched */
-        n_ahead = n_ahead < 0 ? 0 : n_ahead > n ? n : n_ahead;
-        const uint8_t *kb = (const uint8_t *)k + (size_t)b * block, *ahead = n_ahead ? (const uint8_t *)k + (size_t)a * block : kb;
-        if (n == B) scores_tile(S + (size_t)b * KEY_BLOCK, ldS, q, kb, block, kv_dtype, hd, scale, ahead, n_ahead, J, B);
-        else scores_tile(S + (size_t)b * KEY_BLOCK, ldS, q, kb, block, kv_dtype, hd, scale, ahead, n_ahead, J, 1);
-        b += n;
-    }
-}
-
-/* every block of keys that holds one of the first n_keys (the scores past n_keys are computed too,
- * from the cache's zeros or older positions, and never read); n_prefetch: the positions from k on
- * that the cache holds and may be prefetched (0: none). A token's queries are a kv head's group of
- * heads (2 or 4 in MiniMind): with fewer than SCORE_QUERIES, a tile takes several blocks at once,
- * so that 8 or more chains of FMAs hide each other's latency (not 2 or 4). And the cache is prefetched
- * KV_AHEAD positions ahead: without it, each tile's keys and values waited on memory (the layer's
- * weights, read in between, had pushed them out of every cache). */
-static ALWAYS_INLINE void attention_scores_simd(float *S, int ldS, const float *q, int nq, const void *k,
-                                                int kv_dtype, int hd, int n_keys, int n_prefetch, float scale) {
-    int blocks = (n_keys + KEY_BLOCK - 1) / KEY_BLOCK, prefetch_blocks = (n_prefetch + KEY_BLOCK - 1) / KEY_BLOCK;
-/* CALL(J) for J = n, a constant in each case (n < SCORE_QUERIES): the tiles' registers need it */
-#if SCORE_QUERIES > 4
-#define BY_QUERIES(n, CALL) switch (n) { case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; \
-    case 4: CALL(4); break; case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; }
-#else
-#define BY_QUERIES(n, CALL) switch (n) { case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; }
-#endif
-    if (nq < SCORE_QUERIES) {
-#define FEW(J) scores_blocks(S, ldS, q, k, kv_dtype, hd, 0, blocks, prefetch_blocks, scale, J, SCORE_QUERIES / J)
-        BY_QUERIES(nq, FEW)
-#undef FEW
-        return;
-    }
-    for (int b = 0; b < blocks; b++) {  /* a block at a time, read once for all the queries */
-        int j = 0;
-#define QUERIES(J) scores_blocks(S + (size_t)j * ldS, ldS, q + (size_t)j * hd, k, kv_dtype, hd, b, b + 1, \
-                                j ? 0 : prefetch_blocks, scale, J, 1)  /* (the first queries prefetch) */
-        for (; j + SCORE_QUERIES <= nq; j += SCORE_QUERIES) QUERIES(SCORE_QUERIES);
-        BY_QUERIES(nq - j, QUERIES)  /* the queries left, in one tile */
-#undef QUERIES
-    }
-#undef BY_QUERIES
-}
-#endif
-
-/* the largest of m and x[0..n) (the same value in any order: max is exact) */
-static float max_of(const float *x, int n, float m) {
-    int i = 0;
-#ifdef HAVE_SIMD
-    if (!reference_kernels && n >= VL) {
-        vf acc = vf_set1(m);
-        for (; i + VL <= n; i += VL) acc = vf_max(acc, vf_load(x + i));
-        m = vf_hmax(acc);
-    }
-#endif
-    for (; i < n; i++) m = x[i] > m ? x[i] : m;
-    return m;
-}
-
-/* x[i] = exp(x[i] - m) for i < n (every x[i] <= m); returns their sum */
-static float exp_shifted(float *x, int n, float m) {
-    float sum = 0;
-    int i = 0;
-#ifdef HAVE_SIMD
-    if (!reference_kernels) {
-        vf acc = vf_zero();
-        for (; i + VL <= n; i += VL) {
-            vf y = vf_exp(vf_max(vf_sub(vf_load(x + i), vf_set1(m)), vf_set1(-87.0f)));
-            vf_store(x + i, y);
-            acc = vf_add(acc, y);
-        }
-        sum = vf_hsum(acc);
-    }
-#endif
-    for (; i < n; i++) { x[i] = expf(x[i] - m); sum += x[i]; }
-    return sum;
-}
-
-#ifdef HAVE_SIMD
-/* O[r, 0..C VL) += sum over t < nt of P[r, t] v_t[0..C VL) for r < R: C vectors of columns of R
- * rows in registers, the columns of row t + KV_AHEAD prefetched while that is one of n_prefetch */
-static ALWAYS_INLINE void pv_tile(float *O, int ldo, const float *P, const void *v, int kv_dtype, int hd,
-                                  int nt, int n_prefetch, const int R, const int C) {
-    size_t elem = kv_dtype == MM_F32 ? 4 : 2;
-    vf acc[4][PV_VECS];
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) acc[r][c] = vf_load(O + (size_t)r * ldo + VL * c);
-    for (int t = 0; t < nt; t++) {
-        const uint8_t *vt = (const uint8_t *)v + (size_t)t * hd * elem;
-        if (t + KV_AHEAD < n_prefetch)
-            for (size_t b = 0; b < C * VL * elem; b += 64) prefetch(vt + (size_t)KV_AHEAD * hd * elem + b);
-        vf vc[PV_VECS];
-        for (int c = 0; c < C; c++) vc[c] = vf_keep(load_w(kv_dtype, vt, (size_t)c * VL));
-        for (int r = 0; r < R; r++) {
-            vf p = vf_set1(P[(size_t)r * KV_TILE + t]);
-            for (int c = 0; c < C; c++) acc[r][c] = vf_fmadd(p, vc[c], acc[r][c]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) vf_store(O + (size_t)r * ldo + VL * c, acc[r][c]);
-}
-
-/* pv_tile for R rows and C vectors known only at run time: one instance each (registers need
- * constants) */
-static void pv_tiles(float *O, int ldo, const float *P, const void *v, int kv_dtype, int hd, int nt, int n_prefetch,
-                     int R, int C) {
-#define PV(DT, RR, CC) pv_tile(O, ldo, P, v, DT, hd, nt, n_prefetch, RR, CC)
-#define PV_ROWS(DT, CC) switch (R) { case 1: PV(DT, 1, CC); break; case 2: PV(DT, 2, CC); break; \
-                                     case 3: PV(DT, 3, CC); break; default: PV(DT, 4, CC); break; }
-#if PV_VECS > 2
-#define PV_COLS(DT) switch (C) { case 1: PV_ROWS(DT, 1) break; case 2: PV_ROWS(DT, 2) break; \
-                                 case 3: PV_ROWS(DT, 3) break; case 4: PV_ROWS(DT, 4) break; \
-                                 case 5: PV_ROWS(DT, 5) break; default: PV_ROWS(DT, 6) break; }
-#else
-#define PV_COLS(DT) switch (C) { case 1: PV_ROWS(DT, 1) break; default: PV_ROWS(DT, 2) break; }
-#endif
-    if (kv_dtype == MM_F32) PV_COLS(MM_F32)
-    else PV_COLS(MM_F16)
-#undef PV_COLS
-#undef PV_ROWS
-#undef PV
-}
-#endif
-
-/* O[r, :] += sum over t < nt of P[r, t] v_t for rows r < nr (P rows KV_TILE apart, O rows hd
- * apart); v_t: the cache rows from v, of which n_prefetch may be prefetched (0: none); row: [hd]
- * scratch */
-static void attention_pv(float *O, const float *P, int nr, const void *v, int kv_dtype, int hd, int nt,
-                         int n_prefetch, float *row) {
-    int d = 0;
-#ifdef HAVE_SIMD
-    if (!reference_kernels) {  /* up to 4 rows x PV_VECS vectors of columns of O in registers, over all t */
-        for (int C; d + VL <= hd; d += C * VL) {
-            C = (hd - d) / VL < PV_VECS ? (hd - d) / VL : PV_VECS;
-            for (int r0 = 0; r0 < nr; r0 += 4)
-                pv_tiles(O + (size_t)r0 * hd + d, hd, P + (size_t)r0 * KV_TILE,
-                         (const uint8_t *)v + (size_t)d * (kv_dtype == MM_F32 ? 4 : 2), kv_dtype, hd, nt,
-                         r0 ? 0 : n_prefetch, nr - r0 < 4 ? nr - r0 : 4, C);  /* (the first rows prefetch) */
-        }
-        if (d == hd) return;
-    }
-#endif
-    (void)n_prefetch;
-    for (int t = 0; t < nt; t++) {  /* the plain loop, for the columns left */
-        const float *vt = value_row(v, kv_dtype, (size_t)t * hd, hd, row);
-        for (int r = 0; r < nr; r++) {
-            float p = P[(size_t)r * KV_TILE + t], *o = O + (size_t)r * hd;
-            for (int c = d; c < hd; c++) o[c] += p * vt[c];
-        }
-    }
-}
-
-/* S[j * ldS + t] = q_j . k_t * scale for queries j < nq (rows of head_dim from q) and keys
- * t < n_keys (from k, the start of a block of KEY_BLOCK keys, of which n_prefetch may be
- * prefetched, 0: none; S rows hold whole blocks); buf: [head_dim] */
-static void attention_scores(float *S, int ldS, const float *q, int nq, const void *k, int kv_dtype,
-                             int hd, int n_keys, int n_prefetch, float scale, float *buf) {
-#ifdef HAVE_SIMD
-    if (!reference_kernels) {
-        if (kv_dtype == MM_F32) attention_scores_simd(S, ldS, q, nq, k, MM_F32, hd, n_keys, n_prefetch, scale);
-        else attention_scores_simd(S, ldS, q, nq, k, MM_F16, hd, n_keys, n_prefetch, scale);
-        return;
-    }
-#endif
-    (void)n_prefetch;
-    for (int t = 0; t < n_keys; t++) {
-        const float *kt = key_row(k, kv_dtype, t, hd, buf);
-        for (int j = 0; j < nq; j++) S[(size_t)j * ldS + t] = dot(q + (size_t)j * hd, kt, hd) * scale;
-    }
-}
-
-/* Tokens pos0 .. pos0+n-1 (n <= ATT_TOKENS), the `group` query heads of kv head g each.
- * q, out: [n, q_dim] rows (this group's heads at g * group * head_dim); keys, values: kv head g's
- * caches; buf: [attention_buf_len(group, head_dim)] */
-static size_t attention_buf_len(int group, int hd) {
-    size_t nq = (size_t)ATT_TOKENS * group;
-    return nq * KV_TILE + nq * hd + 2 * nq + (size_t)hd;
-}
-
-static void attention_group(float *out, const float *q, int n, int q_dim, int group, int g,
-                            const void *keys, const void *values, int kv_dtype, int hd, int pos0, float *buf) {
-    int nq = n * group;
-    float *S = buf, *O = S + (size_t)nq * KV_TILE, *mx = O + (size_t)nq * hd, *sum = mx + nq, *row = sum + nq;
-    float scale = 1.0f / sqrtf((float)hd);
-    for (int r = 0; r < nq; r++) mx[r] = -INFINITY, sum[r] = 0;
-    memset(O, 0, sizeof(float) * (size_t)nq * hd);
-    int last = pos0 + n - 1;
-    for (int t0 = 0; t0 <= last; t0 += KV_TILE) {
-        int nt = last + 1 - t0 < KV_TILE ? last + 1 - t0 : KV_TILE;
-        int n_prefetch = last + 1 - t0;  /* the positions from t0 on: the run's first token prefetches */
-        const size_t k_at = (size_t)t0 * hd;  /* position t0 of either cache (t0: a multiple of KEY_BLOCK) */
-        const void *k = (const uint8_t *)keys + k_at * (kv_dtype == MM_F32 ? 4 : 2);
-        for (int i = 0; i < n; i++) {  /* token i sees keys up to its own position */
-            int see = pos0 + i - t0 + 1 < nt ? pos0 + i - t0 + 1 : nt;
-            if (see <= 0) continue;
-            const float *qi = q + (size_t)i * q_dim + (size_t)g * group * hd;
-            float *Si = S + (size_t)i * group * KV_TILE;
-            attention_scores(Si, KV_TILE, qi, group, k, kv_dtype, hd, see, i ? 0 : n_prefetch, scale, row);
-            for (int j = 0; j < group; j++) {  /* online softmax: rescale what came before */
-                int r = i * group + j;
-                float *sr = Si + (size_t)j * KV_TILE, m = max_of(sr, see, mx[r]);
-                float corr = expf(mx[r] - m);
-                sum[r] = sum[r] * corr + exp_shifted(sr, see, m);
-                mx[r] = m;
-                if (corr != 1.0f)
-                    for (int d = 0; d < hd; d++) O[(size_t)r * hd + d] *= corr;
-            }
-        }
-        const void *v = (const uint8_t *)values + k_at * (kv_dtype == MM_F32 ? 4 : 2);
-        for (int i = 0; i < n; i++) {  /* O += P . V, each token's heads together over its keys */
-            int see = pos0 + i - t0 + 1 < nt ? pos0 + i - t0 + 1 : nt;
-            if (see > 0)
-                attention_pv(O + (size_t)i * group * hd, S + (size_t)i * group * KV_TILE, group, v, kv_dtype, hd, see,
-                             i ? 0 : n_prefetch, row);
-        }
-    }
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < group; j++) {
-            int r = i * group + j;
-            float inv = 1.0f / sum[r], *o = out + (size_t)i * q_dim + ((size_t)g * group + j) * hd;
-            for (int d = 0; d < hd; d++) o[d] = O[(size_t)r * hd + d] * inv;
-        }
+    softmax(scores, pos + 1);
+    for (int d = 0; d < hd; d++) out[d] = 0;
+    for (int t = 0; t <= pos; t++)
+        for (int d = 0; d < hd; d++)
+            out[d] += scores[t] * cache_at(values, c->dtype, (size_t)t * hd + (size_t)d);
 }
 
 /* MoE routing for one token: softmax over experts, keep the top k, maybe renormalise */
@@ -2024,21 +746,6 @@ static void route(int *idx, float *w, float *probs, const mm_header *h) {
     }
 }
 
-/* out[t] = down(silu(gate x[t]) * up x[t]) for n rows */
-static void swiglu_ffn(float *out, const float *x, const FFN *f, int n, State *s) {
-    int hidden = f->gate.rows;
-    matmuls((MatmulJob[]){{s->hb, &f->gate}, {s->hb2, &f->up}}, 2, x, n, s);
-    if (n == 1) swiglu(s->hb, s->hb2, hidden);  /* (no parallel region for one row: see matmuls) */
-    else {
-        #pragma omp parallel for
-        for (int t = 0; t < n; t++) swiglu(s->hb + (size_t)t * hidden, s->hb2 + (size_t)t * hidden, hidden);
-    }
-    matmul(out, s->hb, &f->down, n, s);
-}
-
-/* ============================================================================================
- * The forward pass
- * ============================================================================================ */
 
 /* Whether token t (of a block) uses expert e, and with what weight: its router weight when
  * routed there, 1 for a shared expert (MiniMind2 MoE adds those to every token). */
@@ -2050,187 +757,145 @@ static bool expert_weight(const State *s, const mm_header *h, int t, uint32_t e,
     return false;
 }
 
-/* Feed-forward of a block of n rows (xb -> delta), dense or MoE. */
-static void ffn_block(const Model *m, const Layer *L, State *s, int n) {
-    const mm_header *h = &m->cfg;
-    int dim = (int)h->dim, k = (int)h->n_experts_per_tok;
-    if (!(h->flags & MM_FLAG_MOE)) {
-        swiglu_ffn(s->delta, s->xb, &L->ffn[0], n, s);
+/* ============================================================================================
+ * The plug points: the fast kernels where they are built (kernels.h), else the plain loops
+ * ============================================================================================ */
+
+/* --ref-kernels: the plain loops even where the fast kernels are built (for testing) */
+static bool reference_kernels = false;
+
+static bool fast_kernels(void) { return KERNELS_BUILT && !reference_kernels; }
+
+/* out_j = W_j x for a few matrices that read the same x [n, cols] (q, k and v; gate and up):
+ * out_j [n, W_j.rows] */
+static void matmuls(State *s, const MatmulJob *jobs, int n_jobs, const float *x, int n) {
+    if (fast_kernels()) kernel_matmuls(jobs, n_jobs, x, n, &s->ks);
+    else for (int j = 0; j < n_jobs; j++) matmul_plain(jobs[j].out, x, jobs[j].w, n, s);
+}
+
+static void matmul(State *s, float *out, const float *x, const Matrix *w, int n) {
+    matmuls(s, &(MatmulJob){out, w}, 1, x, n);
+}
+
+/* attention of the n tokens at positions pos0.. (s->q) to the cache of their layer, into
+ * s->att_out: each query head reads the keys and values of its kv head */
+static void attention(State *s, const KvLayer *c, int n, int pos0) {
+    if (fast_kernels()) {
+        kernel_attention(s->att_out, s->q, n, pos0, c, &s->ks);
         return;
     }
-    matmul(s->router, s->xb, &L->router, n, s);
+    int n_heads = c->n_kv_heads * c->group, hd = c->head_dim;
+    #pragma omp parallel for collapse(2)
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < n_heads; i++)
+            attention_head(s->att_out + ((size_t)t * n_heads + i) * hd, s->q + ((size_t)t * n_heads + i) * hd,
+                           c, i / c->group, pos0 + t, s->scores + (size_t)thread_id() * s->ctx);
+}
+
+/* SwiGLU's product for n rows of `hidden`: gate = silu(gate) * up */
+static void swiglu(float *gate, const float *up, int n, int hidden) {
+    if (fast_kernels()) kernel_swiglu(gate, up, n, hidden);
+    else for (size_t i = 0; i < (size_t)n * hidden; i++) gate[i] = silu(gate[i]) * up[i];
+}
+
+/* ============================================================================================
+ * The forward pass
+ * ============================================================================================ */
+
+/* The feed-forward of a mixture of experts, xb -> delta for n rows: the router sends each token
+ * to its top-k experts; each expert runs once, on the rows routed to it, and its output is added
+ * to theirs with the router's weight (shared experts, in MiniMind2 MoE: every row, weight 1). */
+static void moe_ffn(const Model *m, const Layer *L, State *s, int n) {
+    const mm_header *h = &m->cfg;
+    int dim = (int)h->dim, k = (int)h->n_experts_per_tok;
+    matmul(s, s->router, s->xb, &L->router, n);
     for (int t = 0; t < n; t++)
         route(s->top_idx + (size_t)t * k, s->top_w + (size_t)t * k, s->router + (size_t)t * h->n_experts, h);
     memset(s->delta, 0, (size_t)n * dim * sizeof(float));
-    /* each expert runs once on the rows routed to it: gather, run, scatter-add with the weights */
     for (uint32_t e = 0; e < h->n_experts + h->n_shared_experts; e++) {
         int rows = 0;
-        for (int t = 0; t < n; t++) {
+        for (int t = 0; t < n; t++) {  /* gather */
             if (!expert_weight(s, h, t, e, &s->moe_w[rows])) continue;
             s->moe_rows[rows] = t;
             memcpy(s->moe_in + (size_t)rows * dim, s->xb + (size_t)t * dim, (size_t)dim * sizeof(float));
             rows++;
         }
         if (rows == 0) continue;
-        swiglu_ffn(s->moe_out, s->moe_in, &L->ffn[e], rows, s);
-        for (int i = 0; i < rows; i++) {
+        const FFN *f = &L->ffn[e];
+        matmuls(s, (MatmulJob[]){{s->hb, &f->gate}, {s->hb2, &f->up}}, 2, s->moe_in, rows);
+        swiglu(s->hb, s->hb2, rows, f->gate.rows);
+        matmul(s, s->moe_out, s->hb, &f->down, rows);
+        for (int i = 0; i < rows; i++) {  /* scatter, weighted */
             float *d = s->delta + (size_t)s->moe_rows[i] * dim;
             for (int c = 0; c < dim; c++) d[c] += s->moe_w[i] * s->moe_out[(size_t)i * dim + c];
         }
     }
 }
 
-/* The reference: one token at position pos, each step written out plainly. The batched path
- * below must agree with it (tests/run_tests.py checks). Returns the logits [vocab]. */
-static float *forward_token(const Model *m, State *s, int token, int pos) {
-    const mm_header *h = &m->cfg;
-    if (pos < 0 || pos >= s->ctx) die("internal: position %d outside the context of %d", pos, s->ctx);
-    int dim = (int)h->dim, hd = (int)h->head_dim, half = hd / 2;
-    int kv_dim = (int)(h->n_kv_heads * h->head_dim), group = (int)(h->n_heads / h->n_kv_heads);
-    float *x = s->x, *xb = s->xb, *buf = s->row_buf;
-
-    memcpy(x, matrix_row(&m->embed, token, buf), (size_t)dim * sizeof(float));
-    rope_angles(s->cos, s->sin, s, pos, half);
-    for (uint32_t l = 0; l < h->n_layers; l++) {
-        const Layer *L = &m->layers[l];
-        float *k = s->k_new, *v = s->v_new;
-
-        /* attention */
-        rmsnorm(xb, x, L->input_norm, dim, h->rms_eps);
-        for (int r = 0; r < L->wq.rows; r++) s->q[r] = dot(matrix_row(&L->wq, r, buf), xb, dim);
-        for (int r = 0; r < kv_dim; r++) k[r] = dot(matrix_row(&L->wk, r, buf), xb, dim);
-        for (int r = 0; r < kv_dim; r++) v[r] = dot(matrix_row(&L->wv, r, buf), xb, dim);
-        for (uint32_t hh = 0; hh < h->n_heads; hh++) {
-            float *qh = s->q + (size_t)hh * hd;
-            if (L->q_norm) rmsnorm(qh, qh, L->q_norm, hd, h->rms_eps);
-            rope_rotate(qh, s->cos, s->sin, half);
-        }
-        for (uint32_t g = 0; g < h->n_kv_heads; g++) {
-            if (L->k_norm) rmsnorm(k + (size_t)g * hd, k + (size_t)g * hd, L->k_norm, hd, h->rms_eps);
-            rope_rotate(k + (size_t)g * hd, s->cos, s->sin, half);
-        }
-        for (uint32_t g = 0; g < h->n_kv_heads; g++) {
-            key_store(kv_head(s, s->key_cache, h, l, (int)g), s->kv_dtype, pos, k + (size_t)g * hd, hd);
-            value_store(kv_head(s, s->value_cache, h, l, (int)g), s->kv_dtype, (size_t)pos * hd, v + (size_t)g * hd, hd);
-        }
-        for (uint32_t hh = 0; hh < h->n_heads; hh++) {
-            int g = (int)(hh / group);
-            attention_head(s->att_out + (size_t)hh * hd, s->q + (size_t)hh * hd, kv_head(s, s->key_cache, h, l, g),
-                           kv_head(s, s->value_cache, h, l, g), s->kv_dtype, hd, pos, s->scores, s->att_buf);
-        }
-        for (int r = 0; r < dim; r++) x[r] += dot(matrix_row(&L->wo, r, buf), s->att_out, L->wo.cols);
-
-        /* feed-forward */
-        rmsnorm(xb, x, L->post_norm, dim, h->rms_eps);
-        uint32_t n_ffn = 1;
-        if (h->flags & MM_FLAG_MOE) {
-            for (uint32_t e = 0; e < h->n_experts; e++)
-                s->router[e] = dot(matrix_row(&L->router, (int)e, buf), xb, dim);
-            route(s->top_idx, s->top_w, s->router, h);
-            n_ffn = h->n_experts + h->n_shared_experts;
-        }
-        for (uint32_t e = 0; e < n_ffn; e++) {
-            float weight = 1.0f;
-            if ((h->flags & MM_FLAG_MOE) && !expert_weight(s, h, 0, e, &weight)) continue;
-            const FFN *f = &L->ffn[e];
-            int hidden = f->gate.rows;
-            for (int r = 0; r < hidden; r++)
-                s->hb[r] = silu(dot(matrix_row(&f->gate, r, buf), xb, dim)) *
-                           dot(matrix_row(&f->up, r, buf), xb, dim);
-            for (int r = 0; r < dim; r++) x[r] += weight * dot(matrix_row(&f->down, r, buf), s->hb, hidden);
-        }
-    }
-    rmsnorm(x, x, m->final_norm, dim, h->rms_eps);
-    for (uint32_t r = 0; r < h->vocab_size; r++) s->logits[r] = dot(matrix_row(&m->head, (int)r, buf), x, dim);
-    return s->logits;
-}
-
-/* Attention of layer l for unit u of a block of n tokens at pos0 (forward): the query heads of kv
- * head u % n_kv_heads for the run of up to ATT_TOKENS tokens u / n_kv_heads, from s->q into
- * s->att_out */
-static void attention_unit(const mm_header *h, State *s, uint32_t l, int u, int n, int pos0) {
-    int hd = (int)h->head_dim, n_kv_heads = (int)h->n_kv_heads, group = (int)(h->n_heads / h->n_kv_heads);
-    int q_dim = (int)h->n_heads * hd, t0 = u / n_kv_heads * ATT_TOKENS, g = u % n_kv_heads;
-    int len = n - t0 < ATT_TOKENS ? n - t0 : ATT_TOKENS;
-    float *buf = s->att_buf + (size_t)thread_id() * s->att_buf_len;
-    const void *keys = kv_head(s, s->key_cache, h, l, g), *values = kv_head(s, s->value_cache, h, l, g);
-    if (!reference_kernels) {
-        attention_group(s->att_out + (size_t)t0 * q_dim, s->q + (size_t)t0 * q_dim, len, q_dim, group, g,
-                        keys, values, s->kv_dtype, hd, pos0 + t0, buf);
-        return;
-    }
-    for (int t = t0; t < t0 + len; t++)
-        for (int hh = g * group; hh < (g + 1) * group; hh++)
-            attention_head(s->att_out + (size_t)t * q_dim + (size_t)hh * hd,
-                           s->q + (size_t)t * q_dim + (size_t)hh * hd, keys, values, s->kv_dtype, hd,
-                           pos0 + t, s->scores + (size_t)thread_id() * s->ctx, buf);
-}
-
-/* The batched path: n tokens at positions pos0 .. pos0+n-1 (n <= max_tokens), each layer as
- * matrix-matrix work. Logits for all n rows when all_logits, else for the last row only.
- * Returns the logits: [n, vocab] or [1, vocab]. */
+/* n tokens at positions pos0 .. pos0+n-1 (n <= max_tokens), after the pos0 before them in the KV
+ * cache: every layer of the model for all n at once, each weight matrix read once for the block.
+ * Returns the logits of the last token [vocab], or with all_logits of every token [n, vocab]. */
 static float *forward(const Model *m, State *s, const int *tokens, int n, int pos0, bool all_logits) {
     const mm_header *h = &m->cfg;
     int dim = (int)h->dim, hd = (int)h->head_dim, half = hd / 2, n_heads = (int)h->n_heads;
-    int kv_dim = (int)(h->n_kv_heads * h->head_dim), q_dim = n_heads * hd;
-    int n_kv_heads = (int)h->n_kv_heads;
+    int n_kv_heads = (int)h->n_kv_heads, q_dim = n_heads * hd, kv_dim = n_kv_heads * hd;
+    float eps = h->rms_eps;
     if (n < 1 || n > s->max_tokens || pos0 < 0 || pos0 + n > s->ctx)
-        die("internal: forward of %d tokens at position %d (block %d, context %d)", n, pos0,
-            s->max_tokens, s->ctx);
+        die("internal: forward of %d tokens at position %d (block %d, context %d)", n, pos0, s->max_tokens,
+            s->ctx);
 
-    for (int t = 0; t < n; t++) {
-        float *xt = s->x + (size_t)t * dim;
-        memcpy(xt, matrix_row(&m->embed, tokens[t], s->row_buf), (size_t)dim * sizeof(float));
+    for (int t = 0; t < n; t++) {  /* each token's embedding, and the rotation of its position */
+        memcpy(s->x + (size_t)t * dim, matrix_row(&m->embed, tokens[t], s->row_buf),
+               (size_t)dim * sizeof(float));
         rope_angles(s->cos + (size_t)t * half, s->sin + (size_t)t * half, s, pos0 + t, half);
     }
     for (uint32_t l = 0; l < h->n_layers; l++) {
         const Layer *L = &m->layers[l];
-        float *k = s->k_new, *v = s->v_new;
+        KvLayer cache = kv_layer(s, h, l);
 
-        for (int t = 0; t < n; t++)
-            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, L->input_norm, dim, h->rms_eps);
-        matmuls((MatmulJob[]){{s->q, &L->wq}, {k, &L->wk}, {v, &L->wv}}, 3, s->xb, n, s);
+        /* attention: q, k, v of the normed input; per head, q and k normed (minimind-3) and
+         * rotated, k and v into the cache; attention over the cache; its output projected */
+        rmsnorm_rows(s->xb, s->x, L->input_norm, n, dim, eps);
+        matmuls(s, (MatmulJob[]){{s->q, &L->wq}, {s->k, &L->wk}, {s->v, &L->wv}}, 3, s->xb, n);
         for (int t = 0; t < n; t++) {
-            const float *c = s->cos + (size_t)t * half, *sn = s->sin + (size_t)t * half;
-            for (int hh = 0; hh < n_heads; hh++) {
-                float *qh = s->q + (size_t)t * q_dim + (size_t)hh * hd;
-                if (L->q_norm) rmsnorm(qh, qh, L->q_norm, hd, h->rms_eps);
-                rope_rotate(qh, c, sn, half);
+            const float *cos_t = s->cos + (size_t)t * half, *sin_t = s->sin + (size_t)t * half;
+            for (int i = 0; i < n_heads; i++) {
+                float *q = s->q + (size_t)t * q_dim + (size_t)i * hd;
+                if (L->q_norm) rmsnorm(q, q, L->q_norm, hd, eps);
+                rope_rotate(q, cos_t, sin_t, half);
             }
             for (int g = 0; g < n_kv_heads; g++) {
-                float *kh = k + (size_t)t * kv_dim + (size_t)g * hd;
-                if (L->k_norm) rmsnorm(kh, kh, L->k_norm, hd, h->rms_eps);
-                rope_rotate(kh, c, sn, half);
-                key_store(kv_head(s, s->key_cache, h, l, g), s->kv_dtype, pos0 + t, kh, hd);
-                value_store(kv_head(s, s->value_cache, h, l, g), s->kv_dtype, (size_t)(pos0 + t) * hd,
-                         v + (size_t)t * kv_dim + (size_t)g * hd, hd);
+                float *k = s->k + (size_t)t * kv_dim + (size_t)g * hd;
+                if (L->k_norm) rmsnorm(k, k, L->k_norm, hd, eps);
+                rope_rotate(k, cos_t, sin_t, half);
+                cache_store(&cache, g, pos0 + t, k, s->v + (size_t)t * kv_dim + (size_t)g * hd);
             }
         }
-        /* units of work: one kv head (with its query heads) for a run of up to ATT_TOKENS tokens */
-        int units = (n + ATT_TOKENS - 1) / ATT_TOKENS * n_kv_heads;
-        if (n_threads() == 1)  /* (no parallel region for one thread: see matmuls) */
-            for (int u = 0; u < units; u++) attention_unit(h, s, l, u, n, pos0);
-        else {
-            #pragma omp parallel for schedule(dynamic, 1)
-            for (int u = 0; u < units; u++) attention_unit(h, s, l, u, n, pos0);
-        }
-        matmul(s->delta, s->att_out, &L->wo, n, s);
-        for (size_t i = 0; i < (size_t)n * dim; i++) s->x[i] += s->delta[i];
+        attention(s, &cache, n, pos0);
+        matmul(s, s->delta, s->att_out, &L->wo, n);
+        for (size_t i = 0; i < (size_t)n * dim; i++) s->x[i] += s->delta[i];  /* the residual */
 
-        for (int t = 0; t < n; t++)
-            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, L->post_norm, dim, h->rms_eps);
-        ffn_block(m, L, s, n);
-        for (size_t i = 0; i < (size_t)n * dim; i++) s->x[i] += s->delta[i];
+        /* feed-forward: SwiGLU of the normed input, down(silu(gate x) * up x), or the experts' */
+        rmsnorm_rows(s->xb, s->x, L->post_norm, n, dim, eps);
+        if (h->flags & MM_FLAG_MOE) {
+            moe_ffn(m, L, s, n);
+        } else {
+            const FFN *f = &L->ffn[0];
+            matmuls(s, (MatmulJob[]){{s->hb, &f->gate}, {s->hb2, &f->up}}, 2, s->xb, n);
+            swiglu(s->hb, s->hb2, n, f->gate.rows);
+            matmul(s, s->delta, s->hb, &f->down, n);
+        }
+        for (size_t i = 0; i < (size_t)n * dim; i++) s->x[i] += s->delta[i];  /* the residual */
     }
+    /* the final norm and the logits, of the last token or of all */
     int first = all_logits ? 0 : n - 1;
-    for (int t = first; t < n; t++)
-        rmsnorm(s->xb + (size_t)(t - first) * dim, s->x + (size_t)t * dim, m->final_norm, dim, h->rms_eps);
-    matmul(s->logits, s->xb, &m->head, n - first, s);
+    rmsnorm_rows(s->xb, s->x + (size_t)first * dim, m->final_norm, n - first, dim, eps);
+    matmul(s, s->logits, s->xb, &m->head, n - first);
     return s->logits;
 }
 
 /* ============================================================================================
- * Running a sequence: every position's logits, batched or token by token
+ * Running a sequence: every position's logits, a block of tokens at a time
  * ============================================================================================ */
 
 typedef void (*logits_fn)(const float *logits, int t, void *ctx);
@@ -2246,14 +911,9 @@ static void check_logits(const float *logits, int n) {
 }
 
 /* tokens[0..n) at positions 0..n-1; emit(logits of position t, t, ctx) for every t in order */
-static void run_sequence(const Model *m, State *s, const int *tokens, int n, bool batched,
-                         logits_fn emit, void *ctx) {
+static void run_sequence(const Model *m, State *s, const int *tokens, int n, logits_fn emit, void *ctx) {
     int vocab = (int)m->cfg.vocab_size;
-    for (int start = 0; start < n; start += batched ? s->max_tokens : 1) {
-        if (!batched) {
-            emit(forward_token(m, s, tokens[start], start), start, ctx);
-            continue;
-        }
+    for (int start = 0; start < n; start += s->max_tokens) {
         int len = n - start < s->max_tokens ? n - start : s->max_tokens;
         const float *logits = forward(m, s, tokens + start, len, start, true);
         for (int t = 0; t < len; t++) emit(logits + (size_t)t * vocab, start + t, ctx);
@@ -2300,7 +960,7 @@ static void add_nll(const float *logits, int t, void *ctx) {
  * Sampling, in MiniMind's order: temperature, repetition penalty, top-k, top-p
  * ============================================================================================ */
 
-typedef struct { float logit; int id; } Candidate_;
+typedef struct { float logit; int id; } TokenLogit;  /* a candidate for the next token */
 
 typedef struct {
     int vocab;
@@ -2309,7 +969,7 @@ typedef struct {
     int top_k;                  /* 0: off */
     float repeat_penalty;       /* 1: off */
     uint64_t rng;               /* xorshift64* state */
-    Candidate_ *cand;           /* [vocab] */
+    TokenLogit *cand;           /* [vocab] */
     float *kth;                 /* [top_k] the k largest logits, for the top-k threshold */
 } Sampler;
 
@@ -2320,8 +980,15 @@ static float random_f32(uint64_t *state) {
     return (float)((*state * 0x2545F4914F6CDD1Dull) >> 40) / 16777216.0f;
 }
 
+/* the index of the largest of x[0..n) (the first, among equals) */
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) best = x[i] > x[best] ? i : best;
+    return best;
+}
+
 static int by_logit_desc(const void *a, const void *b) {
-    const Candidate_ *x = a, *y = b;
+    const TokenLogit *x = a, *y = b;
     if (x->logit != y->logit) return x->logit > y->logit ? -1 : 1;
     return x->id - y->id;
 }
@@ -2334,12 +1001,9 @@ static int sample(Sampler *sp, float *logits, const uint8_t *seen) {
         for (int i = 0; i < V; i++) logits[i] /= sp->temperature;
     if (sp->repeat_penalty != 1.0f)  /* MiniMind: positive logits divided, negative multiplied */
         for (int i = 0; i < V; i++)
-            if (seen[i]) logits[i] = logits[i] > 0 ? logits[i] / sp->repeat_penalty : logits[i] * sp->repeat_penalty;
-    if (sp->temperature <= 0) {
-        int best = 0;
-        for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
-        return best;
-    }
+            if (seen[i])
+                logits[i] = logits[i] > 0 ? logits[i] / sp->repeat_penalty : logits[i] * sp->repeat_penalty;
+    if (sp->temperature <= 0) return argmax(logits, V);
     /* top-k: keep the logits >= the k-th largest (ties at the threshold stay, as in PyTorch) */
     float threshold = -INFINITY;
     if (sp->top_k > 0 && sp->top_k < V) {
@@ -2354,11 +1018,14 @@ static int sample(Sampler *sp, float *logits, const uint8_t *seen) {
     }
     int n = 0;
     for (int i = 0; i < V; i++)
-        if (logits[i] >= threshold) sp->cand[n++] = (Candidate_){logits[i], i};
+        if (logits[i] >= threshold) sp->cand[n++] = (TokenLogit){logits[i], i};
     qsort(sp->cand, (size_t)n, sizeof *sp->cand, by_logit_desc);
     /* softmax over the candidates, then top-p: a token stays while the mass before it is <= p */
     float max = sp->cand[0].logit, sum = 0;
-    for (int i = 0; i < n; i++) { sp->cand[i].logit = expf(sp->cand[i].logit - max); sum += sp->cand[i].logit; }
+    for (int i = 0; i < n; i++) {
+        sp->cand[i].logit = expf(sp->cand[i].logit - max);
+        sum += sp->cand[i].logit;
+    }
     int keep = n;
     float cum = 0;
     for (int i = 0; i < n; i++) {
@@ -2523,11 +1190,13 @@ static void chat(const Model *m, State *s, const Tokenizer *tok, Sampler *sp, Co
             fprintf(stderr, "[context of %d tokens is full: dropping the oldest turn]\n", s->ctx);
             free((char *)msgs[first_turn].content);
             free((char *)msgs[first_turn + 1].content);
-            memmove(msgs + first_turn, msgs + first_turn + 2, sizeof *msgs * (size_t)(n_msgs - first_turn - 2));
+            memmove(msgs + first_turn, msgs + first_turn + 2,
+                    sizeof *msgs * (size_t)(n_msgs - first_turn - 2));
             n_msgs -= 2;
         }
         if (n_ids >= s->ctx) {
-            fprintf(stderr, "[this message is %d tokens with the template; the context holds %d (-c)]\n", n_ids, s->ctx);
+            fprintf(stderr, "[this message is %d tokens with the template; the context holds %d (-c)]\n",
+                    n_ids, s->ctx);
             free(ids);
             free((char *)msgs[--n_msgs].content);
             continue;
@@ -2568,8 +1237,7 @@ static double peak_rss_mb(void) {
 static double bench_decode(const Model *m, State *s, Context *c, float *logits, int n) {
     double t0 = now_seconds();
     for (int i = 0; i < n; i++) {
-        int next = 0;
-        for (int v = 1; v < (int)m->cfg.vocab_size; v++) next = logits[v] > logits[next] ? v : next;
+        int next = argmax(logits, (int)m->cfg.vocab_size);
         logits = forward(m, s, &next, 1, c->n_cached, false);
         c->tokens[c->n_cached++] = next;
     }
@@ -2578,33 +1246,36 @@ static double bench_decode(const Model *m, State *s, Context *c, float *logits, 
 }
 
 /* -m bench: this model's speed on this machine, on seeded random token ids (tests/bench.py runs
- * it for make bench), after a warm-up of a 32-token prompt and one token. One CSV row: a 512-token prompt (prefill tokens/s, time to first token),
- * n tokens decoded after a 16-token prompt, and after 2048 and 4096 tokens of context (left
- * empty when -c is smaller), and the peak resident memory. */
+ * it for make bench), after a warm-up of a 32-token prompt and one token. One CSV row: a 512-token prompt
+ * (prefill tokens/s, time to first token), n tokens decoded after a 16-token prompt, and after 2048 and 4096
+ * tokens of context (left empty when -c is smaller), and the peak resident memory. */
 static void bench(const Model *m, State *s, Context *c, int n) {
     enum { WARMUP = 32, PROMPT = 512, SHORT = 16, DEPTH1 = 2048, DEPTH2 = 4096 };
     uint64_t rng = 0x2545F4914F6CDD1Dull;
-    for (int i = 0; i < s->ctx; i++) c->tokens[i] = (int)(random_f32(&rng) * (float)m->cfg.vocab_size) % (int)m->cfg.vocab_size;
-    if (s->ctx < PROMPT || s->ctx < SHORT + n) die("-m bench needs a context (-c) of at least %d", PROMPT > SHORT + n ? PROMPT : SHORT + n);
-    /* a warm-up first, as llama-bench does: caches, threads, pages. The KV cache is calloc'ed and
-     * its pages are mapped in as positions are first written; llama.cpp clears its cache when the
+    for (int i = 0; i < s->ctx; i++)
+        c->tokens[i] = (int)(random_f32(&rng) * (float)m->cfg.vocab_size) % (int)m->cfg.vocab_size;
+    if (s->ctx < PROMPT || s->ctx < SHORT + n)
+        die("-m bench needs a context (-c) of at least %d", PROMPT > SHORT + n ? PROMPT : SHORT + n);
+    /* a warm-up first, as llama-bench does: caches, threads, pages. The KV cache is mapped and
+     * its pages come in as positions are first written; llama.cpp clears its cache when the
      * context is made, before it times anything: so does this, to time the same work (only the
      * positions the benchmark uses, so that peak RSS stays what they need) */
-    size_t row = (size_t)m->cfg.head_dim * (s->kv_dtype == MM_F16 ? 2 : 4);
+    size_t row = (size_t)m->cfg.head_dim * kv_elem_size(s->kv_dtype);
     size_t used = s->ctx < DEPTH2 + n ? (size_t)s->ctx : (size_t)(DEPTH2 + n);
     used = (used + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
-    for (uint32_t l = 0; l < m->cfg.n_layers; l++)
-        for (int g = 0; g < (int)m->cfg.n_kv_heads; g++) {
-            memset(kv_head(s, s->key_cache, &m->cfg, l, g), 0, used * row);
-            memset(kv_head(s, s->value_cache, &m->cfg, l, g), 0, used * row);
+    for (uint32_t l = 0; l < m->cfg.n_layers; l++) {
+        KvLayer c = kv_layer(s, &m->cfg, l);
+        for (int g = 0; g < c.n_kv_heads; g++) {
+            memset(kv_keys(&c, g), 0, used * row);
+            memset(kv_values(&c, g), 0, used * row);
         }
+    }
     c->n_cached = 0, c->n = WARMUP;
     bench_decode(m, s, c, prefill(m, s, c), 1);
     c->n_cached = 0, c->n = PROMPT;
     double t0 = now_seconds();
     float *logits = prefill(m, s, c);
-    int first = 0;
-    for (int v = 1; v < (int)m->cfg.vocab_size; v++) first = logits[v] > logits[first] ? v : first;
+    int first = argmax(logits, (int)m->cfg.vocab_size);
     double ttft = now_seconds() - t0;
     c->n_cached = 0, c->n = SHORT;
     double decode = bench_decode(m, s, c, prefill(m, s, c), n);
@@ -2616,8 +1287,10 @@ static void bench(const Model *m, State *s, Context *c, int n) {
         snprintf(d2, sizeof d2, "%.2f", bench_decode(m, s, c, prefill(m, s, c), n));
     }
     (void)first;
-    printf("prefill_tokens,prefill_tps,ttft_ms,decode_tokens,decode_tps,decode_tps_2048,decode_tps_4096,peak_rss_mb\n");
-    printf("%d,%.2f,%.3f,%d,%.2f,%s,%s,%.1f\n", PROMPT, PROMPT / ttft, ttft * 1e3, n, decode, d1, d2, peak_rss_mb());
+    printf("prefill_tokens,prefill_tps,ttft_ms,decode_tokens,decode_tps,decode_tps_2048,decode_tps_4096,peak_"
+           "rss_mb\n");
+    printf("%d,%.2f,%.3f,%d,%.2f,%s,%s,%.1f\n", PROMPT, PROMPT / ttft, ttft * 1e3, n, decode, d1, d2,
+           peak_rss_mb());
 }
 
 /* -m tokenize --show-tokens: a token's bytes, escaped where they are not printable text */
@@ -2626,7 +1299,11 @@ static void print_token_text(const uint8_t *b, size_t n) {
         bool complete;
         uint32_t cp;
         size_t k = utf8_prefix(b + i, n - i, &complete, &cp);
-        if (complete && cp >= 0x20 && cp != 0x7F && cp != '\\') { fwrite(b + i, 1, k, stdout); i += k; continue; }
+        if (complete && cp >= 0x20 && cp != 0x7F && cp != '\\') {
+            fwrite(b + i, 1, k, stdout);
+            i += k;
+            continue;
+        }
         if (b[i] == '\n') fputs("\\n", stdout);
         else if (b[i] == '\t') fputs("\\t", stdout);
         else if (b[i] == '\\') fputs("\\\\", stdout);
@@ -2642,7 +1319,7 @@ static void print_token_text(const uint8_t *b, size_t n) {
 typedef struct {
     const char *model_path, *mode, *ids_arg, *out_path, *text, *text_file, *system;
     int ctx, threads, batch, steps, top_k;
-    bool no_batch, verbose, think, show_tokens, csv;
+    bool verbose, think, show_tokens, csv;
     float temperature, top_p, repeat_penalty;
     unsigned long long seed;
     bool seed_given;
@@ -2676,11 +1353,10 @@ static void usage(FILE *f) {
 "  -c, --ctx N            context length (KV cache positions); ppl: window length\n"
 "                         [the model's max positions]\n"
 "  --threads N            worker threads (OpenMP builds)  [number of cores]\n"
-"  --batch N              prompt tokens per forward pass  [64]\n"
+"  --batch N              prompt tokens per forward pass; 1 = token by token  [64]\n"
 "  --kv T                 KV cache type: f32 | f16 (half the memory)  [f32]\n"
-"  --no-batch             run logits/ppl token by token through the reference path\n"
-"  --ref-kernels          matmuls and attention through the plain C reference kernels\n"
-"                         instead of the SIMD ones (for testing; slower)\n"
+"  --ref-kernels          matmuls, attention and SwiGLU through run.c's plain loops\n"
+"                         instead of the fast kernels (for testing; slower)\n"
 "  --rope-base F          RoPE theta  [the model's rope_theta]\n"
 "  --rope-scaling S       none | linear | yarn  [the model's config.json, else none]\n"
 "  --rope-scale F         scaling factor  [yarn: 16; linear: required]\n"
@@ -2696,6 +1372,12 @@ static void usage(FILE *f) {
 "inference_rope_scaling=True; values from the checkpoint's config.json (stored at export)\n"
 "come next; explicit flags win. bench times a 512-token prompt and -n decoded tokens after\n"
 "16, 2048 and 4096 tokens of context on random ids, and prints one CSV row (make bench).\n", f);
+#ifdef _OPENMP
+    const char *threads = "OpenMP threads";
+#else
+    const char *threads = "one thread (built without OpenMP)";
+#endif
+    fprintf(f, "this build: kernels %s, %s\n", KERNELS, threads);
 }
 
 static long parse_int(const char *flag, const char *v, long lo, long hi) {
@@ -2719,13 +1401,22 @@ static float parse_float(const char *flag, const char *v, float lo, float hi) {
 static const char *MODES[] = {"generate", "chat", "tokenize", "decode", "logits", "ppl", "bench"};
 
 static void parse_args(Options *o, int argc, char **argv) {
-    *o = (Options){.mode = "generate", .kv = "f32", .batch = 64, .steps = 256, .top_k = 50, .temperature = 0.85f,
-                   .top_p = 0.95f, .repeat_penalty = 1.0f, .rope_base = NAN, .rope_scale = NAN,
-                   .yarn_beta_fast = NAN, .yarn_beta_slow = NAN, .yarn_attn_factor = NAN};
+    *o = (Options){.mode = "generate",
+                   .kv = "f32",
+                   .batch = 64,
+                   .steps = 256,
+                   .top_k = 50,
+                   .temperature = 0.85f,
+                   .top_p = 0.95f,
+                   .repeat_penalty = 1.0f,
+                   .rope_base = NAN,
+                   .rope_scale = NAN,
+                   .yarn_beta_fast = NAN,
+                   .yarn_beta_slow = NAN,
+                   .yarn_attn_factor = NAN};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
-        if (!strcmp(a, "--no-batch")) { o->no_batch = true; continue; }
         if (!strcmp(a, "--ref-kernels")) { reference_kernels = true; continue; }
         if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) { o->verbose = true; continue; }
         if (!strcmp(a, "--think")) { o->think = true; continue; }
@@ -2748,8 +1439,11 @@ static void parse_args(Options *o, int argc, char **argv) {
         else if (!strcmp(a, "-p")) o->top_p = parse_float(a, v, 0, 1);
         else if (!strcmp(a, "-k")) o->top_k = (int)parse_int(a, v, 0, 1 << 24);
         else if (!strcmp(a, "--repeat-penalty")) o->repeat_penalty = parse_float(a, v, 1e-3f, 1e3f);
-        else if (!strcmp(a, "-s")) { o->seed = (unsigned long long)parse_int(a, v, 0, LONG_MAX); o->seed_given = true; }
-        else if (!strcmp(a, "-y")) o->system = v;
+        else if (!strcmp(a, "-s")) {
+            o->seed = (unsigned long long)parse_int(a, v, 0, LONG_MAX);
+            o->seed_given = true;
+        } else if (!strcmp(a, "-y"))
+            o->system = v;
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) o->ctx = (int)parse_int(a, v, 1, 1 << 24);
         else if (!strcmp(a, "--threads")) o->threads = (int)parse_int(a, v, 1, 1024);
         else if (!strcmp(a, "--batch")) o->batch = (int)parse_int(a, v, 1, 4096);
@@ -2937,7 +1631,7 @@ int main(int argc, char **argv) {
     int batch = o.batch < ctx ? o.batch : ctx, kv_dtype = !strcmp(o.kv, "f16") ? MM_F16 : MM_F32;
     check_memory(&m, batch, ctx, kv_dtype);
     State s;
-    state_init(&s, &m, batch, ctx, &rope, kv_dtype);
+    state_init(&s, &m, batch, ctx, &rope, kv_dtype, false);
     if (o.verbose) {
         static const char *scaling[] = {"none", "linear", "yarn"};
         fprintf(stderr, "%s: %s, hidden %u, %u layers, %u/%u heads of %u, %s %u, vocab %u, "
@@ -2949,7 +1643,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "rope: theta %g, scaling %s (factor %g, orig ctx %d, beta %g/%g, attn %g); "
                 "ctx %d, batch %d, threads %d, kv cache %s, kernels %s\n", rope.theta, scaling[rope.scaling],
                 rope.factor, rope.orig_ctx, rope.beta_fast, rope.beta_slow, rope.attn_factor, ctx, batch,
-                n_threads(), o.kv, reference_kernels ? "reference" : KERNELS);
+                n_threads(), o.kv, fast_kernels() ? KERNELS : "plain loops");
     }
     double t0 = now_seconds();
     if (benching) {
@@ -2982,7 +1676,7 @@ int main(int argc, char **argv) {
     } else if (!ppl) {
         LogitsOut out = {.out = fopen(o.out_path, "wb"), .path = o.out_path, .vocab = (int)h->vocab_size};
         if (!out.out) die("%s: cannot open for writing (%s)", o.out_path, strerror(errno));
-        run_sequence(&m, &s, ids, n_ids, !o.no_batch, write_logits, &out);
+        run_sequence(&m, &s, ids, n_ids, write_logits, &out);
         if (fclose(out.out) != 0) die("%s: write failed (%s)", o.out_path, strerror(errno));
     } else {
         int n_windows = (n_ids + ctx - 1) / ctx;
@@ -2990,7 +1684,7 @@ int main(int argc, char **argv) {
         for (int w = 0; w < n_windows; w++) {
             sum.tokens = ids + (size_t)w * ctx;
             sum.n = n_ids - w * ctx < ctx ? n_ids - w * ctx : ctx;
-            run_sequence(&m, &s, sum.tokens, sum.n, !o.no_batch, add_nll, &sum);
+            run_sequence(&m, &s, sum.tokens, sum.n, add_nll, &sum);
             if (o.verbose && n_windows > 1)
                 fprintf(stderr, "window %d/%d: ppl %.4f over %ld tokens\n", w + 1, n_windows,
                         sum.count ? exp(sum.nll / sum.count) : NAN, sum.count);
@@ -3005,11 +1699,10 @@ int main(int argc, char **argv) {
     if (o.verbose && !generating && !chatting && !benching)
         fprintf(stderr, "%d tokens in %.3f s (%.1f tokens/s)\n", n_ids, now_seconds() - t0,
                 n_ids / (now_seconds() - t0));
-    if (o.verbose)  /* the cache is calloc'ed: only the positions used become resident */
+    if (o.verbose)  /* (the cache is mapped: only the positions used become resident) */
         fprintf(stderr, "memory: peak RSS %.1f MB; model file %.1f MB (mapped), KV cache %.1f MB for %d "
                 "positions (%s)\n", peak_rss_mb(), m.map_size / 1048576.0,
-                2.0 * h->n_layers * ctx * h->n_kv_heads * h->head_dim * (s.kv_dtype == MM_F16 ? 2 : 4) / 1048576.0,
-                ctx, o.kv);
+                kv_cache_bytes(h, ctx, s.kv_dtype) / 1048576.0, ctx, o.kv);
     free(ids);
     state_free(&s);
     tokenizer_free(&tok);

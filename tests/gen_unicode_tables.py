@@ -57,7 +57,14 @@ def ranges(cps):
 
 
 def c_table(name, rs):
-    body = ",".join(f"{{0x{a:X},0x{b:X}}}" + ("\n    " if i % 6 == 5 else "") for i, (a, b) in enumerate(rs))
+    lines, line = [], ""  # as many ranges to a line as fit in 110 columns
+    for cell in (f"{{0x{a:X},0x{b:X}}}," for a, b in rs):
+        if len(line) + len(cell) > 106:
+            lines.append(line)
+            line = ""
+        line += cell
+    lines.append(line[:-1])
+    body = "\n    ".join(lines)
     return f"static const uint32_t {name}[][2] = {{\n    {body}}};\n"
 
 

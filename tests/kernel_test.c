@@ -1,15 +1,17 @@
-/* kernel_test.c: every fast kernel of run.c against its plain C reference, on random inputs of
- * awkward sizes (rows, columns and token counts that are not multiples of the vector width, the
- * register tile or the q8_0 group), with 1 and 2 threads.
+/* kernel_test.c: every fast kernel (kernels/) against run.c's plain loop at its plug point, on
+ * random inputs of awkward sizes (rows, columns and token counts that are not multiples of the
+ * vector width, the register tile or the q8_0 group), with 1 and 2 threads.
  *
  *   kernel_test            one line per check: "PASS name (detail)" or "FAIL name: detail"
  *
- * tests/run_tests.py runs it (the normal, sanitizer, AVX2, AVX-VNNI and NEON builds). In a build
- * without the fast path (no AVX2 or NEON) the fast and reference kernels are the same code and the
- * checks are trivial; so is the quantiser's on NEON, which quantises with the reference.
+ * tests/run_tests.py runs it (the normal, sanitizer, AVX2, AVX-VNNI and NEON builds). The
+ * quantiser's check is trivial on NEON, which quantises with the plain quantize_q8.
  */
 #define MINIMIND_NO_MAIN
 #include "../run.c"
+#if !KERNELS_BUILT
+#error "kernel_test needs the fast kernels: build it for AVX2, AVX-512 or NEON"
+#endif
 
 static int failures = 0;
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
@@ -48,13 +50,15 @@ static Matrix random_matrix(int dtype, int rows, int cols, void **storage) {
         int groups = cols / MM_Q8_GROUP;
         int8_t *codes = xcalloc(n, 1, "test");
         float *scales = xcalloc(n / MM_Q8_GROUP, sizeof(float), "test");
-        quantize_q8_ref(codes, scales, f, (int)n);  /* rows are whole groups */
+        quantize_q8(codes, scales, f, (int)n);  /* rows are whole groups */
         size_t panel_bytes = q8_panel_bytes((uint64_t)cols);
         uint8_t *q = xcalloc(tensor_bytes(MM_Q8_0, (uint64_t)rows, (uint64_t)cols), 1, "test");
         for (int r = 0; r < rows; r++) {
             uint8_t *panel = q + (size_t)(r / MM_Q8_PANEL) * panel_bytes;
             int i = r % MM_Q8_PANEL;
-            for (int c = 0; c < cols; c++) panel[(size_t)(c / 4) * 4 * MM_Q8_PANEL + 4 * i + c % 4] = (uint8_t)codes[(size_t)r * cols + c];
+            for (int c = 0; c < cols; c++)
+                panel[(size_t)(c / 4) * 4 * MM_Q8_PANEL + 4 * i + c % 4] =
+                    (uint8_t)codes[(size_t)r * cols + c];
             for (int g = 0; g < groups; g++) {
                 uint16_t h = f32_to_f16(scales[(size_t)r * groups + g]);
                 memcpy(panel + (size_t)MM_Q8_PANEL * cols + 2 * ((size_t)g * MM_Q8_PANEL + i), &h, 2);
@@ -76,21 +80,18 @@ static Matrix random_matrix(int dtype, int rows, int cols, void **storage) {
     return w;
 }
 
-/* the scratch that matmul uses, sized for cols and n tokens */
-static State scratch_state(int n, int cols) {
-    State s = {0};
-    s.row_buf_len = PANEL_ROWS * cols;
-    s.row_buf = xcalloc(4 * (size_t)s.row_buf_len, sizeof(float), "test");
-    s.xT = xcalloc((size_t)cols * xT_width((size_t)n), sizeof(float), "test");
-    s.xq = xcalloc((size_t)n * cols, 1, "test");
-    s.xs = xcalloc((size_t)n * cols / MM_Q8_GROUP + 1, sizeof(float), "test");
-    s.xqsum = xcalloc((size_t)n * cols / MM_Q8_GROUP + 1, sizeof(int32_t), "test");
-    s.piece_ranges = xcalloc(4, sizeof(PieceRange), "test");
+/* a run state as run.c makes it (state_init), for blocks of n tokens of x with `cols` columns,
+ * or for attention with n_kv_heads x group heads of head_dim over ctx positions; sized for two
+ * threads */
+static State test_state(int n, int cols, int n_kv_heads, int group, int hd, int ctx, int kv_dtype, Model *m) {
+    *m = (Model){.cfg = {.dim = (uint32_t)cols, .n_layers = 1, .n_heads = (uint32_t)(n_kv_heads * group),
+                         .n_kv_heads = (uint32_t)n_kv_heads, .head_dim = (uint32_t)hd, .hidden_dim = 1,
+                         .vocab_size = 1, .max_seq_len = (uint32_t)ctx}};
+    Rope rope = {.scaling = MM_ROPE_NONE, .theta = 10000.0f};
+    State s;
+    set_threads(2);
+    state_init(&s, m, n, ctx, &rope, kv_dtype, false);
     return s;
-}
-
-static void scratch_free(State *s) {
-    free(s->row_buf); free(s->xT); free(s->xq); free(s->xs); free(s->xqsum); free(s->piece_ranges);
 }
 
 /* fast vs reference matmul: each element within 1e-5 of the sum of |w x| (f32 rounding of a
@@ -103,16 +104,17 @@ static void test_matmul(int dtype, int rows, int cols, int n, bool in_pieces) {
     size_t out_n = (size_t)n * rows;
     float *ref = xcalloc(out_n, sizeof(float), "test"), *fast = xcalloc(out_n, sizeof(float), "test");
     float *fast2 = xcalloc(out_n, sizeof(float), "test");
-    State s = scratch_state(n, cols);
+    Model m;
+    State s = test_state(n > 1 ? n : 2, cols, 1, 1, 2, 16, MM_F32, &m);  /* (2: the tile of 2 below) */
     set_threads(1);
     reference_kernels = true;
-    matmul(ref, x, &w, n, &s);
+    matmul(&s, ref, x, &w, n);
     reference_kernels = false;
-    matmul(fast, x, &w, n, &s);
+    matmul(&s, fast, x, &w, n);
     set_threads(2);
-    matmul(fast2, x, &w, n, &s);
+    matmul(&s, fast2, x, &w, n);
     double worst = 0;
-    float *buf = xcalloc(2 * (size_t)cols, sizeof(float), "test");  /* matrix_row: a q8_0 row takes 1.3 cols */
+    float *buf = xcalloc(2 * (size_t)cols, sizeof(float), "test"); /* matrix_row: a q8_0 row takes 1.3 cols */
     for (int t = 0; t < n; t++)
         for (int r = 0; r < rows; r++) {
             const float *row = matrix_row(&w, r, buf);
@@ -122,7 +124,7 @@ static void test_matmul(int dtype, int rows, int cols, int n, bool in_pieces) {
             worst = e > worst ? e : worst;
         }
     char name[128];
-    RowShares shares = row_shares(&(MatmulJob){fast2, &w}, 1, n_threads());  /* (at 2 threads) */
+    RowShares shares = row_shares(&(MatmulJob){fast2, &w}, 1, n, n_threads());  /* (at 2 threads) */
     snprintf(name, sizeof name, "matmul %s %dx%d, %d token%s%s%s", dtype_name((uint32_t)dtype), rows, cols, n,
              n > 1 ? "s" : "", dtype == MM_Q8_0 && n >= OP_MIN_TOKENS ? " (prompt tiles)" : "",
              n < OP_MIN_TOKENS && shares.steal ? " (in pieces)" : "");
@@ -131,18 +133,17 @@ static void test_matmul(int dtype, int rows, int cols, int n, bool in_pieces) {
     snprintf(name + strlen(name), sizeof name - strlen(name), ", threads 1 == 2");
     check(memcmp(fast, fast2, out_n * sizeof(float)) == 0, name, "bit-identical");
     if (dtype == MM_Q8_0 && n == 1) {  /* one token by panels == the same token in a 2-token tile */
-        float *x2 = xcalloc(2 * (size_t)cols, sizeof(float), "test"), *out2 = xcalloc(2 * (size_t)rows, sizeof(float), "test");
-        State s2 = scratch_state(2, cols);
+        float *x2 = xcalloc(2 * (size_t)cols, sizeof(float), "test"),
+              *out2 = xcalloc(2 * (size_t)rows, sizeof(float), "test");
         memcpy(x2, x, (size_t)cols * sizeof(float));
         memcpy(x2 + cols, x, (size_t)cols * sizeof(float));
-        matmul(out2, x2, &w, 2, &s2);
+        matmul(&s, out2, x2, &w, 2);
         snprintf(name, sizeof name, "matmul q8_0 %dx%d, 1 token == that token in a tile of 2", rows, cols);
         check(memcmp(fast, out2, (size_t)rows * sizeof(float)) == 0, name, "bit-identical");
         free(x2); free(out2);
-        scratch_free(&s2);
     }
     free(storage); free(x); free(ref); free(fast); free(fast2); free(buf);
-    scratch_free(&s);
+    state_free(&s);
 }
 
 /* next_piece: three threads' ranges of 10 pieces (3, 3, 4), taken by threads 0 and 1 only (a team
@@ -177,7 +178,8 @@ static void test_next_piece(void) {
         else bad += (uint32_t)p != end[owner] - 1 || next[id] < end[id];
     }
     for (int p = 0; p < 10; p++) bad += taken[p] != 1;
-    check(bad == 0 && n_taken == 10, "next_piece: 10 pieces in 3 ranges, 2 threads", "%d pieces taken, %d wrong", n_taken, bad);
+    check(bad == 0 && n_taken == 10, "next_piece: 10 pieces in 3 ranges, 2 threads",
+          "%d pieces taken, %d wrong", n_taken, bad);
 }
 
 /* next_piece with two threads at once on one range: thread 0 owns all 2000 pieces and takes them
@@ -199,12 +201,13 @@ static void test_next_piece_threads(void) {
             for (int p; (p = next_piece(ranges, 2, omp_get_thread_num())) >= 0;) {
                 if (p < N) atomic_fetch_add(&taken[p], 1);
                 else bad++;
-                for (volatile int spin = 0; spin < 20; spin++) {}  /* a piece's work, so the threads overlap */
+                for (volatile int spin = 0; spin < 20; spin++) {} /* a piece's work, so the threads overlap */
             }
         }
         for (int p = 0; p < N; p++) bad += atomic_load(&taken[p]) != 1;
     }
-    check(bad == 0, "next_piece: 2 threads at once on one range, 200 x 2000 pieces", "%d pieces not taken exactly once", bad);
+    check(bad == 0, "next_piece: 2 threads at once on one range, 200 x 2000 pieces",
+          "%d pieces not taken exactly once", bad);
 #endif
 }
 
@@ -215,9 +218,10 @@ static void test_quantize(int n) {
     for (int i = 0; i < MM_Q8_GROUP && i < n; i++) x[i] = 0;  /* an all-zero group */
     if (n > 40) x[40] = 0.5f * x[41];                       /* near a rounding midpoint */
     int8_t *qa = xcalloc((size_t)n, 1, "test"), *qb = xcalloc((size_t)n, 1, "test");
-    float *sa = xcalloc((size_t)n / MM_Q8_GROUP + 1, 4, "test"), *sb = xcalloc((size_t)n / MM_Q8_GROUP + 1, 4, "test");
-    quantize_q8_ref(qa, sa, x, n);
-    quantize_q8(qb, sb, x, n);
+    float *sa = xcalloc((size_t)n / MM_Q8_GROUP + 1, 4, "test"),
+          *sb = xcalloc((size_t)n / MM_Q8_GROUP + 1, 4, "test");
+    quantize_q8(qa, sa, x, n);
+    quantize_q8_fast(qb, sb, x, n);
     char name[64];
     snprintf(name, sizeof name, "quantize_q8 of %d values", n);
     bool same = !memcmp(qa, qb, (size_t)n) && !memcmp(sa, sb, sizeof(float) * (size_t)(n / MM_Q8_GROUP));
@@ -225,35 +229,31 @@ static void test_quantize(int n) {
     free(x); free(qa); free(qb); free(sa); free(sb);
 }
 
-/* flash-style attention_group vs attention_head, per query head, f32 and f16 caches */
+/* kernel_attention (flash attention) vs attention_head's plain loop, per query head, f32 and f16
+ * caches; 1 and 2 threads bit-identical */
 static void test_attention(int kv_dtype, int n_kv_heads, int group, int hd, int pos0, int n) {
-    int kv_dim = n_kv_heads * hd, q_dim = n_kv_heads * group * hd, ctx = (pos0 + n + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
-    size_t elem = kv_dtype == MM_F16 ? 2 : 4;
-    void *keys = xcalloc((size_t)ctx * kv_dim, elem, "test"), *values = xcalloc((size_t)ctx * kv_dim, elem, "test");
-    float *row = xcalloc((size_t)kv_dim, sizeof(float), "test");
-    size_t head = (size_t)ctx * hd * elem;  /* bytes of one kv head's cache */
-    for (int g = 0; g < n_kv_heads; g++)  /* the caches of one layer: n_kv_heads of ctx positions */
-        for (int t = 0; t < ctx; t++) {
-            for (int i = 0; i < hd; i++) row[i] = 3.0f * frand();  /* peaked softmaxes too */
-            key_store((uint8_t *)keys + g * head, kv_dtype, t, row, hd);
-            for (int i = 0; i < hd; i++) row[i] = frand();
-            value_store((uint8_t *)values + g * head, kv_dtype, (size_t)t * hd, row, hd);
-        }
-    float *q = xcalloc((size_t)n * q_dim, sizeof(float), "test");
-    for (size_t i = 0; i < (size_t)n * q_dim; i++) q[i] = frand();
-    float *ref = xcalloc((size_t)n * q_dim, sizeof(float), "test"), *fast = xcalloc((size_t)n * q_dim, sizeof(float), "test");
-    float *scores = xcalloc((size_t)ctx, sizeof(float), "test");
-    float *buf = xcalloc(attention_buf_len(group, hd), sizeof(float), "test");
-    for (int t = 0; t < n; t++)
-        for (int hh = 0; hh < n_kv_heads * group; hh++)
-            attention_head(ref + (size_t)t * q_dim + (size_t)hh * hd, q + (size_t)t * q_dim + (size_t)hh * hd,
-                           (uint8_t *)keys + hh / group * head, (uint8_t *)values + hh / group * head, kv_dtype, hd,
-                           pos0 + t, scores, row);
+    int q_dim = n_kv_heads * group * hd;
+    Model m;
+    State s = test_state(n, q_dim, n_kv_heads, group, hd, pos0 + n, kv_dtype, &m);
+    KvLayer c = kv_layer(&s, &m.cfg, 0);
+    float *k = xcalloc((size_t)hd, sizeof(float), "test"), *v = xcalloc((size_t)hd, sizeof(float), "test");
     for (int g = 0; g < n_kv_heads; g++)
-        for (int t0 = 0; t0 < n; t0 += ATT_TOKENS)
-            attention_group(fast + (size_t)t0 * q_dim, q + (size_t)t0 * q_dim, n - t0 < ATT_TOKENS ? n - t0 : ATT_TOKENS,
-                            q_dim, group, g, (uint8_t *)keys + g * head, (uint8_t *)values + g * head, kv_dtype, hd,
-                            pos0 + t0, buf);
+        for (int t = 0; t < pos0 + n; t++) {
+            for (int i = 0; i < hd; i++) k[i] = 3.0f * frand(), v[i] = frand();  /* peaked softmaxes too */
+            cache_store(&c, g, t, k, v);
+        }
+    for (size_t i = 0; i < (size_t)n * q_dim; i++) s.q[i] = frand();
+    size_t bytes = (size_t)n * q_dim * sizeof(float);
+    float *ref = xcalloc(bytes, 1, "test"), *fast = xcalloc(bytes, 1, "test");
+    set_threads(1);
+    reference_kernels = true;
+    attention(&s, &c, n, pos0);
+    memcpy(ref, s.att_out, bytes);
+    reference_kernels = false;
+    attention(&s, &c, n, pos0);
+    memcpy(fast, s.att_out, bytes);
+    set_threads(2);
+    attention(&s, &c, n, pos0);
     double worst = 0;
     for (size_t i = 0; i < (size_t)n * q_dim; i++) {
         double e = fabs((double)fast[i] - ref[i]);
@@ -263,7 +263,10 @@ static void test_attention(int kv_dtype, int n_kv_heads, int group, int hd, int 
     snprintf(name, sizeof name, "attention %s cache, %d kv heads x %d, head_dim %d, %d tokens from %d",
              kv_dtype == MM_F16 ? "f16" : "f32", n_kv_heads, group, hd, n, pos0);
     check(worst < 1e-5, name, "max error %.1e (values in [-1, 1])", worst);
-    free(keys); free(values); free(row); free(q); free(ref); free(fast); free(scores); free(buf);
+    snprintf(name + strlen(name), sizeof name - strlen(name), ", threads 1 == 2");
+    check(memcmp(fast, s.att_out, bytes) == 0, name, "bit-identical");
+    free(k); free(v); free(ref); free(fast);
+    state_free(&s);
 }
 
 /* the vectorised SwiGLU product (its polynomial exp) against silu with libm's expf, over the whole
@@ -275,9 +278,9 @@ static void test_swiglu(int n) {
     g[0] = 0.0f, g[1] = -1e30f, g[2] = 1e30f, g[3] = -87.5f, g[4] = 88.5f;
     memcpy(ref, g, (size_t)n * sizeof(float));
     reference_kernels = true;
-    swiglu(ref, up, n);
+    swiglu(ref, up, 1, n);
     reference_kernels = false;
-    swiglu(g, up, n);
+    swiglu(g, up, 1, n);
     double worst = 0;
     for (int i = 0; i < n; i++) {
         double e = fabs((double)g[i] - ref[i]) / (fabs((double)ref[i]) + 1e-24);  /* 0 where both underflow */
@@ -336,11 +339,18 @@ int main(void) {
     test_swiglu(1000);
     test_quantize(32);
     test_quantize(2432);
-    static const int a_cases[][5] = {{1, 1, 2, 0, 1}, {2, 4, 64, 0, 5}, {2, 4, 64, 300, 1}, {4, 2, 96, 130, 16},
-                                     {1, 3, 24, 0, 37}, {2, 5, 6, 127, 3}, {1, 8, 64, 1000, 2},
+    static const int a_cases[][5] = {{1, 1, 2, 0, 1},
+                                     {2, 4, 64, 0, 5},
+                                     {2, 4, 64, 300, 1},
+                                     {4, 2, 96, 130, 16},
+                                     {1, 3, 24, 0, 37},
+                                     {2, 5, 6, 127, 3},
+                                     {1, 8, 64, 1000, 2},
                                      /* decoding: several key blocks per tile with a block or two left,
                                       * value columns in one pass, or one and a plain tail */
-                                     {2, 2, 96, 517, 1}, {1, 3, 112, 260, 2}, {1, 7, 40, 200, 1},
+                                     {2, 2, 96, 517, 1},
+                                     {1, 3, 112, 260, 2},
+                                     {1, 7, 40, 200, 1},
                                      {1, 1, 64, 200, 1}};
     for (int kv = 0; kv < 2; kv++)
         for (size_t i = 0; i < sizeof a_cases / sizeof a_cases[0]; i++)

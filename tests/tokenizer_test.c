@@ -83,8 +83,23 @@ static uint32_t rnd(void) {
 
 /* random bytes, biased towards what tokenizers get wrong: UTF-8 fragments, spaces, specials */
 static size_t random_text(uint8_t *buf, size_t cap, const Tokenizer *t) {
-    static const char *bits[] = {" ", "  ", "\n", "\t", "'s", "'LL", "a", "Z", "7", "!", "你", "é",
-                                 "\xe2\x80\xa8", "\xc2\x85", "\xef\xbb\xbf", "\xf0\x9f\x91\x8d", "\xe3\x80\x80"};
+    static const char *bits[] = {" ",
+                                 "  ",
+                                 "\n",
+                                 "\t",
+                                 "'s",
+                                 "'LL",
+                                 "a",
+                                 "Z",
+                                 "7",
+                                 "!",
+                                 "你",
+                                 "é",
+                                 "\xe2\x80\xa8",
+                                 "\xc2\x85",
+                                 "\xef\xbb\xbf",
+                                 "\xf0\x9f\x91\x8d",
+                                 "\xe3\x80\x80"};
     size_t n = 0, len = rnd() % cap;
     while (n < len) {
         uint32_t kind = rnd() % 8;
@@ -150,7 +165,10 @@ int main(int argc, char **argv) {
             fwrite(&ol, 4, 1, stdout);
             fwrite(out, 1, ol, stdout);
             free(out);
-            for (uint32_t i = 0; i < n_msgs; i++) { free((char *)msgs[i].role); free((char *)msgs[i].content); }
+            for (uint32_t i = 0; i < n_msgs; i++) {
+                free((char *)msgs[i].role);
+                free((char *)msgs[i].content);
+            }
             free(msgs);
         }
         free(cases);
@@ -173,7 +191,8 @@ int main(int argc, char **argv) {
             /* the stream, fed token by token, prints what a one-shot lossy decode prints */
             FILE *mem = fmemopen(streamed, sizeof streamed, "w");
             Utf8Stream st = {0};
-            for (size_t i = 0; i < count; i++) utf8_stream_put(&st, t.token[ids[i]], t.token_len[ids[i]], mem);
+            for (size_t i = 0; i < count; i++)
+                utf8_stream_put(&st, t.token[ids[i]], t.token_len[ids[i]], mem);
             utf8_stream_flush(&st, mem);
             long got = ftell(mem);
             fclose(mem);
@@ -188,7 +207,12 @@ int main(int argc, char **argv) {
         size_t mb = (size_t)atoi(argv[3]), len = mb << 20, n = 0;
         static const char *sample = "The quick brown fox, 'd jumped over 12 lazy dogs! 你好，世界。\n  ";
         uint8_t *text = malloc(len);
-        while (n < len) { size_t k = strlen(sample); k = k < len - n ? k : len - n; memcpy(text + n, sample, k); n += k; }
+        while (n < len) {
+            size_t k = strlen(sample);
+            k = k < len - n ? k : len - n;
+            memcpy(text + n, sample, k);
+            n += k;
+        }
         int *ids = malloc(sizeof(int) * len);
         struct timespec a, b;
         clock_gettime(CLOCK_MONOTONIC, &a);

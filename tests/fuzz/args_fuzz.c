@@ -9,11 +9,22 @@
 
 enum { MAX_ARGS = 64 };
 
-static const mm_header header = {
-    .magic = MM_MAGIC, .version = MM_VERSION, .header_size = sizeof(mm_header), .generation = MM_GEN_MINIMIND3,
-    .flags = MM_FLAG_QK_NORM | MM_FLAG_TIED_EMBED, .dim = 64, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2,
-    .head_dim = 24, .hidden_dim = 128, .vocab_size = 320, .max_seq_len = 32768, .rms_eps = 1e-6f,
-    .rope_theta = 1e6f, .chat_template = MM_CHAT_MINIMIND3};
+static const mm_header header = {.magic = MM_MAGIC,
+                                 .version = MM_VERSION,
+                                 .header_size = sizeof(mm_header),
+                                 .generation = MM_GEN_MINIMIND3,
+                                 .flags = MM_FLAG_QK_NORM | MM_FLAG_TIED_EMBED,
+                                 .dim = 64,
+                                 .n_layers = 2,
+                                 .n_heads = 4,
+                                 .n_kv_heads = 2,
+                                 .head_dim = 24,
+                                 .hidden_dim = 128,
+                                 .vocab_size = 320,
+                                 .max_seq_len = 32768,
+                                 .rms_eps = 1e-6f,
+                                 .rope_theta = 1e6f,
+                                 .chat_template = MM_CHAT_MINIMIND3};
 
 static void run_args(int argc, char **argv) {
     Options o;

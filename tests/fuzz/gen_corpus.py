@@ -137,7 +137,7 @@ def chat_seeds(out):
 ARGS = [  # after `run model.bin`
     ["-i", "hello", "-n", "16", "-s", "42"],
     ["-m", "chat", "-y", "You are a poet.", "--think", "-t", "0.7", "-p", "0.9", "-k", "20"],
-    ["-m", "logits", "--ids", "1,2,3", "-o", "out.f32", "--no-batch", "--ref-kernels"],
+    ["-m", "logits", "--ids", "1,2,3", "-o", "out.f32", "--batch", "1", "--ref-kernels"],
     ["-m", "ppl", "-f", "text.txt", "-c", "32", "--csv", "-v"],
     ["-m", "tokenize", "-i", "x", "--show-tokens", "--threads", "2", "--batch", "8"],
     ["--rope-scaling", "yarn", "--rope-scale", "4", "--yarn-orig-ctx", "2048",

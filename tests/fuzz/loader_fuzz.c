@@ -1,7 +1,7 @@
 /* loader_fuzz.c: the input is a model file. model_parse checks the header, config, tokenizer
  * block and tensor table; a file it accepts must then load its tokenizer (or be refused with a
- * message), encode and decode text, run a forward pass of a few tokens through the batched and
- * single-token paths, and sample from the logits, whatever its weights hold (NaN included). */
+ * message), encode and decode text, run a forward pass of a block of a few tokens and then of one
+ * more, and sample from the logits, whatever its weights hold (NaN included). */
 #include "fuzz.h"
 
 static Model m;
@@ -32,7 +32,7 @@ static void run_model(void) {
     int ctx = h->max_seq_len < 8 ? (int)h->max_seq_len : 8, n_tok = n + 1 < 4 ? (int)n + 1 : 4;
     if (n_tok > ctx) n_tok = ctx;
     check_memory(&m, 4, ctx, MM_F32);
-    state_init(&s, &m, 4, ctx, &rope, MM_F32);
+    state_init(&s, &m, 4, ctx, &rope, MM_F32, false);
     float *logits = forward(&m, &s, ids, n_tok, 0, false);
     sp = (Sampler){.vocab = (int)h->vocab_size, .temperature = 1.0f, .top_p = 0.9f, .top_k = 3,
                    .repeat_penalty = 1.1f, .rng = 42};
@@ -41,7 +41,7 @@ static void run_model(void) {
     seen = xcalloc(h->vocab_size, 1, "seen");
     int next = sample(&sp, logits, seen);
     FUZZ_ASSERT(next >= 0 && (uint32_t)next < h->vocab_size);
-    if (n_tok < ctx) forward_token(&m, &s, next, n_tok);
+    if (n_tok < ctx) forward(&m, &s, &next, 1, n_tok, false);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
