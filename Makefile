@@ -2,7 +2,7 @@
 # `make test` runs the test suite (normal and ASan/UBSan builds); `make bench` prints speeds;
 # `make fuzz` builds the libFuzzer targets of tests/fuzz/ and runs each FUZZ_SECONDS.
 CC      ?= gcc
-ARCH    ?= -march=native   # the SIMD kernels this machine has (make ARCH= for a portable build)
+ARCH    ?= -march=native   # the fast kernels this machine can run (make ARCH=: none, run.c's plain loops)
 CFLAGS  ?= -O3
 WARN     = -std=c11 -Wall -Wextra -fopenmp-simd
 OMP     ?= -fopenmp
@@ -35,11 +35,11 @@ all: .run-built
 run: .run-built
 	./run demo/model.bin -i "春眠不覺曉，" -n 48 -s 42
 
-# the same program with AddressSanitizer and UndefinedBehaviorSanitizer (SIMD kernels included)
+# the same program with AddressSanitizer and UndefinedBehaviorSanitizer (fast kernels included)
 run-asan: $(SRC)
 	$(CC) $(WARN) $(WERROR) $(SANITIZE) $(ARCH) $(OMP) -o $@ run.c -lm
 
-# the portable build: no SIMD kernels (what a machine without AVX2 runs), tested numerically
+# the portable build: no fast kernels, run.c's plain loops (what a machine without AVX2 or NEON runs)
 run-portable: $(SRC)
 	$(CC) $(WARN) $(WERROR) -O2 $(OMP) -o $@ run.c -lm
 
@@ -77,7 +77,7 @@ tests/kernel_test-neon-v8.aarch64: tests/kernel_test.c $(SRC)
 $(NEON_BINARIES): %: %.aarch64
 	printf '#!/bin/sh\nexec $(NEON_QEMU) "$$0.aarch64" "$$@"\n' >$@ && chmod +x $@
 
-# the kernel test driver (tests/kernel_test.c includes run.c): fast kernels vs references
+# the kernel test driver (tests/kernel_test.c includes run.c): the fast kernels vs run.c's plain loops
 KERNEL_TEST = $(CC) $(WARN) $(WERROR) -Wno-unused-function
 tests/kernel_test: tests/kernel_test.c $(SRC)
 	$(KERNEL_TEST) $(CFLAGS) $(ARCH) $(OMP) -o $@ tests/kernel_test.c -lm
@@ -102,7 +102,7 @@ tests/tokenizer_test: tests/tokenizer_test.c tokenizer.c model.h
 tests/tokenizer_test-asan: tests/tokenizer_test.c tokenizer.c model.h
 	$(CC) $(WARN) $(WERROR) $(SANITIZE) -o $@ tests/tokenizer_test.c
 
-# The fuzz targets (README.md, "Fuzzing"): clang's libFuzzer with AddressSanitizer and UBSan.
+# The fuzz targets (docs/testing.md, "Fuzzing"): clang's libFuzzer with AddressSanitizer and UBSan.
 # Debian: apt-get install clang libclang-rt-14-dev (the runtime of this clang's version).
 FUZZ_CC      ?= clang
 FUZZ_FLAGS    = -std=c11 -Wall -Wextra -Wno-unused-function -Wno-unknown-pragmas -Wno-pass-failed $(WERROR) \

@@ -97,7 +97,8 @@ static inline void quantize_q8(int8_t *q, float *scale, const float *x, int n) {
         float amax = 0;
         for (int i = 0; i < MM_Q8_GROUP; i++) amax = fmaxf(amax, fabsf(xg[i]));
         float d = amax / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
-        for (int i = 0; i < MM_Q8_GROUP; i++) q[g * MM_Q8_GROUP + i] = (int8_t)nearbyintf(xg[i] * id);
+        for (int i = 0; i < MM_Q8_GROUP; i++)  /* (clamped: NaN and inf get a code too, not UB) */
+            q[g * MM_Q8_GROUP + i] = (int8_t)nearbyintf(fminf(fmaxf(xg[i] * id, -127.0f), 127.0f));
         scale[g] = d;
     }
 }
@@ -174,7 +175,6 @@ typedef struct { _Alignas(64) _Atomic uint64_t next_end; } PieceRange;
  * columns, and attention with `group` query heads per kv head of head_dim: one block of memory
  * of kernel_scratch_bytes(), laid out by kernel_scratch_init. */
 typedef struct {
-    int max_tokens, max_cols, threads;
     float *strips;              /* [threads, OP_ROWS * max_cols] f16/bf16 weight rows as f32 */
     int strip_len;
     float *xT;                  /* [max_cols, xT_width(max_tokens)] a prompt block's x, transposed */
@@ -192,8 +192,9 @@ static size_t kernel_scratch_bytes(int max_tokens, int max_cols, int group, int 
 static void kernel_scratch_init(KernelScratch *ks, void *memory, int max_tokens, int max_cols, int group,
                                 int head_dim, int threads);
 
-/* out_j[t, :] = W_j x[t, :] for t < n_tokens, for matrices W_j of one dtype and x's columns:
- * x [n_tokens, cols], out_j [n_tokens, W_j.rows] */
+/* out_j[t, :] = W_j x[t, :] for t < n_tokens, for up to KERNEL_MAX_JOBS matrices W_j of one dtype
+ * and x's columns: x [n_tokens, cols], out_j [n_tokens, W_j.rows] */
+#define KERNEL_MAX_JOBS 3
 static void kernel_matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens,
                            KernelScratch *ks);
 

@@ -29,8 +29,8 @@
 
 #include "model.h"
 #include "kernels.h"            /* the fast kernels' interface, and what run.c shares with them */
-#include "kernels/matmul.c"     /* their code: one translation unit, as tokenizer.c */
-#include "kernels/attention.c"
+#include "kernels/attention.c"  /* their code: one translation unit, as tokenizer.c */
+#include "kernels/matmul.c"
 #include "tokenizer.c"          /* tokenizer_*, utf8_*, chat_* */
 
 _Static_assert(sizeof(mm_header) == 256, "mm_header must be 256 bytes");
@@ -93,13 +93,16 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
 
 /* The KV cache: anonymous memory whose zero pages are mapped in when a position is first
  * written, a page fault per 4 KB (docs/kernels.md: what that cost). Where the kernel offers 2 MB
- * pages on request, ask; the start is 2 MB-aligned, so a kv head's first positions take one such
- * page, not parts of two. Returns the start; *map, *map_bytes: what to munmap. */
+ * pages on request, ask; the start is 2 MB-aligned, so that the cache's first positions take whole
+ * 2 MB pages, not parts of two. Returns the start; *map, *map_bytes: what to munmap. */
 #define HUGE_PAGE ((size_t)2 << 20)
 static void *alloc_kv(size_t bytes, void **map, size_t *map_bytes) {
     *map_bytes = bytes + HUGE_PAGE;
     *map = mmap(NULL, *map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (*map == MAP_FAILED) die("out of memory allocating the KV cache (%zu bytes)", bytes);
+    if (*map == MAP_FAILED) {
+        *map = NULL;  /* (nothing for state_free to unmap) */
+        die("out of memory allocating the KV cache (%zu bytes)", bytes);
+    }
     uint8_t *start = (uint8_t *)(((uintptr_t)*map + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
 #ifdef MADV_HUGEPAGE
     (void)madvise(start, bytes / HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE);  /* only advice: may be refused */
@@ -219,6 +222,14 @@ static Matrix load_matrix(Loader *ld, const char *name, uint32_t rows, uint32_t 
     return (Matrix){.dtype = (int)e->dtype, .rows = (int)rows, .cols = (int)cols, .data = p};
 }
 
+/* The matrices that are multiplied in one call (q, k and v; an FFN's gate and up) share a dtype:
+ * the fast kernels take one dtype a call. name: the second's tensor name. */
+static void same_dtype(const Loader *ld, const Matrix *a, const Matrix *b, const char *name) {
+    if (a->dtype != b->dtype)
+        die("%s: tensor %s has dtype %s, expected %s as its companions in one matmul (q/k/v or gate/up)",
+            ld->m->path, name, dtype_name((uint32_t)b->dtype), dtype_name((uint32_t)a->dtype));
+}
+
 static FFN load_ffn(Loader *ld, const char *prefix, uint32_t dim, uint32_t hidden) {
     char name[MM_NAME_LEN + 32];
     FFN f;
@@ -226,6 +237,7 @@ static FFN load_ffn(Loader *ld, const char *prefix, uint32_t dim, uint32_t hidde
     f.gate = load_matrix(ld, name, hidden, dim);
     snprintf(name, sizeof name, "%sup_proj.weight", prefix);
     f.up = load_matrix(ld, name, hidden, dim);
+    same_dtype(ld, &f.gate, &f.up, name);
     snprintf(name, sizeof name, "%sdown_proj.weight", prefix);
     f.down = load_matrix(ld, name, dim, hidden);
     return f;
@@ -328,7 +340,9 @@ static void model_parse(Model *m) {
         L->input_norm = load_vector(&ld, NAME("%s", "input_layernorm.weight"), dim);
         L->wq = load_matrix(&ld, NAME("%s", "self_attn.q_proj.weight"), q_dim, dim);
         L->wk = load_matrix(&ld, NAME("%s", "self_attn.k_proj.weight"), kv_dim, dim);
+        same_dtype(&ld, &L->wq, &L->wk, name);
         L->wv = load_matrix(&ld, NAME("%s", "self_attn.v_proj.weight"), kv_dim, dim);
+        same_dtype(&ld, &L->wq, &L->wv, name);
         L->wo = load_matrix(&ld, NAME("%s", "self_attn.o_proj.weight"), dim, q_dim);
         if (h->flags & MM_FLAG_QK_NORM) {
             L->q_norm = load_vector(&ld, NAME("%s", "self_attn.q_norm.weight"), hd);
@@ -451,8 +465,10 @@ typedef struct {
     size_t kv_map_bytes;
     float *row_buf;             /* [threads, row_buf_len] a weight row as f32 (matmul_plain) */
     int row_buf_len;
+    int8_t *xq;                 /* [max_tokens, max cols] x quantised for a q8_0 matrix (matmul_plain) */
+    float *xs;                  /* [max_tokens, max cols / 32] their scales */
     float *scores;              /* [threads, ctx] attention scores (attention_head) */
-    KernelScratch ks;           /* the fast kernels' scratch; matmul_plain's q8_0 x too (ks.xq, ks.xs) */
+    KernelScratch ks;           /* the fast kernels' scratch */
     void *buffers[40];          /* every buffer above, for state_free */
     int n_buffers;
     bool counting;              /* state_init only adds up the bytes it would allocate */
@@ -468,9 +484,12 @@ static void *state_buffer(State *s, size_t n, size_t size) {
     return s->buffers[s->n_buffers++] = xcalloc(n, size, "the run state");
 }
 
+/* positions the cache holds for n: n rounded up to whole key blocks (kernels.h) */
+static uint64_t kv_positions(int n) { return ((uint64_t)n + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK; }
+
 /* bytes of the KV cache: keys and values of ctx positions, every layer and kv head */
 static uint64_t kv_cache_bytes(const mm_header *h, int ctx, int kv_dtype) {
-    uint64_t kv_len = ((uint64_t)ctx + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+    uint64_t kv_len = kv_positions(ctx);
     return 2 * (uint64_t)h->n_layers * h->n_kv_heads * kv_len * h->head_dim * kv_elem_size(kv_dtype);
 }
 
@@ -485,7 +504,7 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
     size_t max_cols = dim > q_dim ? dim : q_dim;  /* the widest x a matrix multiplies */
     max_cols = ffn > max_cols ? ffn : max_cols;
     *s = (State){.max_tokens = max_tokens, .ctx = ctx, .kv_dtype = kv_dtype, .counting = counting,
-                 .kv_len = (ctx + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK, .row_buf_len = 2 * (int)max_cols};
+                 .kv_len = (int)kv_positions(ctx), .row_buf_len = 2 * (int)max_cols};
     s->x = state_buffer(s, T * dim, sizeof(float));
     s->xb = state_buffer(s, T * dim, sizeof(float));
     s->q = state_buffer(s, T * q_dim, sizeof(float));
@@ -509,6 +528,8 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
     s->sin = state_buffer(s, T * hd / 2, sizeof(float));
     s->logits = state_buffer(s, T * h->vocab_size, sizeof(float));
     s->row_buf = state_buffer(s, nt * (size_t)s->row_buf_len, sizeof(float));
+    s->xq = state_buffer(s, T * max_cols, 1);
+    s->xs = state_buffer(s, T * (max_cols / MM_Q8_GROUP + 1), sizeof(float));
     s->scores = state_buffer(s, nt * (size_t)ctx, sizeof(float));
     int group = (int)(h->n_heads / h->n_kv_heads);
     void *scratch =
@@ -549,7 +570,9 @@ static KvLayer kv_layer(const State *s, const mm_header *h, uint32_t l) {
 static void check_memory(const Model *m, int max_tokens, int ctx, int kv_dtype) {
     State probe;
     state_init(&probe, m, max_tokens, ctx, NULL, kv_dtype, true);
-    uint64_t need = probe.bytes, kv = kv_cache_bytes(&m->cfg, ctx, kv_dtype);
+    /* and main's: the context's token ids; per vocabulary entry a sampling candidate and a flag */
+    uint64_t need = probe.bytes + (uint64_t)ctx * 4 + (uint64_t)m->cfg.vocab_size * 16;
+    uint64_t kv = kv_cache_bytes(&m->cfg, ctx, kv_dtype);
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     uint64_t have = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : UINT64_MAX;
     const char *what = "memory";
@@ -629,8 +652,8 @@ static float dot_q8(const int8_t *w, const float *w_scale, const int8_t *x, cons
 static void matmul_plain(float *out, const float *x, const Matrix *w, int n, State *s) {
     int rows = w->rows, cols = w->cols, groups = cols / MM_Q8_GROUP;
     bool q8 = w->dtype == MM_Q8_0;
-    int8_t *xq = s->ks.xq;
-    float *xs = s->ks.xs;
+    int8_t *xq = s->xq;
+    float *xs = s->xs;
     for (int t = 0; q8 && t < n; t++)
         quantize_q8(xq + (size_t)t * cols, xs + (size_t)t * groups, x + (size_t)t * cols, cols);
     #pragma omp parallel for
@@ -709,7 +732,8 @@ static float cache_at(const void *cache, int dtype, size_t i) {
 }
 
 /* One query head q over positions 0..pos of kv head g: out = softmax(q . k_t / sqrt(head_dim)) . v_t
- * (out, q: [head_dim]; scores: room for pos + 1) */
+ * (out, q: [head_dim]; scores: room for pos + 1). The keys are stored transposed in blocks, for
+ * the fast kernel: key_at finds dimension d of the key at position t. */
 static void attention_head(float *out, const float *q, const KvLayer *c, int g, int pos, float *scores) {
     int hd = c->head_dim;
     const void *keys = kv_keys(c, g), *values = kv_values(c, g);
@@ -746,7 +770,6 @@ static void route(int *idx, float *w, float *probs, const mm_header *h) {
     }
 }
 
-
 /* Whether token t (of a block) uses expert e, and with what weight: its router weight when
  * routed there, 1 for a shared expert (MiniMind2 MoE adds those to every token). */
 static bool expert_weight(const State *s, const mm_header *h, int t, uint32_t e, float *w) {
@@ -769,6 +792,9 @@ static bool fast_kernels(void) { return KERNELS_BUILT && !reference_kernels; }
 /* out_j = W_j x for a few matrices that read the same x [n, cols] (q, k and v; gate and up):
  * out_j [n, W_j.rows] */
 static void matmuls(State *s, const MatmulJob *jobs, int n_jobs, const float *x, int n) {
+    bool mixed = n_jobs > KERNEL_MAX_JOBS;  /* (the loader checks the dtypes of every file) */
+    for (int j = 1; j < n_jobs; j++) mixed |= jobs[j].w->dtype != jobs[0].w->dtype;
+    if (mixed) die("internal: a matmuls call of %d matrices, or of mixed dtypes", n_jobs);
     if (fast_kernels()) kernel_matmuls(jobs, n_jobs, x, n, &s->ks);
     else for (int j = 0; j < n_jobs; j++) matmul_plain(jobs[j].out, x, jobs[j].w, n, s);
 }
@@ -1261,13 +1287,12 @@ static void bench(const Model *m, State *s, Context *c, int n) {
      * context is made, before it times anything: so does this, to time the same work (only the
      * positions the benchmark uses, so that peak RSS stays what they need) */
     size_t row = (size_t)m->cfg.head_dim * kv_elem_size(s->kv_dtype);
-    size_t used = s->ctx < DEPTH2 + n ? (size_t)s->ctx : (size_t)(DEPTH2 + n);
-    used = (used + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+    size_t used = kv_positions(s->ctx < DEPTH2 + n ? s->ctx : DEPTH2 + n);
     for (uint32_t l = 0; l < m->cfg.n_layers; l++) {
-        KvLayer c = kv_layer(s, &m->cfg, l);
-        for (int g = 0; g < c.n_kv_heads; g++) {
-            memset(kv_keys(&c, g), 0, used * row);
-            memset(kv_values(&c, g), 0, used * row);
+        KvLayer layer = kv_layer(s, &m->cfg, l);
+        for (int g = 0; g < layer.n_kv_heads; g++) {
+            memset(kv_keys(&layer, g), 0, used * row);
+            memset(kv_values(&layer, g), 0, used * row);
         }
     }
     c->n_cached = 0, c->n = WARMUP;

@@ -53,7 +53,7 @@ static ALWAYS_INLINE void scores_tile(float *S, int ldS, const float *q, const v
 static ALWAYS_INLINE void scores_blocks(float *S, int ldS, const float *q, const void *k, int kv_dtype,
                                         int hd, int b0, int b1, int prefetch_blocks, float scale, const int J,
                                         const int B) {
-    size_t block = (size_t)hd * KEY_BLOCK * (kv_dtype == MM_F32 ? 4 : 2);
+    size_t block = (size_t)hd * KEY_BLOCK * kv_elem_size(kv_dtype);
     for (int b = b0; b < b1;) {
         int n = b1 - b >= B ? B : 1, a = b + KV_AHEAD / KEY_BLOCK;
         int n_ahead = prefetch_blocks - a;  /* of the n blocks at a, those that may be prefetched */
@@ -77,7 +77,7 @@ static ALWAYS_INLINE void scores_blocks(float *S, int ldS, const float *q, const
  * so that 8 or more chains of FMAs hide each other's latency (not 2 or 4). And the cache is prefetched
  * KV_AHEAD positions ahead: without it, each tile's keys and values waited on memory (the layer's
  * weights, read in between, had pushed them out of every cache). */
-static ALWAYS_INLINE void attention_scores_simd(float *S, int ldS, const float *q, int nq, const void *k,
+static ALWAYS_INLINE void scores_of_queries(float *S, int ldS, const float *q, int nq, const void *k,
                                                 int kv_dtype, int hd, int n_keys, int n_prefetch,
                                                 float scale) {
     int blocks = (n_keys + KEY_BLOCK - 1) / KEY_BLOCK,
@@ -151,7 +151,7 @@ static float exp_shifted(float *x, int n, float m) {
  * rows in registers, the columns of row t + KV_AHEAD prefetched while that is one of n_prefetch */
 static ALWAYS_INLINE void pv_tile(float *O, int ldo, const float *P, const void *v, int kv_dtype, int hd,
                                   int nt, int n_prefetch, const int R, const int C) {
-    size_t elem = kv_dtype == MM_F32 ? 4 : 2;
+    size_t elem = kv_elem_size(kv_dtype);
     vf acc[4][PV_VECS];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = vf_load(O + (size_t)r * ldo + VL * c);
@@ -197,7 +197,7 @@ static void pv_tiles(float *O, int ldo, const float *P, const void *v, int kv_dt
 static void attention_pv(float *O, const float *P, int nr, const void *v, int kv_dtype, int hd, int nt,
                          int n_prefetch) {
     int d = 0;
-    size_t elem = kv_dtype == MM_F32 ? 4 : 2;
+    size_t elem = kv_elem_size(kv_dtype);
     for (int C; d + VL <= hd; d += C * VL) {
         C = (hd - d) / VL < PV_VECS ? (hd - d) / VL : PV_VECS;
         for (int r0 = 0; r0 < nr; r0 += 4)  /* (the first rows prefetch) */
@@ -219,8 +219,8 @@ static void attention_pv(float *O, const float *P, int nr, const void *v, int kv
  * prefetched, 0: none; S rows hold whole blocks) */
 static void attention_scores(float *S, int ldS, const float *q, int nq, const void *k, int kv_dtype,
                              int hd, int n_keys, int n_prefetch, float scale) {
-    if (kv_dtype == MM_F32) attention_scores_simd(S, ldS, q, nq, k, MM_F32, hd, n_keys, n_prefetch, scale);
-    else attention_scores_simd(S, ldS, q, nq, k, MM_F16, hd, n_keys, n_prefetch, scale);
+    if (kv_dtype == MM_F32) scores_of_queries(S, ldS, q, nq, k, MM_F32, hd, n_keys, n_prefetch, scale);
+    else scores_of_queries(S, ldS, q, nq, k, MM_F16, hd, n_keys, n_prefetch, scale);
 }
 
 /* scratch of one attention_group: scores S [group ATT_TOKENS, KV_TILE], outputs O [group
@@ -250,9 +250,9 @@ static void attention_group(float *out, const float *q, int n, int pos0, const K
         for (int i = 0; i < n; i++) {  /* token i sees keys up to its own position */
             int see = pos0 + i - t0 + 1 < nt ? pos0 + i - t0 + 1 : nt;
             if (see <= 0) continue;
-            const float *qi = q + (size_t)i * q_dim + (size_t)g * group * hd;
+            const float *q_i = q + (size_t)i * q_dim + (size_t)g * group * hd;
             float *Si = S + (size_t)i * group * KV_TILE;
-            attention_scores(Si, KV_TILE, qi, group, k, c->dtype, hd, see, i ? 0 : n_prefetch, scale);
+            attention_scores(Si, KV_TILE, q_i, group, k, c->dtype, hd, see, i ? 0 : n_prefetch, scale);
             for (int j = 0; j < group; j++) {  /* online softmax: rescale what came before */
                 int r = i * group + j;
                 float *sr = Si + (size_t)j * KV_TILE, m = max_of(sr, see, mx[r]);
@@ -298,72 +298,10 @@ static void kernel_attention(float *out, const float *q, int n, int pos0, const 
 #undef UNIT
 }
 
-#endif
-
-/* ---- the kernels' scratch (kernels.h): one block of memory, each buffer on a cache line ---- */
-
-#if KERNELS_BUILT
-static const char *const KERNELS = KERNELS_NAME;
-#else
-static const char *const KERNELS = "none";
-#endif
-
-/* KernelScratch's buffers, in order: their bytes for these shapes (whole cache lines) in bytes[],
- * and the lengths kept in the struct */
-enum { N_SCRATCH = 7 };
-static void scratch_layout(size_t bytes[N_SCRATCH], int *strip_len, size_t *att_len, int max_tokens,
-                           int max_cols, int group, int head_dim, int threads) {
-    size_t T = (size_t)max_tokens, cols = (size_t)max_cols, groups = cols / MM_Q8_GROUP + 1, xT_len = 0;
-    *strip_len = 0, *att_len = 0;  /* (a build without the kernels needs only xq and xs: run.c's q8_0) */
-#if KERNELS_BUILT
-    *strip_len = OP_ROWS * max_cols;
-    *att_len = attention_buf_len(group, head_dim);
-    xT_len = cols * xT_width(T);
-#else
-    (void)group, (void)head_dim;
-#endif
-    bytes[0] = (size_t)threads * (size_t)*strip_len * sizeof(float);  /* strips */
-    bytes[1] = xT_len * sizeof(float);                                 /* xT */
-    bytes[2] = T * cols;                                               /* xq */
-    bytes[3] = T * groups * sizeof(float);                             /* xs */
-    bytes[4] = T * groups * sizeof(int32_t);                           /* xqsum */
-    bytes[5] = (size_t)threads * sizeof(PieceRange);                   /* ranges */
-    bytes[6] = (size_t)threads * *att_len * sizeof(float);             /* att */
-    for (int i = 0; i < N_SCRATCH; i++) bytes[i] = (bytes[i] + 63) / 64 * 64;
-}
-
-static size_t kernel_scratch_bytes(int max_tokens, int max_cols, int group, int head_dim, int threads) {
-    size_t bytes[N_SCRATCH], total = 0, att_len;
-    int strip_len;
-    scratch_layout(bytes, &strip_len, &att_len, max_tokens, max_cols, group, head_dim, threads);
-    for (int i = 0; i < N_SCRATCH; i++) total += bytes[i];
-    return total;
-}
-
-/* memory: kernel_scratch_bytes() zeroed bytes, on a cache line */
-static void kernel_scratch_init(KernelScratch *ks, void *memory, int max_tokens, int max_cols, int group,
-                                int head_dim, int threads) {
-    size_t bytes[N_SCRATCH], att_len;
-    int strip_len;
-    scratch_layout(bytes, &strip_len, &att_len, max_tokens, max_cols, group, head_dim, threads);
-    uint8_t *p = memory, *at[N_SCRATCH];
-    for (int i = 0; i < N_SCRATCH; i++) at[i] = p, p += bytes[i];
-    *ks = (KernelScratch){.max_tokens = max_tokens, .max_cols = max_cols, .threads = threads,
-                          .strips = (float *)at[0], .strip_len = strip_len, .xT = (float *)at[1],
-                          .xq = (int8_t *)at[2], .xs = (float *)at[3], .xqsum = (int32_t *)at[4],
-                          .ranges = (PieceRange *)at[5], .att = (float *)at[6], .att_len = att_len};
-}
-
-#if !KERNELS_BUILT  /* a build without the kernels: run.c never calls them */
-static void kernel_matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens,
-                           KernelScratch *ks) {
-    (void)jobs, (void)n_jobs, (void)x, (void)n_tokens, (void)ks;
-}
+#else  /* a build without the kernels: run.c never calls this */
 static void kernel_attention(float *out, const float *q, int n, int pos0, const KvLayer *c,
                              KernelScratch *ks) {
     (void)out, (void)q, (void)n, (void)pos0, (void)c, (void)ks;
-}
-static void kernel_swiglu(float *gate, const float *up, int n, int hidden) {
-    (void)gate, (void)up, (void)n, (void)hidden;
+    abort();
 }
 #endif

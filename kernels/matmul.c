@@ -29,7 +29,6 @@ static size_t xT_width(size_t n) { return (n + XT_TOKENS - 1) / XT_TOKENS * XT_T
 
 /* out[t * ldo + r] (+)= w[r, :K] . x[t, :K] for r < R, t < T; w rows ldw elements apart
  * (f32/f16/bf16), x rows ldx apart; add: accumulate onto out (a later chunk of the columns) */
-//DEL add: accumulate onto out (a later chunk of the columns) */
 static ALWAYS_INLINE void tile(float *out, int ldo, int dtype, const void *w, int ldw,
                                const float *x, int ldx, int K, const int R, const int T, bool add) {
     size_t elem = dtype == MM_F32 ? 4 : 2;
@@ -203,8 +202,8 @@ static void op_rows(float *out, const Matrix *w, const float *xT, int ldxT, int 
             float *o = out + (size_t)t * w->rows + r;
             const float *xt = xT + t;
             if (R == OP_ROWS && T > VL) { op_tile_full(o, w->rows, rows, cols, xt, ldxT, cols, T); continue; }
-            /* the last rows (a thread's share ends on a multiple of 4, a matrix maybe not), or a
-             * last run of at most VL tokens: tiles of 4 rows, then of 1 */
+            /* the last rows of a matrix (not a multiple of OP_ROWS), or a last run of at most VL
+             * tokens: tiles of 4 rows, then of 1 */
             int i = 0;
             for (; i + 4 <= R; i += 4) {
                 if (T > VL) op_tile(o + i, w->rows, rows + (size_t)i * cols, cols, xt, ldxT, cols, 4, 2, T);
@@ -219,36 +218,6 @@ static void op_rows(float *out, const Matrix *w, const float *xT, int ldxT, int 
 }
 
 /* ---- q8_0 matrices: integer tiles ---- */
-
-/* x quantised for q8_0 matrices: quantize_q8's codes and scales exactly. AVX2, which an AVX-512
- * machine runs too; NEON quantises with quantize_q8 itself (a small part of a matmul's time) */
-#ifdef __AVX2__
-static void quantize_q8_fast(int8_t *q, float *scale, const float *x, int n) {
-    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-    for (int g = 0; g < n / MM_Q8_GROUP; g++) {
-        const float *xg = x + (size_t)g * MM_Q8_GROUP;
-        __m256 v[4], m = _mm256_setzero_ps();
-        for (int j = 0; j < 4; j++) {
-            v[j] = _mm256_loadu_ps(xg + 8 * j);
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign_bit, v[j]));
-        }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        float d = _mm_cvtss_f32(m4) / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
-        __m256i i32[4];
-        for (int j = 0; j < 4; j++) i32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(id)));
-        /* 32-bit -> 8-bit packs work within 128-bit lanes: put the bytes back in order */
-        __m256i i16a = _mm256_packs_epi32(i32[0], i32[1]), i16b = _mm256_packs_epi32(i32[2], i32[3]);
-        __m256i i8 = _mm256_packs_epi16(i16a, i16b);
-        i8 = _mm256_permutevar8x32_epi32(i8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)(q + (size_t)g * MM_Q8_GROUP), i8);
-        scale[g] = d;
-    }
-}
-#else
-static void quantize_q8_fast(int8_t *q, float *scale, const float *x, int n) { quantize_q8(q, scale, x, n); }
-#endif
 
 /* Lanes are weight rows. A panel stores 4 consecutive columns of its 16 rows in 64 bytes
  * (model.h), so one vector load holds 4 weight bytes of each of Q8_LANES rows; one token's 4
@@ -418,11 +387,10 @@ static void q8_rows(float *out, const Matrix *w, const int8_t *xq, const float *
  * cores costs about a microsecond a call, more than stealing wins back there. */
 #define PIECE_BYTES 65536
 #define STEAL_MIN_BYTES (2 << 20)
-#define MAX_JOBS 3               /* matrices of one call: q, k, v */
 
 typedef struct {
     bool q8, prompt;              /* q8_0 matrices; a prompt block (units handed out dynamically) */
-    int block_rows, first_block[MAX_JOBS], blocks;  /* first_block[j]: matrix j's first block */
+    int block_rows, first_block[KERNEL_MAX_JOBS], blocks;  /* first_block[j]: matrix j's first block */
     bool steal;                   /* handed out in pieces, with stealing */
     int piece_blocks, n_pieces;   /* blocks a piece, pieces in all */
     int n_ranges;                 /* threads whose ranges of pieces are set (n_threads(): the
@@ -503,7 +471,7 @@ static void matmul_share(const MatmulJob *jobs, int n_jobs, const float *x, int 
                          const RowShares *sh, int id, int nth) {
     if (sh->prompt) {  /* units of a few tiles, handed out as threads come free */
         int ldxT = (int)xT_width((size_t)n), unit_rows = 4 * (sh->q8 ? Q8_TILE_ROWS : OP_ROWS);
-        int first_unit[MAX_JOBS], units = 0;
+        int first_unit[KERNEL_MAX_JOBS], units = 0;
         for (int j = 0; j < n_jobs; j++)
             first_unit[j] = units, units += (jobs[j].w->rows + unit_rows - 1) / unit_rows;
         float *strip = ks->strips + (size_t)id * ks->strip_len;
@@ -600,4 +568,67 @@ static void kernel_swiglu(float *gate, const float *up, int n, int hidden) {
     for (int t = 0; t < n; t++) swiglu_row(gate + (size_t)t * hidden, up + (size_t)t * hidden, hidden);
 }
 
+#else  /* a build without the kernels: run.c never calls these */
+static void kernel_matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens,
+                           KernelScratch *ks) {
+    (void)jobs, (void)n_jobs, (void)x, (void)n_tokens, (void)ks;
+    abort();
+}
+static void kernel_swiglu(float *gate, const float *up, int n, int hidden) {
+    (void)gate, (void)up, (void)n, (void)hidden;
+    abort();
+}
 #endif
+
+/* ---- the kernels' scratch (kernels.h): one block of memory, each buffer on a cache line ---- */
+
+#if KERNELS_BUILT
+static const char *const KERNELS = KERNELS_NAME;
+#else
+static const char *const KERNELS = "none";
+#endif
+
+/* KernelScratch's buffers, in order: their bytes for these shapes (whole cache lines; none in a
+ * build without the kernels) and the lengths kept in the struct */
+enum { N_SCRATCH = 7 };
+static void scratch_layout(size_t bytes[N_SCRATCH], int *strip_len, size_t *att_len, int max_tokens,
+                           int max_cols, int group, int head_dim, int threads) {
+    memset(bytes, 0, N_SCRATCH * sizeof *bytes);
+    *strip_len = 0, *att_len = 0;
+#if KERNELS_BUILT
+    size_t T = (size_t)max_tokens, cols = (size_t)max_cols, groups = cols / MM_Q8_GROUP + 1;
+    *strip_len = OP_ROWS * max_cols;
+    *att_len = attention_buf_len(group, head_dim);
+    bytes[0] = (size_t)threads * (size_t)*strip_len * sizeof(float);  /* strips */
+    bytes[1] = cols * xT_width(T) * sizeof(float);                     /* xT */
+    bytes[2] = T * cols;                                               /* xq */
+    bytes[3] = T * groups * sizeof(float);                             /* xs */
+    bytes[4] = T * groups * sizeof(int32_t);                           /* xqsum */
+    bytes[5] = (size_t)threads * sizeof(PieceRange);                   /* ranges */
+    bytes[6] = (size_t)threads * *att_len * sizeof(float);             /* att */
+    for (int i = 0; i < N_SCRATCH; i++) bytes[i] = (bytes[i] + 63) / 64 * 64;
+#else
+    (void)max_tokens, (void)max_cols, (void)group, (void)head_dim, (void)threads;
+#endif
+}
+
+static size_t kernel_scratch_bytes(int max_tokens, int max_cols, int group, int head_dim, int threads) {
+    size_t bytes[N_SCRATCH], total = 0, att_len;
+    int strip_len;
+    scratch_layout(bytes, &strip_len, &att_len, max_tokens, max_cols, group, head_dim, threads);
+    for (int i = 0; i < N_SCRATCH; i++) total += bytes[i];
+    return total;
+}
+
+/* memory: kernel_scratch_bytes() zeroed bytes, on a cache line */
+static void kernel_scratch_init(KernelScratch *ks, void *memory, int max_tokens, int max_cols, int group,
+                                int head_dim, int threads) {
+    size_t bytes[N_SCRATCH], att_len;
+    int strip_len;
+    scratch_layout(bytes, &strip_len, &att_len, max_tokens, max_cols, group, head_dim, threads);
+    uint8_t *p = memory, *at[N_SCRATCH];
+    for (int i = 0; i < N_SCRATCH; i++) at[i] = p, p += bytes[i];
+    *ks = (KernelScratch){.strips = (float *)at[0], .strip_len = strip_len, .xT = (float *)at[1],
+                          .xq = (int8_t *)at[2], .xs = (float *)at[3], .xqsum = (int32_t *)at[4],
+                          .ranges = (PieceRange *)at[5], .att = (float *)at[6], .att_len = att_len};
+}

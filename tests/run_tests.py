@@ -8,7 +8,7 @@ given without a tokenizer driver gets the numerical tests only, and a spec with 
 (::KERNEL_TEST) the kernel tests only. A spec marked optional (?RUN...) is skipped when its files
 are missing (make test marks the NEON builds, run under qemu, which it makes only where it can;
 under CI=true a missing one is a failure), any other spec with missing files fails. make test
-passes the normal build, the AddressSanitizer/UBSan build, the portable build (no SIMD kernels),
+passes the normal build, the AddressSanitizer/UBSan build, the portable build (no fast kernels),
 the AVX2 build, the AVX-VNNI build (where the processor has it) and the NEON builds. Fixtures
 come from tests/gen_fixtures.py (make fixtures); the MiniMind conformance cases in
 ../shared/conformance run when that folder exists.
@@ -305,6 +305,23 @@ def mutate_entry(data, index, **fields):
     return bytes(out)
 
 
+def entry_of(data, name):
+    """(index, size) of the tensor table entry called name"""
+    vals = HDR.unpack_from(data, 0)
+    for i in range(vals[F["n_tensors"]]):
+        e = ENTRY.unpack_from(data, vals[F["tensor_table_offset"]] + i * ENTRY.size)
+        if e[0].rstrip(b"\0") == name.encode():
+            return i, e[8]
+    raise KeyError(name)
+
+
+def as_f16(data, name):
+    """the file with tensor `name` declared f16 (its first half read as such): a well-formed file
+    whose matrices differ in dtype"""
+    i, size = entry_of(data, name)
+    return mutate_entry(data, i, dtype=1, size=size // 2)
+
+
 def hostile_tests(binary):
     tag = os.path.basename(binary)
     good_path = export(os.path.join(FIX, "m3_moe.pth"), "m3_moe.f32.bin", "f32")
@@ -349,6 +366,11 @@ def hostile_tests(binary):
         ("duplicate tensor name", mutate_entry(good, 2, name=b"model.embed_tokens.weight"), ["twice"]),
         ("tensor renamed", mutate_entry(good, 2, name=b"model.layers.0.bogus.weight"), ["missing tensor"]),
         ("name without NUL", mutate_entry(good, 2, name=b"x" * 64), ["missing tensor"]),
+        ("k_proj's dtype differs from q_proj's", as_f16(good, "model.layers.1.self_attn.k_proj.weight"),
+         ["model.layers.1.self_attn.k_proj.weight", "dtype f16", "expected f32"]),
+        ("an expert's up_proj dtype differs from its gate_proj's",
+         as_f16(good, "model.layers.0.mlp.experts.3.up_proj.weight"),
+         ["model.layers.0.mlp.experts.3.up_proj.weight", "dtype f16", "expected f32"]),
         ("unknown tensor", mutate_header(untied, flags=struct.unpack_from("<I", untied, 16)[0] | 2),
          ["unknown tensor lm_head.weight"]),
     ]

@@ -1,7 +1,8 @@
 /* loader_fuzz.c: the input is a model file. model_parse checks the header, config, tokenizer
  * block and tensor table; a file it accepts must then load its tokenizer (or be refused with a
- * message), encode and decode text, run a forward pass of a block of a few tokens and then of one
- * more, and sample from the logits, whatever its weights hold (NaN included). */
+ * message), encode and decode text, run a forward pass of a block of a few tokens (the fast
+ * kernels) and then of one more (the plain loops), and sample from the logits, whatever its
+ * weights hold (NaN included). */
 #include "fuzz.h"
 
 static Model m;
@@ -41,6 +42,7 @@ static void run_model(void) {
     seen = xcalloc(h->vocab_size, 1, "seen");
     int next = sample(&sp, logits, seen);
     FUZZ_ASSERT(next >= 0 && (uint32_t)next < h->vocab_size);
+    reference_kernels = true;  /* the next token through run.c's plain loops (reset below) */
     if (n_tok < ctx) forward(&m, &s, &next, 1, n_tok, false);
 }
 
@@ -60,6 +62,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (setjmp(jump) == 0) run_model();
     else fuzz_check_die_message();
     fuzz_die_jump = NULL;
+    reference_kernels = false;
     free(sp.cand);
     free(sp.kth);
     free(seen);
