@@ -957,6 +957,16 @@ static void write_logits(const float *logits, int t, void *ctx) {
 }
 
 /* -m ppl: the negative log-likelihood of each next token, -log softmax(logits)[next] */
+/* the window without -c, rather than the model's max positions (32768 in MiniMind's configs, far
+ * past the lengths its models are trained at, where the perplexity says little) */
+#define PPL_WINDOW 512
+
+/* a perplexity as text: six decimals, or six significant digits with an exponent from 1e6 on */
+static const char *ppl_text(double ppl, char buf[32]) {
+    snprintf(buf, 32, ppl < 1e6 ? "%.6f" : "%.6e", ppl);
+    return buf;
+}
+
 typedef struct {
     const int *tokens;  /* the current window's ids [n] */
     int n, vocab;
@@ -977,8 +987,9 @@ static void add_nll(const float *logits, int t, void *ctx) {
     p->count++;
     if (p->total >= 8192 && p->count * 10 >= (p->reported + 1) * p->total) {  /* long runs: every 10% */
         p->reported = (int)(p->count * 10 / p->total);
-        fprintf(stderr, "ppl: %3d%% (%ld of %ld tokens), ppl so far %.4f\n", p->reported * 10, p->count,
-                p->total, exp(p->nll / p->count));
+        char ppl[32];
+        fprintf(stderr, "ppl: %3d%% (%ld of %ld tokens), ppl so far %s\n", p->reported * 10, p->count,
+                p->total, ppl_text(exp(p->nll / p->count), ppl));
     }
 }
 
@@ -1375,8 +1386,8 @@ static void usage(FILE *f) {
 "  --think                chat: open minimind-3's thinking block\n"
 "  --show-tokens          tokenize: one token per line with its text\n"
 "  --csv                  ppl: print context,windows,tokens,nll,ppl as CSV instead\n"
-"  -c, --ctx N            context length (KV cache positions); ppl: window length\n"
-"                         [the model's max positions]\n"
+"  -c, --ctx N            context length (KV cache positions)  [the model's max positions];\n"
+"                         ppl: window length  [512, or the model's max if smaller]\n"
 "  --threads N            worker threads (OpenMP builds)  [number of cores]\n"
 "  --batch N              prompt tokens per forward pass; 1 = token by token  [64]\n"
 "  --kv T                 KV cache type: f32 | f16 (half the memory)  [f32]\n"
@@ -1597,6 +1608,7 @@ int main(int argc, char **argv) {
     if (tok_err) die("%s: %s", o.model_path, tok_err);
     Rope rope = rope_from(h, &o);
     int ctx = o.ctx ? o.ctx : (int)h->max_seq_len;
+    if (!o.ctx && !strcmp(o.mode, "ppl") && ctx > PPL_WINDOW) ctx = PPL_WINDOW;
     bool generating = !strcmp(o.mode, "generate"), chatting = !strcmp(o.mode, "chat");
     bool benching = !strcmp(o.mode, "bench");
 
@@ -1706,20 +1718,23 @@ int main(int argc, char **argv) {
     } else {
         int n_windows = (n_ids + ctx - 1) / ctx;
         PplSum sum = {.vocab = (int)h->vocab_size, .total = n_ids - n_windows};
+        char ppl_buf[32];
+        fprintf(stderr, "ppl: %d tokens in %d window%s of %d, each from position 0%s\n", n_ids, n_windows,
+                n_windows > 1 ? "s" : "", ctx, o.ctx ? "" : " (-c sets the window)");
         for (int w = 0; w < n_windows; w++) {
             sum.tokens = ids + (size_t)w * ctx;
             sum.n = n_ids - w * ctx < ctx ? n_ids - w * ctx : ctx;
             run_sequence(&m, &s, sum.tokens, sum.n, add_nll, &sum);
             if (o.verbose && n_windows > 1)
-                fprintf(stderr, "window %d/%d: ppl %.4f over %ld tokens\n", w + 1, n_windows,
-                        sum.count ? exp(sum.nll / sum.count) : NAN, sum.count);
+                fprintf(stderr, "window %d/%d: ppl %s over %ld tokens\n", w + 1, n_windows,
+                        ppl_text(sum.count ? exp(sum.nll / sum.count) : NAN, ppl_buf), sum.count);
         }
         if (sum.count == 0) die("ppl needs at least 2 tokens in a window (got %d ids, -c %d)", n_ids, ctx);
         if (o.csv)
-            printf("context,windows,tokens,nll,ppl\n%d,%d,%ld,%.8f,%.6f\n", ctx, n_windows, sum.count,
-                   sum.nll / sum.count, exp(sum.nll / sum.count));
+            printf("context,windows,tokens,nll,ppl\n%d,%d,%ld,%.8f,%s\n", ctx, n_windows, sum.count,
+                   sum.nll / sum.count, ppl_text(exp(sum.nll / sum.count), ppl_buf));
         else
-            printf("ppl = %.6f over %ld tokens\n", exp(sum.nll / sum.count), sum.count);
+            printf("ppl = %s over %ld tokens\n", ppl_text(exp(sum.nll / sum.count), ppl_buf), sum.count);
     }
     if (o.verbose && !generating && !chatting && !benching)
         fprintf(stderr, "%d tokens in %.3f s (%.1f tokens/s)\n", n_ids, now_seconds() - t0,

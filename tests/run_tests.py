@@ -504,6 +504,22 @@ def limits_tests(binary):
             f.write(data)
         return expect_error(run([binary, path, "-m", "ppl", "-i", "the cat sat on the mat"]), "logit for token")
 
+    @test(f"{tag}: a huge perplexity prints with an exponent, not as a 60-digit number")
+    def _():
+        data = bytearray(open(model, "rb").read())
+        off, size = tensor_data(data, "model.norm.weight")
+        data[off:off + size] = struct.pack("<f", 4.0) * (size // 4)  # sharp logits: ppl about 1e62
+        path = os.path.join(TMP, "sharp.bin")
+        with open(path, "wb") as f:
+            f.write(data)
+        p = run([binary, path, "-m", "ppl", "-i", "the cat sat on the mat"])
+        q = run([binary, path, "-m", "ppl", "-i", "the cat sat on the mat", "--csv"])
+        m = re.fullmatch(r"ppl = (\d\.\d{6}e\+\d+) over \d+ tokens", p.stdout.strip())
+        rows = list(csv.DictReader(io.StringIO(q.stdout)))
+        ok = p.returncode == 0 and m is not None and float(m.group(1)) > 1e6 and \
+            rows and rows[0]["ppl"] == m.group(1)
+        return ok, repr(p.stdout.strip())
+
     @test(f"{tag}: an error quoting a newline stays on one line")
     def _():
         p = run([binary, model, "-m", "da\nnce", "-i", "x"])
@@ -852,9 +868,18 @@ def demo_tests(binary, expected):
         rows = list(csv.DictReader(io.StringIO(q.stdout)))
         n = len(ref["ppl_window_ids"])
         ok = abs(got / ref["ppl"] - 1) < 1e-3 and len(rows) == 1 and float(rows[0]["ppl"]) == got and \
-            rows[0]["context"] == "32768" and rows[0]["windows"] == "1" and rows[0]["tokens"] == str(n - 1) and \
+            rows[0]["context"] == "512" and rows[0]["windows"] == "1" and rows[0]["tokens"] == str(n - 1) and \
             abs(math.exp(float(rows[0]["nll"])) / got - 1) < 1e-6
         return ok, f"{got:.4f} vs {ref['ppl']:.4f}; csv {rows[:1]}"
+
+    @test(f"{tag}: demo model: ppl without -c takes windows of 512, says so on stderr, equals -c 512")
+    def _():
+        ids = ids_arg(ref["ppl_window_ids"] * 3)  # 2 windows
+        p = run([binary, model, "-m", "ppl", "--ids", ids])
+        q = run([binary, model, "-m", "ppl", "--ids", ids, "-c", "512"])
+        ok = p.returncode == 0 and p.stdout == q.stdout and "in 2 windows of 512" in p.stderr and \
+            "-c sets the window" in p.stderr and "-c sets the window" not in q.stderr
+        return ok, f"{p.stdout.strip()!r}; {p.stderr.strip().splitlines()[:1]}"
 
     @test(f"{tag}: demo model: the C tokenizer gives the ids the model was trained on (and HF's)")
     def _():
