@@ -1,6 +1,7 @@
 # minimind.c: `make` builds ./run; `make run` builds it and generates from the demo model;
-# `make test` runs the test suite (normal and ASan/UBSan builds); `make bench` prints speeds;
-# `make fuzz` builds the libFuzzer targets of tests/fuzz/ and runs each FUZZ_SECONDS.
+# `make test` runs the test suite (normal and ASan/UBSan builds); `make bench` prints speeds and
+# `make bench-busy` speeds beside busy processes; `make fuzz` builds the libFuzzer targets of
+# tests/fuzz/ and runs each FUZZ_SECONDS.
 CC      ?= gcc
 ARCH    ?= -march=native   # the fast kernels this machine can run (make ARCH=: none, run.c's plain loops)
 CFLAGS  ?= -O3
@@ -13,7 +14,7 @@ ifeq ($(strip $(OMP)),)
 WARN    += -Wno-unknown-pragmas   # built without OpenMP (make OMP=): its pragmas are ignored
 endif
 
-.PHONY: all run test bench fixtures fuzz fuzz-build fuzz-corpus clean FORCE
+.PHONY: all run test bench bench-busy fixtures fuzz fuzz-build fuzz-corpus clean FORCE
 
 # the sources of ./run: run.c includes the rest (one translation unit)
 SRC   = run.c tokenizer.c model.h kernels.h kernels/vector.h kernels/matmul.c kernels/attention.c
@@ -42,6 +43,10 @@ run-asan: $(SRC)
 # the portable build: no fast kernels, run.c's plain loops (what a machine without AVX2 or NEON runs)
 run-portable: $(SRC)
 	$(CC) $(WARN) $(WERROR) -O2 $(OMP) -o $@ run.c -lm
+
+# without OpenMP (make OMP=, or a compiler without it, as Apple's clang): one thread
+run-noomp: $(SRC)
+	$(CC) $(WARN) -Wno-unknown-pragmas $(WERROR) -O2 $(ARCH) -o $@ run.c -lm
 
 # the AVX2 kernels, which machines without AVX-512 run: built and tested here too (x86-64 only);
 # and the same with AVX-VNNI (Alder Lake and later, Zen 5), whose q8_0 tiles use vpdpbusd, tested
@@ -137,10 +142,10 @@ fuzz: fuzz-build
 fuzz-corpus:
 	$(PYTHON) tests/fuzz/gen_corpus.py
 
-TEST_BINARIES = .run-built run-asan run-portable tests/tokenizer_test tests/tokenizer_test-asan \
+TEST_BINARIES = .run-built run-asan run-portable run-noomp tests/tokenizer_test tests/tokenizer_test-asan \
                 tests/kernel_test tests/kernel_test-asan
 TEST_SPECS = ./run:tests/tokenizer_test:tests/kernel_test ./run-asan:tests/tokenizer_test-asan:tests/kernel_test-asan \
-             ./run-portable
+             ./run-portable ./run-noomp
 ifeq ($(shell uname -m),x86_64)
 TEST_BINARIES += run-avx2 tests/kernel_test-avx2
 TEST_SPECS += ./run-avx2::tests/kernel_test-avx2
@@ -176,11 +181,17 @@ bench: .run-built tests/tokenizer_test tests/stream
 	  printf 'tokenizer encode, %s: ' $$tok; tests/tokenizer_test tests/tmp/bench_tok.bin speed 16; \
 	done
 
+# the default thread count beside 0, 1 and 2 busy processes against --threads 1, alternated, and
+# make run's first token and peak RSS at the default context against -c 64 (tests/bench.py --busy)
+BUSY_RUNS ?= 5
+bench-busy: .run-built
+	$(PYTHON) tests/bench.py --busy --runs $(BUSY_RUNS) $(BENCH_ARGS)
+
 # regenerate tests/fixtures (needs PyTorch: apt-get install python3-torch)
 fixtures:
 	/usr/bin/python3 tests/gen_fixtures.py
 
 clean:
-	rm -f run .run-built .run-flags run-asan run-portable run-avx2 run-avxvnni tests/kernel_test-avxvnni tests/tokenizer_test tests/tokenizer_test-asan \
+	rm -f run .run-built .run-flags run-asan run-portable run-noomp run-avx2 run-avxvnni tests/kernel_test-avxvnni tests/tokenizer_test tests/tokenizer_test-asan \
 	    tests/kernel_test tests/kernel_test-asan tests/kernel_test-avx2 tests/stream $(FUZZ_BINARIES) \
 	    $(NEON_BINARIES) $(NEON_BINARIES:%=%.aarch64)

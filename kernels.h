@@ -108,36 +108,47 @@ static inline uint64_t q8_panel_bytes(uint64_t cols) {
     return MM_Q8_PANEL * cols + MM_Q8_PANEL * (cols / MM_Q8_GROUP) * 2;
 }
 
-/* ---- the KV cache of one layer ----
- * For each kv head, kv_len positions of head_dim values, f32 or (--kv f16) f16. Values are rows,
- * [n_kv_heads][kv_len][head_dim]. Keys are transposed in blocks of KEY_BLOCK positions,
- * [n_kv_heads][kv_len / KEY_BLOCK][head_dim][KEY_BLOCK]: one vector load holds dimension d of
- * KEY_BLOCK keys, so the scores of KEY_BLOCK keys are head_dim multiply-adds with no horizontal
- * sums. */
+/* ---- the KV cache ----
+ * The keys and values of every layer and kv head, f32 or (--kv f16) f16, in pages of KV_PAGE
+ * positions: page p holds positions p KV_PAGE .. (p + 1) KV_PAGE - 1 of all of them,
+ * [n_layers][keys, values][n_kv_heads][KV_PAGE positions][head_dim]. Memory is committed as pages
+ * are first written (run.c, alloc_kv), so a context costs only the pages its positions reach: the
+ * first token touches one page, whatever -c is. Within a page, a head's values are rows
+ * [KV_PAGE][head_dim]; its keys are transposed in blocks of KEY_BLOCK positions,
+ * [KV_PAGE / KEY_BLOCK][head_dim][KEY_BLOCK]: one vector load holds dimension d of KEY_BLOCK keys,
+ * so the scores of KEY_BLOCK keys are head_dim multiply-adds with no horizontal sums. */
 #define KEY_BLOCK 16
+#define KV_PAGE 256
 
 typedef struct {
-    void *keys, *values;        /* this layer's caches, laid out as above */
+    void *keys, *values;        /* this layer's keys and values of kv head 0 in page 0 */
+    size_t page_bytes;          /* from a position to the same one KV_PAGE positions on */
     int dtype;                  /* MM_F32 or MM_F16 */
-    int kv_len;                 /* positions per kv head, a multiple of KEY_BLOCK */
     int n_kv_heads, group;      /* group: the query heads that read each kv head */
     int head_dim;
 } KvLayer;
 
 static inline size_t kv_elem_size(int dtype) { return dtype == MM_F16 ? 2 : 4; }
 
-/* the keys or values of kv head g: kv_len positions */
-static inline void *kv_keys(const KvLayer *c, int g) {
-    return (uint8_t *)c->keys + (size_t)g * c->kv_len * c->head_dim * kv_elem_size(c->dtype);
-}
-static inline void *kv_values(const KvLayer *c, int g) {
-    return (uint8_t *)c->values + (size_t)g * c->kv_len * c->head_dim * kv_elem_size(c->dtype);
+/* bytes of one kv head's keys (or values) in one page */
+static inline size_t kv_head_bytes(const KvLayer *c) {
+    return (size_t)KV_PAGE * c->head_dim * kv_elem_size(c->dtype);
 }
 
-/* where dimension d of the key at position pos lies in its head's keys (in elements) */
-static inline size_t key_at(int pos, int d, int head_dim) {
-    return ((size_t)(pos / KEY_BLOCK) * head_dim + (size_t)d) * KEY_BLOCK + (size_t)(pos % KEY_BLOCK);
+/* kv head g's keys from the block that holds position pos; the positions from there to the end of
+ * its page follow in order, a block after another */
+static inline void *kv_keys(const KvLayer *c, int g, int pos) {
+    return (uint8_t *)c->keys + (size_t)(pos / KV_PAGE) * c->page_bytes + (size_t)g * kv_head_bytes(c) +
+           (size_t)(pos % KV_PAGE / KEY_BLOCK * KEY_BLOCK) * c->head_dim * kv_elem_size(c->dtype);
 }
+/* kv head g's value row of position pos; the rows to the end of its page follow */
+static inline void *kv_values(const KvLayer *c, int g, int pos) {
+    return (uint8_t *)c->values + (size_t)(pos / KV_PAGE) * c->page_bytes + (size_t)g * kv_head_bytes(c) +
+           (size_t)(pos % KV_PAGE) * c->head_dim * kv_elem_size(c->dtype);
+}
+
+/* where dimension d of the key at position pos lies in the block kv_keys gives (in elements) */
+static inline size_t key_in_block(int pos, int d) { return (size_t)d * KEY_BLOCK + (size_t)(pos % KEY_BLOCK); }
 
 /* ---- threads (OpenMP, when built with it) ---- */
 

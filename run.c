@@ -91,9 +91,10 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
     return memset(p, 0, bytes);
 }
 
-/* The KV cache: anonymous memory whose zero pages are mapped in when a position is first
- * written, a page fault per 4 KB (docs/kernels.md: what that cost). Where the kernel offers 2 MB
- * pages on request, ask; the start is 2 MB-aligned, so that the cache's first positions take whole
+/* The KV cache: anonymous memory, whose zeroed pages the kernel maps in when they are first
+ * written: the cache's pages of positions (kernels.h) take memory as the positions are reached.
+ * Where the kernel offers 2 MB pages on request, ask (long contexts read the cache faster through
+ * fewer TLB entries); the start is 2 MB-aligned, so that the cache's first positions take whole
  * 2 MB pages, not parts of two. Returns the start; *map, *map_bytes: what to munmap. */
 #define HUGE_PAGE ((size_t)2 << 20)
 static void *alloc_kv(size_t bytes, void **map, size_t *map_bytes) {
@@ -458,10 +459,8 @@ typedef struct {
     float *cos, *sin;           /* [max_tokens, head_dim / 2] the rotation of each token's position */
     float *logits;              /* [max_tokens, vocab] */
     int kv_dtype;               /* the KV cache: MM_F32, or MM_F16 (--kv f16) */
-    int kv_len;                 /* ctx rounded up to a multiple of KEY_BLOCK */
-    void *key_cache;            /* [n_layers] of one layer's keys, laid out as KvLayer's (kernels.h) */
-    void *value_cache;          /* [n_layers] of one layer's values */
-    void *kv_map;               /* the mapping that holds both (alloc_kv) */
+    void *kv_cache;             /* [ctx / KV_PAGE pages] of keys and values, as kernels.h lays out */
+    void *kv_map;               /* the mapping that holds it (alloc_kv) */
     size_t kv_map_bytes;
     float *row_buf;             /* [threads, row_buf_len] a weight row as f32 (matmul_plain) */
     int row_buf_len;
@@ -484,17 +483,18 @@ static void *state_buffer(State *s, size_t n, size_t size) {
     return s->buffers[s->n_buffers++] = xcalloc(n, size, "the run state");
 }
 
-/* positions the cache holds for n: n rounded up to whole key blocks (kernels.h) */
-static uint64_t kv_positions(int n) { return ((uint64_t)n + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK; }
+/* bytes of one page of the KV cache: keys and values of KV_PAGE positions, every layer and kv head */
+static uint64_t kv_page_bytes(const mm_header *h, int kv_dtype) {
+    return 2 * (uint64_t)h->n_layers * h->n_kv_heads * KV_PAGE * h->head_dim * kv_elem_size(kv_dtype);
+}
 
-/* bytes of the KV cache: keys and values of ctx positions, every layer and kv head */
-static uint64_t kv_cache_bytes(const mm_header *h, int ctx, int kv_dtype) {
-    uint64_t kv_len = kv_positions(ctx);
-    return 2 * (uint64_t)h->n_layers * h->n_kv_heads * kv_len * h->head_dim * kv_elem_size(kv_dtype);
+/* bytes of the KV cache for n positions: whole pages */
+static uint64_t kv_cache_bytes(const mm_header *h, int n, int kv_dtype) {
+    return ((uint64_t)n + KV_PAGE - 1) / KV_PAGE * kv_page_bytes(h, kv_dtype);
 }
 
 /* The state for blocks of up to max_tokens tokens and a context of ctx positions; with counting,
- * only s->bytes, what it would take (check_memory). Every buffer is sized here and nowhere else. */
+ * only s->bytes, what it would take (fit_context). Every buffer is sized here and nowhere else. */
 static void state_init(State *s, const Model *m, int max_tokens, int ctx, const Rope *rope, int kv_dtype,
                        bool counting) {
     const mm_header *h = &m->cfg;
@@ -504,7 +504,7 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
     size_t max_cols = dim > q_dim ? dim : q_dim;  /* the widest x a matrix multiplies */
     max_cols = ffn > max_cols ? ffn : max_cols;
     *s = (State){.max_tokens = max_tokens, .ctx = ctx, .kv_dtype = kv_dtype, .counting = counting,
-                 .kv_len = (int)kv_positions(ctx), .row_buf_len = 2 * (int)max_cols};
+                 .row_buf_len = 2 * (int)max_cols};
     s->x = state_buffer(s, T * dim, sizeof(float));
     s->xb = state_buffer(s, T * dim, sizeof(float));
     s->q = state_buffer(s, T * q_dim, sizeof(float));
@@ -540,11 +540,7 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
     kernel_scratch_init(&s->ks, scratch, max_tokens, (int)max_cols, group, (int)hd, (int)nt);
     rope_inv_freq(s->inv_freq, rope, (int)hd, (int)h->max_seq_len);
     s->attn_factor = rope->scaling == MM_ROPE_YARN ? rope->attn_factor : 1.0f;
-    /* mapped, not written: memory is committed only for the positions used (alloc_kv); the values
-     * start on a 2 MB page of their own */
-    size_t half = (kv_bytes / 2 + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
-    s->key_cache = alloc_kv(2 * half, &s->kv_map, &s->kv_map_bytes);
-    s->value_cache = (uint8_t *)s->key_cache + half;
+    s->kv_cache = alloc_kv(kv_bytes, &s->kv_map, &s->kv_map_bytes);  /* mapped, not written */
 }
 
 static void state_free(State *s) {
@@ -554,38 +550,170 @@ static void state_free(State *s) {
 
 /* layer l's part of the KV cache */
 static KvLayer kv_layer(const State *s, const mm_header *h, uint32_t l) {
-    size_t layer = (size_t)h->n_kv_heads * s->kv_len * h->head_dim * kv_elem_size(s->kv_dtype);
-    return (KvLayer){.keys = (uint8_t *)s->key_cache + l * layer,
-                     .values = (uint8_t *)s->value_cache + l * layer,
+    size_t head = (size_t)KV_PAGE * h->head_dim * kv_elem_size(s->kv_dtype), keys = h->n_kv_heads * head;
+    uint8_t *layer = (uint8_t *)s->kv_cache + l * 2 * keys;  /* its keys, then its values */
+    return (KvLayer){.keys = layer,
+                     .values = layer + keys,
+                     .page_bytes = kv_page_bytes(h, s->kv_dtype),
                      .dtype = s->kv_dtype,
-                     .kv_len = s->kv_len,
                      .n_kv_heads = (int)h->n_kv_heads,
                      .group = (int)(h->n_heads / h->n_kv_heads),
                      .head_dim = (int)h->head_dim};
 }
 
-/* Refuse, before allocating, a state that cannot fit: this machine's memory, or the address space
- * that RLIMIT_AS leaves beside the mapped model file. (The KV cache is mapped and its pages only
- * committed when used, so without this a huge -c would start and be killed part way.) */
-static void check_memory(const Model *m, int max_tokens, int ctx, int kv_dtype) {
-    State probe;
-    state_init(&probe, m, max_tokens, ctx, NULL, kv_dtype, true);
-    /* and main's: the context's token ids; per vocabulary entry a sampling candidate and a flag */
-    uint64_t need = probe.bytes + (uint64_t)ctx * 4 + (uint64_t)m->cfg.vocab_size * 16;
-    uint64_t kv = kv_cache_bytes(&m->cfg, ctx, kv_dtype);
+/* ---- what this process may use: memory and CPUs ----
+ * A container's limits live in its cgroup, not in what sysconf reports of the machine. Linux
+ * lists a process's groups in /proc/self/cgroup, one line each: "0::/path" in cgroup v2, and
+ * "id:controllers:/path" per hierarchy in v1. A limit holds for a group and everything under it,
+ * so the one that binds is the smallest over the group and its parents. */
+
+/* The value read from one group's folder (v2: its "0::" line), or INFINITY for none */
+typedef double (*CgroupValue)(const char *dir, bool v2);
+
+/* a small file's first line into buf ("" when it cannot be read) */
+static const char *read_line(const char *dir, const char *name, char *buf, size_t size) {
+    char path[4300];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "r");
+    buf[0] = 0;
+    if (f) {
+        if (!fgets(buf, (int)size, f)) buf[0] = 0;
+        fclose(f);
+    }
+    return buf;
+}
+
+/* is `word` one of the comma-separated controllers? */
+static bool has_controller(const char *list, const char *word) {
+    size_t n = strlen(word);
+    for (const char *p = list; p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL)
+        if (!strncmp(p, word, n) && (p[n] == ',' || p[n] == 0)) return true;
+    return false;
+}
+
+/* the smallest value over this process's groups of `controller` (v1) or its v2 group, and their
+ * parents, where the hierarchies are mounted in the usual places */
+static double cgroup_limit(const char *controller, CgroupValue value) {
+    double limit = INFINITY;
+    FILE *f = fopen("/proc/self/cgroup", "r");
+    if (!f) return limit;
+    char line[4096], dir[4200];
+    while (fgets(line, sizeof line, f)) {
+        char *controllers = strchr(line, ':'), *path = controllers ? strchr(controllers + 1, ':') : NULL;
+        if (!path || path[1] != '/') continue;
+        *controllers++ = 0, *path++ = 0;
+        path[strcspn(path, "\n")] = 0;
+        bool v2 = !strcmp(line, "0") && !*controllers;
+        if (!v2 && !has_controller(controllers, controller)) continue;
+        char roots[2][300];
+        if (v2) snprintf(roots[0], 300, "/sys/fs/cgroup"), snprintf(roots[1], 300, "/sys/fs/cgroup/unified");
+        else snprintf(roots[0], 300, "/sys/fs/cgroup/%s", controller),
+             snprintf(roots[1], 300, "/sys/fs/cgroup/%s", controllers);  /* "cpu,cpuacct" */
+        for (int r = 0; r < 2; r++)
+            for (size_t len = strlen(path);;) {  /* the group, then each parent up to the root */
+                snprintf(dir, sizeof dir, "%s%.*s", roots[r], (int)len, path);
+                double v = value(dir, v2);
+                limit = v < limit ? v : limit;
+                while (len > 0 && path[len - 1] != '/') len--;
+                if (len <= 1) break;
+                len--;
+            }
+    }
+    fclose(f);
+    return limit;
+}
+
+/* memory.max (v2, "max" for none) or memory.limit_in_bytes (v1: a huge number for none) */
+static double memory_max(const char *dir, bool v2) {
+    char buf[64];
+    read_line(dir, v2 ? "memory.max" : "memory.limit_in_bytes", buf, sizeof buf);
+    return buf[0] >= '0' && buf[0] <= '9' ? strtod(buf, NULL) : INFINITY;
+}
+
+/* CPUs' worth of time per period: cpu.max (v2: "quota period", "max period" for none), or
+ * cpu.cfs_quota_us / cpu.cfs_period_us (v1: -1 for none) */
+static double cpu_quota(const char *dir, bool v2) {
+    char a[64], b[64];
+    double quota, period;
+    if (v2) {
+        read_line(dir, "cpu.max", a, sizeof a);
+        if (sscanf(a, "%lf %lf", &quota, &period) != 2) return INFINITY;
+    } else {
+        quota = strtod(read_line(dir, "cpu.cfs_quota_us", a, sizeof a), NULL);
+        period = strtod(read_line(dir, "cpu.cfs_period_us", b, sizeof b), NULL);
+    }
+    return quota > 0 && period > 0 ? quota / period : INFINITY;
+}
+
+/* The CPUs this process may use: those of its affinity mask (OpenMP counts them), no more than its
+ * cgroup's CPU quota, rounded up */
+static int usable_cpus(void) {
+#ifdef _OPENMP
+    int n = omp_get_num_procs();
+#else
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    int n = online > 0 ? (int)online : 1;
+#endif
+    double quota = cgroup_limit("cpu", cpu_quota);
+    return quota < n ? (quota > 1 ? (int)ceil(quota) : 1) : n;
+}
+
+/* The bytes this process may hold beside the mapped model file, and what bounds them: this
+ * machine's memory, the address space RLIMIT_AS (ulimit -v) leaves, or a cgroup's memory limit
+ * (which counts the model file's pages in memory, as it counts the process's own). */
+static uint64_t memory_available(const Model *m, const char **what) {
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     uint64_t have = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : UINT64_MAX;
-    const char *what = "memory";
+    *what = "memory";
     struct rlimit rl;
     if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
         uint64_t left = rl.rlim_cur > m->map_size ? (uint64_t)rl.rlim_cur - m->map_size : 0;
-        if (left < have) have = left, what = "address space (ulimit -v) beside the model file";
+        if (left < have) have = left, *what = "address space (ulimit -v) beside the model file";
     }
-    if (need > have)
+    double group = cgroup_limit("memory", memory_max);
+    if (group < (double)have) {
+        uint64_t limit = (uint64_t)group, left = limit > m->map_size ? limit - m->map_size : 0;
+        if (left < have) have = left, *what = "this cgroup's memory limit beside the model file";
+    }
+    return have;
+}
+
+/* bytes a state for ctx positions takes: the state's buffers with a full KV cache, and main's
+ * (the context's token ids; per vocabulary entry a sampling candidate and a flag) */
+static uint64_t memory_needed(const Model *m, int max_tokens, int ctx, int kv_dtype) {
+    State probe;
+    state_init(&probe, m, max_tokens, ctx, NULL, kv_dtype, true);
+    return probe.bytes + (uint64_t)ctx * 4 + (uint64_t)m->cfg.vocab_size * 16;
+}
+
+/* The context to run: ctx, if a state for it fits what this process may use. The KV cache is
+ * mapped and its pages taken only as positions reach them, so without this a context too large
+ * would start, and be killed part way. A context that does not fit is an error when asked for
+ * (-c); the default (the model's max_position_embeddings) is cut to what fits, and that is said. */
+static int fit_context(const Model *m, int max_tokens, int ctx, bool asked, int kv_dtype) {
+    const char *what;
+    uint64_t have = memory_available(m, &what), need = memory_needed(m, max_tokens, ctx, kv_dtype);
+    if (need <= have) return ctx;
+    uint64_t kv = kv_cache_bytes(&m->cfg, ctx, kv_dtype);
+    if (asked)
         die("a context of %d positions needs %llu bytes (KV cache %llu, activations %llu), more than the "
             "%llu bytes of %s; use a smaller -c%s", ctx, (unsigned long long)need, (unsigned long long)kv,
             (unsigned long long)(need - kv), (unsigned long long)have, what,
             kv_dtype == MM_F16 ? "" : " or --kv f16");
+    int fits = ctx, over = ctx;  /* halve until it fits, then search whole pages between */
+    while (fits > KV_PAGE && memory_needed(m, max_tokens, fits, kv_dtype) > have) over = fits, fits /= 2;
+    while (over - fits > KV_PAGE) {
+        int mid = (fits + (over - fits) / 2) / KV_PAGE * KV_PAGE;
+        if (mid <= fits) break;
+        if (memory_needed(m, max_tokens, mid, kv_dtype) <= have) fits = mid;
+        else over = mid;
+    }
+    if (memory_needed(m, max_tokens, fits, kv_dtype) > have)
+        die("the run state needs %llu bytes, more than the %llu bytes of %s",
+            (unsigned long long)memory_needed(m, max_tokens, fits, kv_dtype), (unsigned long long)have, what);
+    fprintf(stderr, "run: note: the model's context of %d positions needs %llu bytes, more than the %llu "
+            "bytes of %s: using -c %d\n", ctx, (unsigned long long)need, (unsigned long long)have, what, fits);
+    return fits;
 }
 
 /* ============================================================================================
@@ -717,12 +845,11 @@ static void rope_rotate(float *v, const float *cos_, const float *sin_, int half
 
 /* the key k and value v of kv head g at position pos, into the cache (f32, or rounded to f16) */
 static void cache_store(const KvLayer *c, int g, int pos, const float *k, const float *v) {
-    int hd = c->head_dim;
-    void *keys = kv_keys(c, g), *values = kv_values(c, g);
-    for (int d = 0; d < hd; d++) {
-        size_t ki = key_at(pos, d, hd), vi = (size_t)pos * hd + (size_t)d;
-        if (c->dtype == MM_F32) ((float *)keys)[ki] = k[d], ((float *)values)[vi] = v[d];
-        else ((uint16_t *)keys)[ki] = f32_to_f16(k[d]), ((uint16_t *)values)[vi] = f32_to_f16(v[d]);
+    void *keys = kv_keys(c, g, pos), *values = kv_values(c, g, pos);
+    for (int d = 0; d < c->head_dim; d++) {
+        size_t ki = key_in_block(pos, d);
+        if (c->dtype == MM_F32) ((float *)keys)[ki] = k[d], ((float *)values)[d] = v[d];
+        else ((uint16_t *)keys)[ki] = f32_to_f16(k[d]), ((uint16_t *)values)[d] = f32_to_f16(v[d]);
     }
 }
 
@@ -733,20 +860,21 @@ static float cache_at(const void *cache, int dtype, size_t i) {
 
 /* One query head q over positions 0..pos of kv head g: out = softmax(q . k_t / sqrt(head_dim)) . v_t
  * (out, q: [head_dim]; scores: room for pos + 1). The keys are stored transposed in blocks, for
- * the fast kernel: key_at finds dimension d of the key at position t. */
+ * the fast kernel: key_in_block finds dimension d of the key at position t. */
 static void attention_head(float *out, const float *q, const KvLayer *c, int g, int pos, float *scores) {
     int hd = c->head_dim;
-    const void *keys = kv_keys(c, g), *values = kv_values(c, g);
     for (int t = 0; t <= pos; t++) {
+        const void *key = kv_keys(c, g, t);
         float score = 0;
-        for (int d = 0; d < hd; d++) score += q[d] * cache_at(keys, c->dtype, key_at(t, d, hd));
+        for (int d = 0; d < hd; d++) score += q[d] * cache_at(key, c->dtype, key_in_block(t, d));
         scores[t] = score / sqrtf((float)hd);
     }
     softmax(scores, pos + 1);
     for (int d = 0; d < hd; d++) out[d] = 0;
-    for (int t = 0; t <= pos; t++)
-        for (int d = 0; d < hd; d++)
-            out[d] += scores[t] * cache_at(values, c->dtype, (size_t)t * hd + (size_t)d);
+    for (int t = 0; t <= pos; t++) {
+        const void *value = kv_values(c, g, t);
+        for (int d = 0; d < hd; d++) out[d] += scores[t] * cache_at(value, c->dtype, (size_t)d);
+    }
 }
 
 /* MoE routing for one token: softmax over experts, keep the top k, maybe renormalise */
@@ -825,6 +953,165 @@ static void swiglu(float *gate, const float *up, int n, int hidden) {
 }
 
 /* ============================================================================================
+ * Threads: as many as help
+ * ============================================================================================ */
+
+/* A decoded token passes some 80 parallel regions, and each ends when its last thread is done.
+ * On an idle machine every core speeds a token up. On a busy one the system takes cores away to
+ * run other processes, and at the end of a region the team waits for a thread that is not
+ * running: most calls take no longer, but some take many times longer, and two threads can be
+ * several times slower than one on the whole (docs/speed.md). Which holds changes as the program
+ * runs, so unless --threads or OMP_NUM_THREADS fixes the count, the forward passes measure it: the
+ * mean seconds per token at the team size in use since the last probe, against a probe of a few
+ * calls at another size (half or twice as many threads). The faster size is kept, and the next
+ * probe comes when the time a probe could lose, at the ratio just seen, is PROBE_BUDGET of the
+ * time between; at once if the calls slow down by a third (new load, or a size that looked fast
+ * in its probe's few calls and is not). The output is the same bits at any team size (kernels.h):
+ * a switch changes only the time. Single tokens (decoding) and blocks (prompts) are measured
+ * apart, as their speeds differ and so may their best sizes; blocks only against as many tokens. */
+enum {
+    PROBE_FIRST = 2,      /* calls before the first probe */
+    PROBE_GAP_MIN = 8,    /* calls between probes, at least ... */
+    PROBE_GAP_MAX = 1024, /* ... and at most */
+};
+#define PROBE_BUDGET 0.02  /* of the time, at most, spent probing a slower size */
+#define PROBE_MARGIN 0.05  /* a probe wins when 5% faster than the size in use */
+#define PROBE_ABORT 2.0    /* a probe's timed call this much slower than the size in use ends it */
+#define NEW_LOAD 1.33      /* recent calls this much slower than when last settled: probe now */
+
+typedef struct {
+    int size;                   /* the team size in use */
+    double sum;                 /* seconds per token of its calls since the last probe, summed ... */
+    int calls, calls_n;         /* ... over this many calls, each of calls_n tokens */
+    double recent;              /* seconds per token of its last calls, a running mean */
+    double settled;             /* its time when the last probe ended (0: none yet) */
+    int until_probe;            /* calls at `size` before the next probe */
+    int probe;                  /* a probe's team size; 0: none under way */
+    int probe_calls, warm_calls, timed_calls;  /* a probe's calls so far; untimed (waking threads), timed */
+    double probe_time;          /* its timed calls' seconds per token, summed */
+    bool probe_fewer;           /* the next probe tries fewer threads, where both ways are open */
+    long n_calls, n_probes, n_switches;  /* for -v */
+} TeamSize;
+
+static struct {
+    int max;                    /* the most threads: --threads, OMP_NUM_THREADS or the usable CPUs */
+    bool tuned;                 /* sizes measured as the program runs (not fixed by the user) */
+    TeamSize tokens, blocks;    /* for single tokens, and for blocks of several */
+    double call_start;          /* when the forward call under way began */
+} threads;
+
+static void set_team_size(int n) {
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+}
+
+/* The threads running or waiting to run on this machine now, this one among them (Linux's
+ * /proc/loadavg: "0.52 0.58 0.59 3/190 12345" has 3), or 0 where that cannot be read */
+static int runnable_threads(void) {
+    FILE *f = fopen("/proc/loadavg", "r");
+    int running = 0;
+    if (f) {
+        if (fscanf(f, "%*f %*f %*f %d/", &running) != 1) running = 0;
+        fclose(f);
+    }
+    return running;
+}
+
+/* The first size: the CPUs that no other thread is running on now, where that can be read; the
+ * probes correct it */
+static void threads_init(int max, bool tuned) {
+    threads.max = max, threads.tuned = tuned && max > 1;
+    int others = runnable_threads() - 1, start = threads.tuned && others > 0 ? max - others : max;
+    start = start < 1 ? 1 : start;
+    threads.tokens = threads.blocks =
+        (TeamSize){.size = start, .until_probe = PROBE_FIRST, .probe_fewer = true};
+    set_team_size(max);  /* (the state's buffers are sized by it) */
+    if (max > 1) {  /* start the threads now (milliseconds on some systems), not in a timed call */
+        #pragma omp parallel
+        (void)0;
+    }
+}
+
+/* -v: what the measuring did */
+static void print_threads(void) {
+    if (!threads.tuned) return;
+    const TeamSize *t[2] = {&threads.blocks, &threads.tokens};
+    const char *what[2] = {"prompt blocks", "single tokens"};
+    for (int i = 0; i < 2; i++)
+        if (t[i]->n_calls)
+            fprintf(stderr, "threads for %s: %d of up to %d at the end; %ld calls, %ld probes, %ld switches\n",
+                    what[i], t[i]->size, threads.max, t[i]->n_calls, t[i]->n_probes, t[i]->n_switches);
+}
+
+/* the team size for a forward call of n tokens */
+static void team_begin(int n) {
+    if (!threads.tuned) return;
+    const TeamSize *t = n == 1 ? &threads.tokens : &threads.blocks;
+    set_team_size(t->probe ? t->probe : t->size);
+    threads.call_start = now_seconds();
+}
+
+/* a probe is over: keep the faster size, and set when to probe again */
+static void probe_end(TeamSize *t) {
+    double now = t->sum / t->calls, probed = t->probe_time / t->timed_calls;
+    bool wins = probed < now * (1 - PROBE_MARGIN);
+    double ratio = wins ? now / probed : probed / now;  /* the slower over the faster */
+    double gap = (t->warm_calls + t->timed_calls) * (ratio - 1) / PROBE_BUDGET;
+    t->until_probe = gap < PROBE_GAP_MIN ? PROBE_GAP_MIN : gap > PROBE_GAP_MAX ? PROBE_GAP_MAX : (int)gap;
+    if (wins) t->size = t->probe, now = probed, t->n_switches++;
+    t->n_probes++;
+    t->settled = t->recent = now, t->sum = 0, t->calls = 0;
+    t->probe = 0, t->probe_fewer = !t->probe_fewer;
+}
+
+/* A probe of half or twice the size in use (as far as 1 and max allow), alternately. More threads
+ * are tried only when as many CPUs are idle, where that can be read: on a busy machine a probe of
+ * more threads is slow to measure and costly (a thread that has slept while unused may wait
+ * 100 ms and more for a CPU to wake on), and its few calls can look fast while the calls after
+ * them are not (the waits for a descheduled thread come every few calls). */
+static void probe_begin(TeamSize *t, bool tokens) {
+    int fewer = t->size / 2, more = 2 * t->size < threads.max ? 2 * t->size : threads.max;
+    bool go_fewer = t->size > 1 && (t->size == threads.max || t->probe_fewer);
+    int running = go_fewer ? 0 : runnable_threads();
+    if (running > 0 && threads.max - running < more - t->size) {  /* no CPUs idle for them */
+        t->until_probe = PROBE_GAP_MIN, t->settled = t->recent;  /* look again later */
+        return;
+    }
+    t->probe = go_fewer ? fewer : more, t->probe_calls = 0, t->probe_time = 0;
+    t->timed_calls = tokens ? 2 : 1;
+    t->warm_calls = tokens && !go_fewer ? 1 : 0;  /* threads that slept while unused wake in the first */
+}
+
+/* the call of n tokens that team_begin began is done: time it */
+static void team_end(int n) {
+    if (!threads.tuned) return;
+    TeamSize *t = n == 1 ? &threads.tokens : &threads.blocks;
+    double per_token = (now_seconds() - threads.call_start) / n;
+    t->n_calls++;
+    if (t->probe) {
+        if (n != t->calls_n) {  /* a block of another length: no comparison; try again later */
+            t->probe = 0, t->until_probe = 1;
+        } else if (t->probe_calls >= t->warm_calls && per_token > t->sum / t->calls * PROBE_ABORT) {
+            /* a timed call that has lost already: spend no more on the probe */
+            t->probe_time = per_token, t->timed_calls = 1, t->warm_calls = t->probe_calls;
+            probe_end(t);
+        } else if (++t->probe_calls > t->warm_calls) {
+            t->probe_time += per_token;
+            if (t->probe_calls == t->warm_calls + t->timed_calls) probe_end(t);
+        }
+        return;
+    }
+    if (n != t->calls_n) t->sum = 0, t->calls = 0, t->calls_n = n, t->recent = per_token;
+    t->sum += per_token, t->calls++;
+    t->recent += (per_token - t->recent) / 8;
+    if (t->settled > 0 && t->recent > t->settled * NEW_LOAD) t->until_probe = 0;
+    if (--t->until_probe <= 0 && t->calls >= 2) probe_begin(t, n == 1);
+}
+
+/* ============================================================================================
  * The forward pass
  * ============================================================================================ */
 
@@ -869,6 +1156,7 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
     if (n < 1 || n > s->max_tokens || pos0 < 0 || pos0 + n > s->ctx)
         die("internal: forward of %d tokens at position %d (block %d, context %d)", n, pos0, s->max_tokens,
             s->ctx);
+    team_begin(n);  /* how many threads (above) */
 
     for (int t = 0; t < n; t++) {  /* each token's embedding, and the rotation of its position */
         memcpy(s->x + (size_t)t * dim, matrix_row(&m->embed, tokens[t], s->row_buf),
@@ -917,6 +1205,7 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
     int first = all_logits ? 0 : n - 1;
     rmsnorm_rows(s->xb, s->x + (size_t)first * dim, m->final_norm, n - first, dim, eps);
     matmul(s, s->logits, s->xb, &m->head, n - first);
+    team_end(n);
     return s->logits;
 }
 
@@ -1120,7 +1409,9 @@ static float *prefill(const Model *m, State *s, Context *c) {
     float *logits = NULL;
     while (c->n_cached < c->n && !interrupted) {
         int len = c->n - c->n_cached < s->max_tokens ? c->n - c->n_cached : s->max_tokens;
+        double a = now_seconds();
         logits = forward(m, s, c->tokens + c->n_cached, len, c->n_cached, false);
+        if (getenv("TRACE")) fprintf(stderr, "prefill call %d: %.1f us\n", len, (now_seconds()-a)*1e6);
         c->n_cached += len;
     }
     return logits;
@@ -1297,15 +1588,7 @@ static void bench(const Model *m, State *s, Context *c, int n) {
      * its pages come in as positions are first written; llama.cpp clears its cache when the
      * context is made, before it times anything: so does this, to time the same work (only the
      * positions the benchmark uses, so that peak RSS stays what they need) */
-    size_t row = (size_t)m->cfg.head_dim * kv_elem_size(s->kv_dtype);
-    size_t used = kv_positions(s->ctx < DEPTH2 + n ? s->ctx : DEPTH2 + n);
-    for (uint32_t l = 0; l < m->cfg.n_layers; l++) {
-        KvLayer layer = kv_layer(s, &m->cfg, l);
-        for (int g = 0; g < layer.n_kv_heads; g++) {
-            memset(kv_keys(&layer, g), 0, used * row);
-            memset(kv_values(&layer, g), 0, used * row);
-        }
-    }
+    memset(s->kv_cache, 0, kv_cache_bytes(&m->cfg, s->ctx < DEPTH2 + n ? s->ctx : DEPTH2 + n, s->kv_dtype));
     c->n_cached = 0, c->n = WARMUP;
     bench_decode(m, s, c, prefill(m, s, c), 1);
     c->n_cached = 0, c->n = PROMPT;
@@ -1388,7 +1671,8 @@ static void usage(FILE *f) {
 "  --csv                  ppl: print context,windows,tokens,nll,ppl as CSV instead\n"
 "  -c, --ctx N            context length (KV cache positions)  [the model's max positions];\n"
 "                         ppl: window length  [512, or the model's max if smaller]\n"
-"  --threads N            worker threads (OpenMP builds)  [number of cores]\n"
+"  --threads N            threads, exactly N (OpenMP builds)  [OMP_NUM_THREADS if set, else\n"
+"                         up to the CPUs this process may use, fewer while that is faster]\n"
 "  --batch N              prompt tokens per forward pass; 1 = token by token  [64]\n"
 "  --kv T                 KV cache type: f32 | f16 (half the memory)  [f32]\n"
 "  --ref-kernels          matmuls, attention and SwiGLU through run.c's plain loops\n"
@@ -1597,8 +1881,20 @@ static int *parse_ids(const char *arg, int *n_out, uint32_t vocab) {
 int main(int argc, char **argv) {
     Options o;
     parse_args(&o, argc, argv);
+    /* threads: --threads N, else OMP_NUM_THREADS, both fixed; else up to the usable CPUs, tuned */
+    int usable = usable_cpus();
 #ifdef _OPENMP
-    omp_set_num_threads(o.threads ? o.threads : omp_get_num_procs());
+    bool from_env = !o.threads && getenv("OMP_NUM_THREADS");
+    int max_threads = o.threads ? o.threads : from_env ? omp_get_max_threads() : usable;
+    if (max_threads > usable)
+        fprintf(stderr, "run: warning: %d threads (%s) on the %d CPUs this process may use: they will wait "
+                "for each other\n", max_threads, o.threads ? "--threads" : "OMP_NUM_THREADS", usable);
+    threads_init(max_threads, !o.threads && !from_env);
+#else
+    if (o.threads > 1)
+        die("--threads %d: this build runs one thread (it was built without OpenMP)", o.threads);
+    threads_init(1, false);
+    (void)usable;
 #endif
     Model m;
     model_load(&m, o.model_path);
@@ -1662,11 +1958,12 @@ int main(int argc, char **argv) {
         return 0;
     }
     bool ppl = !strcmp(o.mode, "ppl");
+    int kv_dtype = !strcmp(o.kv, "f16") ? MM_F16 : MM_F32;
+    ctx = fit_context(&m, o.batch < ctx ? o.batch : ctx, ctx, o.ctx != 0, kv_dtype);
+    int batch = o.batch < ctx ? o.batch : ctx;
     if (!ppl && n_ids > ctx)
         die("the prompt is %d tokens; it does not fit the context of %d positions (-c)", n_ids, ctx);
     if (!strcmp(o.mode, "logits") && !o.out_path) die("-m logits needs -o FILE for the logits");
-    int batch = o.batch < ctx ? o.batch : ctx, kv_dtype = !strcmp(o.kv, "f16") ? MM_F16 : MM_F32;
-    check_memory(&m, batch, ctx, kv_dtype);
     State s;
     state_init(&s, &m, batch, ctx, &rope, kv_dtype, false);
     if (o.verbose) {
@@ -1678,9 +1975,9 @@ int main(int argc, char **argv) {
                 h->flags & MM_FLAG_MOE ? h->moe_hidden_dim : h->hidden_dim, h->vocab_size,
                 dtype_name(m.layers[0].wq.dtype));
         fprintf(stderr, "rope: theta %g, scaling %s (factor %g, orig ctx %d, beta %g/%g, attn %g); "
-                "ctx %d, batch %d, threads %d, kv cache %s, kernels %s\n", rope.theta, scaling[rope.scaling],
+                "ctx %d, batch %d, threads %s%d, kv cache %s, kernels %s\n", rope.theta, scaling[rope.scaling],
                 rope.factor, rope.orig_ctx, rope.beta_fast, rope.beta_slow, rope.attn_factor, ctx, batch,
-                n_threads(), o.kv, fast_kernels() ? KERNELS : "plain loops");
+                threads.tuned ? "up to " : "", threads.max, o.kv, fast_kernels() ? KERNELS : "plain loops");
     }
     double t0 = now_seconds();
     if (benching) {
@@ -1739,10 +2036,12 @@ int main(int argc, char **argv) {
     if (o.verbose && !generating && !chatting && !benching)
         fprintf(stderr, "%d tokens in %.3f s (%.1f tokens/s)\n", n_ids, now_seconds() - t0,
                 n_ids / (now_seconds() - t0));
-    if (o.verbose)  /* (the cache is mapped: only the positions used become resident) */
-        fprintf(stderr, "memory: peak RSS %.1f MB; model file %.1f MB (mapped), KV cache %.1f MB for %d "
+    if (o.verbose) {  /* (the cache is mapped: only the pages of positions used become resident) */
+        fprintf(stderr, "memory: peak RSS %.1f MB; model file %.1f MB (mapped), KV cache up to %.1f MB for %d "
                 "positions (%s)\n", peak_rss_mb(), m.map_size / 1048576.0,
                 kv_cache_bytes(h, ctx, s.kv_dtype) / 1048576.0, ctx, o.kv);
+        print_threads();
+    }
     free(ids);
     state_free(&s);
     tokenizer_free(&tok);

@@ -16,8 +16,8 @@
 #define KV_TILE 128     /* key positions per tile (a multiple of KEY_BLOCK) */
 #define ATT_TOKENS 16   /* tokens per unit of attention work (with all heads of one kv head) */
 #define KV_AHEAD 64     /* the caches are prefetched this many positions ahead */
-_Static_assert(KV_TILE % KEY_BLOCK == 0 && KV_AHEAD % KEY_BLOCK == 0,
-               "tiles and prefetches are whole key blocks");
+_Static_assert(KV_TILE % KEY_BLOCK == 0 && KV_AHEAD % KEY_BLOCK == 0 && KV_PAGE % KV_TILE == 0,
+               "tiles and prefetches are whole key blocks, and a tile lies in one page of the cache");
 
 /* S[j * ldS + t] = q_j . k_t * scale for j < J queries (rows of hd from q) and the B blocks of
  * KEY_BLOCK keys from kb (each [hd][KEY_BLOCK], `block` bytes; J B <= SCORE_QUERIES): lanes are
@@ -237,16 +237,16 @@ static void attention_group(float *out, const float *q, int n, int pos0, const K
     int group = c->group, hd = c->head_dim, q_dim = c->n_kv_heads * group * hd, nq = n * group;
     float *S = buf, *O = S + (size_t)nq * KV_TILE, *mx = O + (size_t)nq * hd, *sum = mx + nq;
     float scale = 1.0f / sqrtf((float)hd);
-    size_t elem = kv_elem_size(c->dtype);
     for (int r = 0; r < nq; r++) mx[r] = -INFINITY, sum[r] = 0;
     memset(O, 0, sizeof(float) * (size_t)nq * hd);
     int last = pos0 + n - 1;
     for (int t0 = 0; t0 <= last; t0 += KV_TILE) {
         int nt = last + 1 - t0 < KV_TILE ? last + 1 - t0 : KV_TILE;
-        int n_prefetch = last + 1 - t0;  /* the positions from t0 on: the run's first token prefetches */
-        /* position t0 of either cache (a multiple of KEY_BLOCK: the start of a key block) */
-        const uint8_t *k = (const uint8_t *)kv_keys(c, g) + (size_t)t0 * hd * elem;
-        const uint8_t *v = (const uint8_t *)kv_values(c, g) + (size_t)t0 * hd * elem;
+        /* the positions from t0 on, to the end of its page: the run's first token prefetches them */
+        int page_end = (t0 / KV_PAGE + 1) * KV_PAGE;
+        int n_prefetch = (last + 1 < page_end ? last + 1 : page_end) - t0;
+        /* position t0 of either cache (the start of a key block; the tile lies in one page) */
+        const uint8_t *k = kv_keys(c, g, t0), *v = kv_values(c, g, t0);
         for (int i = 0; i < n; i++) {  /* token i sees keys up to its own position */
             int see = pos0 + i - t0 + 1 < nt ? pos0 + i - t0 + 1 : nt;
             if (see <= 0) continue;

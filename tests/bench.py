@@ -3,6 +3,7 @@
 
     python3 tests/bench.py [--runs 3] [--shapes m2small,m3,m2] [--dtypes f32,f16,bf16,q8_0]
                            [--threads 1,2] [--md FILE]
+    python3 tests/bench.py --busy [--runs 5] [--busy-models demo,m2small.q8_0] [--md FILE]
 
 Python standard library only: no torch, no downloads. Each shape's checkpoint is written as a
 safetensors file of random fp16 weights (seeded, so every run benchmarks the same numbers) and
@@ -22,15 +23,25 @@ tests/bench-models/ for the next run. For every shape x dtype x threads, `./run 
               the mean of the two either side of it (this machine's speed moves by a third
               within minutes, so a ceiling measured once, at another moment, said anything from
               61% to 118%); the table gives the median share and the median ceiling.
+
+--busy (make bench-busy) measures what other work on the machine does to the default thread
+count (measured as the program runs, run.c's "Threads") beside --threads 1: for each model and 0,
+1 and 2 busy processes (a Python loop each, started before and stopped after the pair), the
+default and --threads 1 run alternately, --runs times; the table gives the median decode (tg128)
+and prefill (pp512) of each and the median ratio of the pairs. Then make run's command at the
+default context against -c 64, alternately, 10 times each: its first token (the prompt's 7
+tokens, the stats line's prefill) and its peak RSS (-v), medians.
 """
 import argparse
 import json
 import os
 import random
+import re
 import statistics
 import struct
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "tests", "bench-models")
@@ -128,8 +139,9 @@ def model_file(shape_name, dtype):
 
 
 def bench_once(binary, model, threads, extra):
-    p = subprocess.run([binary, model, "-m", "bench", "-n", "128", "--threads", str(threads)] + extra,
-                       capture_output=True, text=True)
+    """one -m bench run; threads None: the default (measured as it runs)"""
+    flags = ["--threads", str(threads)] if threads else []
+    p = subprocess.run([binary, model, "-m", "bench", "-n", "128"] + flags + extra, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"bench: {binary} {model} failed: {p.stderr.strip()}")
     header, row = p.stdout.strip().splitlines()[-2:]
@@ -144,6 +156,60 @@ def stream_gbs(model, threads):
     return float(p.stdout)
 
 
+def busy_loops(n):
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def busy_table(a):
+    """--busy: default threads vs --threads 1 under 0, 1, 2 busy processes; make run's first token"""
+    lines = ["| model | busy processes | decode tg128 tok/s: default | --threads 1 | ratio "
+             "| prefill pp512 tok/s: default | --threads 1 | ratio |", "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for name in a.busy_models.split(","):
+        model = os.path.join(ROOT, "demo", "model.bin") if name == "demo" else model_file(*name.split("."))
+        label = "demo (minimind-3 5M f16)" if name == "demo" else \
+            f"{SHAPES[name.split('.')[0]]['label']} {name.split('.')[1]}"
+        for n_busy in (0, 1, 2):
+            pairs = []
+            for _ in range(a.runs):
+                loops = busy_loops(n_busy)
+                try:
+                    pairs.append((bench_once(a.binary, model, None, a.extra),
+                                  bench_once(a.binary, model, 1, a.extra)))
+                finally:
+                    for p in loops:
+                        p.kill()
+                        p.wait()
+            med = lambda i, c: statistics.median(p[i][c] for p in pairs)
+            ratio = lambda c: statistics.median(p[0][c] / p[1][c] for p in pairs)
+            line = (f"| {label} | {n_busy} | {med(0, 'decode_tps'):.0f} | {med(1, 'decode_tps'):.0f} | "
+                    f"{ratio('decode_tps'):.2f} | {med(0, 'prefill_tps'):.0f} | {med(1, 'prefill_tps'):.0f} | "
+                    f"{ratio('prefill_tps'):.2f} |")
+            lines.append(line)
+            print(line, flush=True)
+    cmd = [a.binary, os.path.join(ROOT, "demo", "model.bin"), "-i", "春眠不覺曉，", "-n", "48", "-s", "42", "-v"]
+    runs = {"default": [], "-c 64": []}
+    for _ in range(10):
+        for key, extra in (("default", []), ("-c 64", ["-c", "64"])):
+            t0 = time.time()
+            p = subprocess.run(cmd + extra, capture_output=True, text=True)
+            wall = time.time() - t0
+            m = re.search(r"prompt (\d+) tokens.*prefill ([0-9.]+) tokens/s", p.stderr)
+            rss = re.search(r"peak RSS ([0-9.]+) MB", p.stderr)
+            if p.returncode != 0 or not m or not rss:
+                sys.exit(f"bench: {' '.join(cmd + extra)} failed: {p.stderr.strip()}")
+            runs[key].append((int(m.group(1)) / float(m.group(2)) * 1e3, float(rss.group(1)), wall * 1e3))
+    more = ["", "make run's command (`./run demo/model.bin -i \"春眠不覺曉，\" -n 48 -s 42`), 10 runs each, "
+            "alternated, medians:", "",
+            "| context | first token (7-token prompt) ms | peak RSS MB | whole run ms |", "|---|---|---|---|"]
+    for key, r in runs.items():
+        more.append(f"| {key if key != 'default' else 'default (32768)'} | "
+                    f"{statistics.median(x[0] for x in r):.2f} | {statistics.median(x[1] for x in r):.1f} | "
+                    f"{statistics.median(x[2] for x in r):.0f} |")
+    print("\n".join(more), flush=True)
+    return lines + more
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="runs per cell; the table shows medians")
@@ -152,8 +218,19 @@ def main():
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--binary", default=os.path.join(ROOT, "run"))
     ap.add_argument("--md", help="also write the table to this Markdown file")
+    ap.add_argument("--busy", action="store_true",
+                    help="the default thread count vs --threads 1 beside 0, 1 and 2 busy processes, and "
+                         "make run's first token and peak RSS at the default context (see above)")
+    ap.add_argument("--busy-models", default="demo,m2small.q8_0",
+                    help="--busy: demo, or SHAPE.DTYPE of the random-weight models")
     ap.add_argument("extra", nargs="*", help="more flags for ./run (after --), e.g. --kv f16")
     a = ap.parse_args()
+    if a.busy:
+        lines = busy_table(a)
+        if a.md:
+            with open(a.md, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     cols = ["prefill_tps", "ttft_ms", "decode_tps", "decode_tps_2048", "decode_tps_4096", "peak_rss_mb"]
     lines = ["| shape | dtype | threads | prefill pp512 tok/s | ttft ms | decode tg128 tok/s "
              "| decode @2048 tok/s | decode @4096 tok/s | peak RSS MB | tg128 reads GB/s (of stream) |",

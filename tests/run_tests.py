@@ -8,7 +8,7 @@ given without a tokenizer driver gets the numerical tests only, and a spec with 
 (::KERNEL_TEST) the kernel tests only. A spec marked optional (?RUN...) is skipped when its files
 are missing (make test marks the NEON builds, run under qemu, which it makes only where it can;
 under CI=true a missing one is a failure), any other spec with missing files fails. make test
-passes the normal build, the AddressSanitizer/UBSan build, the portable build (no fast kernels),
+passes the normal build, the AddressSanitizer/UBSan build, the portable build (no fast kernels), a build without OpenMP,
 the AVX2 build, the AVX-VNNI build (where the processor has it) and the NEON builds. Fixtures
 come from tests/gen_fixtures.py (make fixtures); the MiniMind conformance cases in
 ../shared/conformance run when that folder exists.
@@ -432,9 +432,9 @@ def limits_tests(binary):
     demo = os.path.join(ROOT, "demo", "model.bin")
     model = export(os.path.join(FIX, "m3_moe.pth"), "m3_moe.f32.bin", "f32")
 
-    def kv_bytes(path, ctx, elem=4):
+    def kv_bytes(path, ctx, elem=4):  # whole pages of 256 positions (kernels.h, KV_PAGE)
         h = HDR.unpack_from(open(path, "rb").read(256), 0)
-        return 2 * h[F["n_layers"]] * ctx * h[F["n_kv_heads"]] * h[F["head_dim"]] * elem
+        return 2 * h[F["n_layers"]] * -(-ctx // 256) * 256 * h[F["n_kv_heads"]] * h[F["head_dim"]] * elem
 
     @test(f"{tag}: a context larger than this machine's memory is refused up front, with the bytes it needs")
     def _():
@@ -527,6 +527,165 @@ def limits_tests(binary):
         if ok and len(p.stderr.strip().splitlines()) != 1:
             ok, detail = False, f"{len(p.stderr.strip().splitlines())} lines: {p.stderr!r}"
         return ok, detail
+
+
+# ----------------------------------------------------------------------------------------------
+# What the process may use: threads and memory (CPU affinity, OMP_NUM_THREADS, cgroup limits),
+# and a KV cache that costs only the positions used
+
+def peak_rss_mb(p):
+    m = re.search(r"peak RSS ([0-9.]+) MB", p.stderr)
+    return float(m.group(1)) if m else None
+
+
+def in_cgroup(controller, v1, v2):
+    """A preexec_fn that moves the child into a new cgroup under this process's own (v1's
+    `controller` with the settings v1 {file: value}, else v2 with v2), and a cleanup. None where
+    this process cannot make one (not root, no writable hierarchy)."""
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, ctrls, path = line.split(":", 2)
+        if ctrls and controller not in ctrls.split(","):
+            continue
+        roots = [f"/sys/fs/cgroup/{controller}"] if ctrls else ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        for root in roots:
+            d = os.path.join(root + path, f"minimind-test-{os.getpid()}")
+            try:
+                os.mkdir(d)
+            except OSError:
+                continue
+            try:
+                for k, v in (v1 if ctrls else v2).items():
+                    with open(os.path.join(d, k), "w") as f:
+                        f.write(v)
+            except OSError:
+                os.rmdir(d)
+                continue
+
+            def enter(d=d):
+                with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                    f.write(str(os.getpid()))
+            return enter, lambda d=d: os.rmdir(d)
+    return None
+
+
+def single_thread_tests(binary):
+    """A build without OpenMP: --threads above 1 is an error, not ignored."""
+    tag = os.path.basename(binary)
+    cmd = [binary, os.path.join(ROOT, "demo", "model.bin"), "-i", "春", "-n", "4", "-s", "1"]
+
+    @test(f"{tag}: threads: --threads above 1 is an error in a build without OpenMP")
+    def _():
+        ok, detail = expect_error(run(cmd + ["--threads", "2"]), "--threads 2", "without OpenMP")
+        if ok and run(cmd + ["--threads", "1"]).returncode != 0:
+            ok, detail = False, "--threads 1 refused"
+        return ok, detail
+
+
+def machine_tests(binary):
+    tag = os.path.basename(binary)
+    demo = os.path.join(ROOT, "demo", "model.bin")
+    cmd = [binary, demo, "-i", "春眠不覺曉，", "-n", "48", "-s", "42"]  # make run's
+    ncpu = len(os.sched_getaffinity(0))
+
+    @test(f"{tag}: the default context costs only the positions used: peak RSS of make run's command "
+          "within 4 MB of -c 64's")
+    def _():
+        a, b = run(cmd + ["-v"]), run(cmd + ["-v", "-c", "64"])
+        ra, rb = peak_rss_mb(a), peak_rss_mb(b)
+        ok = a.returncode == b.returncode == 0 and ra is not None and rb is not None and ra - rb < 4 and \
+            a.stdout == b.stdout and "for 32768 positions" in a.stderr
+        return ok, f"{ra} MB at the default context (32768), {rb} MB at -c 64"
+
+    @test(f"{tag}: threads: OMP_NUM_THREADS fixes the count when --threads is not given; --threads wins")
+    def _():
+        env = dict(ENV, OMP_NUM_THREADS="1")
+        a = subprocess.run(cmd + ["-v"], capture_output=True, text=True, env=env, timeout=120)
+        b = subprocess.run(cmd + ["-v", "--threads", "2"], capture_output=True, text=True, env=env,
+                           timeout=120)
+        c = run(cmd + ["-v"])
+        tuned = f"threads up to {ncpu}," if ncpu > 1 else "threads 1,"
+        ok = "threads 1," in a.stderr and "threads 2," in b.stderr and tuned in c.stderr and \
+            "threads for" not in a.stderr and a.stdout == b.stdout == c.stdout
+        return ok, f"{ncpu} usable CPUs: " + "; ".join(re.findall(r"threads [a-z ]*\d+", a.stderr + b.stderr
+                                                                         + c.stderr))
+
+    @test(f"{tag}: threads: more than the usable CPUs is a one-line warning, and the output is the same")
+    def _():
+        a = run(cmd + ["--threads", str(ncpu + 2)])
+        b = run(cmd + ["--threads", "1"])
+        warn = [l for l in a.stderr.splitlines() if "warning" in l]
+        ok = a.returncode == 0 and len(warn) == 1 and f"{ncpu} CPUs" in warn[0] and a.stdout == b.stdout
+        return ok, warn[0] if warn else a.stderr[-200:]
+
+    @test(f"{tag}: threads: with a busy process beside it, the measured thread count gives the same "
+          "tokens as --threads 1 and 2 (generate and ppl)")
+    def _():
+        gen = [binary, demo, "-i", "春", "-n", "600", "-s", "7", "-c", "640"]
+        text = os.path.join(TMP, "heldout_part.txt")
+        with open(os.path.join(ROOT, "demo", "heldout.txt"), encoding="utf-8") as f, \
+                open(text, "w", encoding="utf-8") as g:
+            g.write(f.read()[:3000])
+        ppl = [binary, demo, "-m", "ppl", "-f", text, "-c", "128"]
+        ref = [run(gen + ["--threads", "1"]), run(gen + ["--threads", "2"]),
+               run(ppl + ["--threads", "1"]), run(ppl + ["--threads", "2"])]
+        got = [run(gen + ["-v"]), run(ppl + ["-v"])]  # (idle: probes of fewer threads)
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            got += [run(gen + ["-v"]), run(ppl + ["-v"])]
+        finally:
+            busy.kill()
+            busy.wait()
+        ok = all(p.returncode == 0 for p in ref + got) and len(ref[0].stdout) > 100 and \
+            got[0].stdout == got[2].stdout == ref[0].stdout == ref[1].stdout and \
+            got[1].stdout == got[3].stdout == ref[2].stdout == ref[3].stdout
+        probes = sum(int(n) for p in got for n in re.findall(r"(\d+) probes", p.stderr))
+        switches = sum(int(n) for p in got for n in re.findall(r"(\d+) switches", p.stderr))
+        return ok, f"{probes} probes, {switches} switches of thread count in the measured runs"
+
+    @test(f"{tag}: threads: the default count is no more than a cgroup's CPU quota (half a CPU: 1)")
+    def _():
+        group = in_cgroup("cpu", {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "50000"},
+                          {"cpu.max": "50000 100000"})
+        if group is None:
+            return None, "cannot make a cpu cgroup here (needs root and a writable cgroup hierarchy)"
+        enter, remove = group
+        try:
+            a = subprocess.run(cmd + ["-v"], capture_output=True, text=True, env=ENV, timeout=120,
+                               preexec_fn=enter)
+            b = subprocess.run(cmd + ["--threads", "2"], capture_output=True, text=True, env=ENV,
+                               timeout=120, preexec_fn=enter)
+        finally:
+            remove()
+        ok = a.returncode == b.returncode == 0 and "threads 1," in a.stderr and \
+            "the 1 CPUs this process may use" in b.stderr and a.stdout == b.stdout
+        return ok, "; ".join(re.findall(r"threads [a-z ]*\d+|warning.*", a.stderr + b.stderr))[:200]
+
+    if "asan" in tag:  # (AddressSanitizer's shadow memory would count against the limit)
+        return
+
+    @test(f"{tag}: a cgroup's memory limit: the default context is cut to fit and said; -c beyond it is "
+          "an error naming the limit")
+    def _():
+        group = in_cgroup("memory", {"memory.limit_in_bytes": str(64 << 20)}, {"memory.max": str(64 << 20)})
+        if group is None:
+            return None, "cannot make a memory cgroup here (needs root and a writable cgroup hierarchy)"
+        enter, remove = group
+        try:
+            a = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120, preexec_fn=enter)
+            b = subprocess.run(cmd + ["-c", "32768"], capture_output=True, text=True, env=ENV, timeout=120,
+                               preexec_fn=enter)
+        finally:
+            remove()
+        note = [l for l in a.stderr.splitlines() if "note" in l]
+        cut = re.search(r"using -c (\d+)", note[0]) if note else None
+        ok = a.returncode == 0 and cut and 1024 < int(cut.group(1)) < 32768 and "cgroup's memory limit" in note[0] \
+            and a.stdout == run(cmd).stdout
+        ok2, detail = expect_error(b, "32768 positions", "cgroup's memory limit", "smaller -c")
+        return ok and ok2, (note[0][:150] if note else a.stderr[-150:]) + " | " + detail
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1158,6 +1317,10 @@ def main():
             kernel_driver_tests(kernel_driver)
         if not binary:
             continue
+        if "OpenMP threads" not in run([binary, "--help"]).stdout:  # built without OpenMP: one thread
+            single_thread_tests(binary)
+            parity_tests(binary, cases)
+            continue
         parity_tests(binary, cases)
         kernel_tests(binary, cases)
         consistency_tests(binary, cases)
@@ -1167,6 +1330,7 @@ def main():
             tokenizer_tests(binary, driver, models, expected)
             hostile_tests(binary)
             limits_tests(binary)
+            machine_tests(binary)
             cli_tests(binary, cases)
     print(f"{results['passed']} passed, {results['failed']} failed, {results['skipped']} skipped")
     return 1 if results["failed"] else 0

@@ -38,7 +38,7 @@ static void run_args(int argc, char **argv) {
         free(parse_ids(o.ids_arg, &n, header.vocab_size));
     }
     int ctx = o.ctx ? o.ctx : (int)header.max_seq_len;
-    check_memory(&m, o.batch < ctx ? o.batch : ctx, ctx, !strcmp(o.kv, "f16") ? MM_F16 : MM_F32);
+    fit_context(&m, o.batch < ctx ? o.batch : ctx, ctx, o.ctx != 0, !strcmp(o.kv, "f16") ? MM_F16 : MM_F32);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {

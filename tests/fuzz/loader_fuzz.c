@@ -32,7 +32,7 @@ static void run_model(void) {
     Rope rope = rope_from(h, &o);
     int ctx = h->max_seq_len < 8 ? (int)h->max_seq_len : 8, n_tok = n + 1 < 4 ? (int)n + 1 : 4;
     if (n_tok > ctx) n_tok = ctx;
-    check_memory(&m, 4, ctx, MM_F32);
+    ctx = fit_context(&m, 4, ctx, true, MM_F32);
     state_init(&s, &m, 4, ctx, &rope, MM_F32, false);
     float *logits = forward(&m, &s, ids, n_tok, 0, false);
     sp = (Sampler){.vocab = (int)h->vocab_size, .temperature = 1.0f, .top_p = 0.9f, .top_k = 3,
