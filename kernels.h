@@ -110,7 +110,7 @@ static inline uint64_t q8_panel_bytes(uint64_t cols) {
 
 /* ---- the KV cache ----
  * The keys and values of every layer and kv head, f32 or (--kv f16) f16, in pages of KV_PAGE
- * positions: page p holds positions p KV_PAGE .. (p + 1) KV_PAGE - 1 of all of them,
+ * positions: page p holds positions p * KV_PAGE .. (p + 1) * KV_PAGE - 1 of all of them,
  * [n_layers][keys, values][n_kv_heads][KV_PAGE positions][head_dim]. Memory is committed as pages
  * are first written (run.c, alloc_kv), so a context costs only the pages its positions reach: the
  * first token touches one page, whatever -c is. Within a page, a head's values are rows
@@ -122,7 +122,7 @@ static inline uint64_t q8_panel_bytes(uint64_t cols) {
 
 typedef struct {
     void *keys, *values;        /* this layer's keys and values of kv head 0 in page 0 */
-    size_t page_bytes;          /* from a position to the same one KV_PAGE positions on */
+    size_t page_bytes;          /* bytes from one page to the next */
     int dtype;                  /* MM_F32 or MM_F16 */
     int n_kv_heads, group;      /* group: the query heads that read each kv head */
     int head_dim;
@@ -148,7 +148,9 @@ static inline void *kv_values(const KvLayer *c, int g, int pos) {
 }
 
 /* where dimension d of the key at position pos lies in the block kv_keys gives (in elements) */
-static inline size_t key_in_block(int pos, int d) { return (size_t)d * KEY_BLOCK + (size_t)(pos % KEY_BLOCK); }
+static inline size_t key_in_block(int pos, int d) {
+    return (size_t)d * KEY_BLOCK + (size_t)(pos % KEY_BLOCK);
+}
 
 /* ---- threads (OpenMP, when built with it) ---- */
 

@@ -459,7 +459,7 @@ typedef struct {
     float *cos, *sin;           /* [max_tokens, head_dim / 2] the rotation of each token's position */
     float *logits;              /* [max_tokens, vocab] */
     int kv_dtype;               /* the KV cache: MM_F32, or MM_F16 (--kv f16) */
-    void *kv_cache;             /* [ctx / KV_PAGE pages] of keys and values, as kernels.h lays out */
+    void *kv_cache;             /* [ceil(ctx / KV_PAGE) pages] of keys and values (kernels.h) */
     void *kv_map;               /* the mapping that holds it (alloc_kv) */
     size_t kv_map_bytes;
     float *row_buf;             /* [threads, row_buf_len] a weight row as f32 (matmul_plain) */
@@ -550,10 +550,10 @@ static void state_free(State *s) {
 
 /* layer l's part of the KV cache */
 static KvLayer kv_layer(const State *s, const mm_header *h, uint32_t l) {
-    size_t head = (size_t)KV_PAGE * h->head_dim * kv_elem_size(s->kv_dtype), keys = h->n_kv_heads * head;
-    uint8_t *layer = (uint8_t *)s->kv_cache + l * 2 * keys;  /* its keys, then its values */
+    size_t keys_bytes = (size_t)h->n_kv_heads * KV_PAGE * h->head_dim * kv_elem_size(s->kv_dtype);
+    uint8_t *layer = (uint8_t *)s->kv_cache + l * 2 * keys_bytes;  /* in page 0: its keys, then values */
     return (KvLayer){.keys = layer,
-                     .values = layer + keys,
+                     .values = layer + keys_bytes,
                      .page_bytes = kv_page_bytes(h, s->kv_dtype),
                      .dtype = s->kv_dtype,
                      .n_kv_heads = (int)h->n_kv_heads,
@@ -567,12 +567,14 @@ static KvLayer kv_layer(const State *s, const mm_header *h, uint32_t l) {
  * "id:controllers:/path" per hierarchy in v1. A limit holds for a group and everything under it,
  * so the one that binds is the smallest over the group and its parents. */
 
-/* The value read from one group's folder (v2: its "0::" line), or INFINITY for none */
+#define PATH_LEN 4096
+
+/* what one group's folder says (dir: in the v2 hierarchy, or in v1's), or INFINITY: no limit */
 typedef double (*CgroupValue)(const char *dir, bool v2);
 
 /* a small file's first line into buf ("" when it cannot be read) */
 static const char *read_line(const char *dir, const char *name, char *buf, size_t size) {
-    char path[4300];
+    char path[2 * PATH_LEN];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     FILE *f = fopen(path, "r");
     buf[0] = 0;
@@ -591,43 +593,58 @@ static bool has_controller(const char *list, const char *word) {
     return false;
 }
 
-/* the smallest value over this process's groups of `controller` (v1) or its v2 group, and their
- * parents, where the hierarchies are mounted in the usual places */
+/* the smallest value over this process's group of `controller` (v1) or its v2 group, their
+ * parents and the root of their mount (a container's own group, when it has no cgroup namespace),
+ * where the hierarchies are mounted in the usual places */
 static double cgroup_limit(const char *controller, CgroupValue value) {
     double limit = INFINITY;
     FILE *f = fopen("/proc/self/cgroup", "r");
     if (!f) return limit;
-    char line[4096], dir[4200];
+    char line[PATH_LEN], dir[2 * PATH_LEN];
     while (fgets(line, sizeof line, f)) {
+        if (!strchr(line, '\n')) {  /* a path too long to read here: skip the rest of its line */
+            int c;
+            while ((c = fgetc(f)) != EOF && c != '\n') {}
+            continue;
+        }
+        line[strcspn(line, "\n")] = 0;
         char *controllers = strchr(line, ':'), *path = controllers ? strchr(controllers + 1, ':') : NULL;
         if (!path || path[1] != '/') continue;
-        *controllers++ = 0, *path++ = 0;
-        path[strcspn(path, "\n")] = 0;
+        *controllers++ = 0;
+        *path++ = 0;
         bool v2 = !strcmp(line, "0") && !*controllers;
         if (!v2 && !has_controller(controllers, controller)) continue;
-        char roots[2][300];
-        if (v2) snprintf(roots[0], 300, "/sys/fs/cgroup"), snprintf(roots[1], 300, "/sys/fs/cgroup/unified");
-        else snprintf(roots[0], 300, "/sys/fs/cgroup/%s", controller),
-             snprintf(roots[1], 300, "/sys/fs/cgroup/%s", controllers);  /* "cpu,cpuacct" */
+        char roots[2][PATH_LEN / 4];
+        if (v2) {
+            snprintf(roots[0], sizeof roots[0], "/sys/fs/cgroup");
+            snprintf(roots[1], sizeof roots[1], "/sys/fs/cgroup/unified");
+        } else {
+            snprintf(roots[0], sizeof roots[0], "/sys/fs/cgroup/%s", controller);
+            snprintf(roots[1], sizeof roots[1], "/sys/fs/cgroup/%s", controllers);  /* "cpu,cpuacct" */
+        }
         for (int r = 0; r < 2; r++)
-            for (size_t len = strlen(path);;) {  /* the group, then each parent up to the root */
+            for (size_t len = strlen(path);;) {  /* the group, each parent, the root */
                 snprintf(dir, sizeof dir, "%s%.*s", roots[r], (int)len, path);
                 double v = value(dir, v2);
                 limit = v < limit ? v : limit;
-                while (len > 0 && path[len - 1] != '/') len--;
-                if (len <= 1) break;
-                len--;
+                if (len == 0) break;
+                while (len > 0 && path[len - 1] != '/') len--;  /* drop the last name ... */
+                if (len > 0) len--;                             /* ... and its slash */
             }
     }
     fclose(f);
     return limit;
 }
 
-/* memory.max (v2, "max" for none) or memory.limit_in_bytes (v1: a huge number for none) */
-static double memory_max(const char *dir, bool v2) {
-    char buf[64];
-    read_line(dir, v2 ? "memory.max" : "memory.limit_in_bytes", buf, sizeof buf);
-    return buf[0] >= '0' && buf[0] <= '9' ? strtod(buf, NULL) : INFINITY;
+/* what a group may still take: its limit less what it holds (v2: memory.max, "max" for none, and
+ * memory.current; v1: memory.limit_in_bytes, a huge number for none, and memory.usage_in_bytes) */
+static double memory_left(const char *dir, bool v2) {
+    char limit[64], used[64];
+    read_line(dir, v2 ? "memory.max" : "memory.limit_in_bytes", limit, sizeof limit);
+    if (limit[0] < '0' || limit[0] > '9') return INFINITY;
+    read_line(dir, v2 ? "memory.current" : "memory.usage_in_bytes", used, sizeof used);
+    double left = strtod(limit, NULL) - strtod(used, NULL);
+    return left > 0 ? left : 0;
 }
 
 /* CPUs' worth of time per period: cpu.max (v2: "quota period", "max period" for none), or
@@ -658,32 +675,49 @@ static int usable_cpus(void) {
     return quota < n ? (quota > 1 ? (int)ceil(quota) : 1) : n;
 }
 
-/* The bytes this process may hold beside the mapped model file, and what bounds them: this
- * machine's memory, the address space RLIMIT_AS (ulimit -v) leaves, or a cgroup's memory limit
- * (which counts the model file's pages in memory, as it counts the process's own). */
+/* bytes of address space this process has mapped now (Linux: /proc/self/statm), or at least the
+ * model file's */
+static uint64_t mapped_now(const Model *m) {
+    FILE *f = fopen("/proc/self/statm", "r");
+    unsigned long long pages = 0;
+    if (f) {
+        if (fscanf(f, "%llu", &pages) != 1) pages = 0;
+        fclose(f);
+    }
+    uint64_t bytes = (uint64_t)pages * (uint64_t)sysconf(_SC_PAGESIZE);
+    return bytes > m->map_size ? bytes : m->map_size;
+}
+
+/* The bytes this process may still take, and what bounds them: this machine's memory, the address
+ * space that RLIMIT_AS (ulimit -v) leaves, or what a cgroup's memory limit leaves (the limit counts
+ * the pages of the model file in memory, as it counts the process's own, and other processes') */
 static uint64_t memory_available(const Model *m, const char **what) {
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     uint64_t have = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : UINT64_MAX;
     *what = "memory";
     struct rlimit rl;
     if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
-        uint64_t left = rl.rlim_cur > m->map_size ? (uint64_t)rl.rlim_cur - m->map_size : 0;
-        if (left < have) have = left, *what = "address space (ulimit -v) beside the model file";
+        uint64_t mapped = mapped_now(m), left = rl.rlim_cur > mapped ? (uint64_t)rl.rlim_cur - mapped : 0;
+        if (left < have) {
+            have = left;
+            *what = "address space that ulimit -v leaves";
+        }
     }
-    double group = cgroup_limit("memory", memory_max);
+    double group = cgroup_limit("memory", memory_left);
     if (group < (double)have) {
-        uint64_t limit = (uint64_t)group, left = limit > m->map_size ? limit - m->map_size : 0;
-        if (left < have) have = left, *what = "this cgroup's memory limit beside the model file";
+        have = (uint64_t)group;
+        *what = "memory that this cgroup's limit leaves";
     }
     return have;
 }
 
-/* bytes a state for ctx positions takes: the state's buffers with a full KV cache, and main's
- * (the context's token ids; per vocabulary entry a sampling candidate and a flag) */
+/* bytes a state for ctx positions takes: the state's buffers with a full KV cache (and its
+ * mapping's alignment, alloc_kv), and main's (the context's token ids; per vocabulary entry a
+ * sampling candidate and a flag) */
 static uint64_t memory_needed(const Model *m, int max_tokens, int ctx, int kv_dtype) {
     State probe;
     state_init(&probe, m, max_tokens, ctx, NULL, kv_dtype, true);
-    return probe.bytes + (uint64_t)ctx * 4 + (uint64_t)m->cfg.vocab_size * 16;
+    return probe.bytes + HUGE_PAGE + (uint64_t)ctx * 4 + (uint64_t)m->cfg.vocab_size * 16;
 }
 
 /* The context to run: ctx, if a state for it fits what this process may use. The KV cache is
@@ -700,19 +734,25 @@ static int fit_context(const Model *m, int max_tokens, int ctx, bool asked, int 
             "%llu bytes of %s; use a smaller -c%s", ctx, (unsigned long long)need, (unsigned long long)kv,
             (unsigned long long)(need - kv), (unsigned long long)have, what,
             kv_dtype == MM_F16 ? "" : " or --kv f16");
-    int fits = ctx, over = ctx;  /* halve until it fits, then search whole pages between */
-    while (fits > KV_PAGE && memory_needed(m, max_tokens, fits, kv_dtype) > have) over = fits, fits /= 2;
+    /* the default: the most whole pages that fit, with a sixteenth to spare (what the allocator and
+     * the rest of the process take); halve until it fits, then search the pages between */
+    uint64_t room = have - have / 16;
+    int fits = ctx, over = ctx;
+    while (fits > KV_PAGE && memory_needed(m, max_tokens, fits, kv_dtype) > room) {
+        over = fits;
+        fits /= 2;
+    }
     while (over - fits > KV_PAGE) {
         int mid = (fits + (over - fits) / 2) / KV_PAGE * KV_PAGE;
         if (mid <= fits) break;
-        if (memory_needed(m, max_tokens, mid, kv_dtype) <= have) fits = mid;
+        if (memory_needed(m, max_tokens, mid, kv_dtype) <= room) fits = mid;
         else over = mid;
     }
-    if (memory_needed(m, max_tokens, fits, kv_dtype) > have)
+    if (memory_needed(m, max_tokens, fits, kv_dtype) > room)
         die("the run state needs %llu bytes, more than the %llu bytes of %s",
             (unsigned long long)memory_needed(m, max_tokens, fits, kv_dtype), (unsigned long long)have, what);
-    fprintf(stderr, "run: note: the model's context of %d positions needs %llu bytes, more than the %llu "
-            "bytes of %s: using -c %d\n", ctx, (unsigned long long)need, (unsigned long long)have, what, fits);
+    fprintf(stderr, "run: note: a context of %d positions needs %llu bytes, more than the %llu bytes of %s: "
+            "using -c %d\n", ctx, (unsigned long long)need, (unsigned long long)have, what, fits);
     return fits;
 }
 
@@ -958,37 +998,44 @@ static void swiglu(float *gate, const float *up, int n, int hidden) {
 
 /* A decoded token passes some 80 parallel regions, and each ends when its last thread is done.
  * On an idle machine every core speeds a token up. On a busy one the system takes cores away to
- * run other processes, and at the end of a region the team waits for a thread that is not
- * running: most calls take no longer, but some take many times longer, and two threads can be
- * several times slower than one on the whole (docs/speed.md). Which holds changes as the program
- * runs, so unless --threads or OMP_NUM_THREADS fixes the count, the forward passes measure it: the
- * mean seconds per token at the team size in use since the last probe, against a probe of a few
- * calls at another size (half or twice as many threads). The faster size is kept, and the next
- * probe comes when the time a probe could lose, at the ratio just seen, is PROBE_BUDGET of the
- * time between; at once if the calls slow down by a third (new load, or a size that looked fast
- * in its probe's few calls and is not). The output is the same bits at any team size (kernels.h):
- * a switch changes only the time. Single tokens (decoding) and blocks (prompts) are measured
- * apart, as their speeds differ and so may their best sizes; blocks only against as many tokens. */
+ * run other processes, the team waits at the end of a region for a thread that is not running,
+ * and two threads can be several times slower than one (docs/kernels.md, "Threads"). Which holds
+ * changes as the program runs, so unless --threads or OMP_NUM_THREADS fixes the count, the
+ * forward passes measure it:
+ *   - the size in use: its mean seconds per token since the last probe (a mean, not a median:
+ *     under load most calls are fast and a few very slow, and the slow ones are the cost);
+ *   - a probe: a few calls at half or twice the size; the faster size is kept;
+ *   - the next probe comes when the time it could lose, at the ratio just seen, is PROBE_BUDGET
+ *     of the time between; at once when the calls slow down by a third (new load);
+ *   - more threads are probed only when as many CPUs are idle, where that can be read: on a busy
+ *     machine their probe is costly (a thread that slept while unused can wait 100 ms for a CPU)
+ *     and misleading (its few calls can miss the slow ones); the first size is the CPUs idle then.
+ * Single tokens (decoding) and blocks (prompts) are measured apart, as their speeds and best sizes
+ * differ, and a block only against blocks of as many tokens. The output is the same bits at any
+ * team size (kernels.h): a switch changes only the time. */
 enum {
     PROBE_FIRST = 2,      /* calls before the first probe */
-    PROBE_GAP_MIN = 8,    /* calls between probes, at least ... */
-    PROBE_GAP_MAX = 1024, /* ... and at most */
+    PROBE_GAP_MIN = 8,    /* calls between probes, at least */
+    PROBE_GAP_MAX = 1024, /* and at most */
 };
 #define PROBE_BUDGET 0.02  /* of the time, at most, spent probing a slower size */
 #define PROBE_MARGIN 0.05  /* a probe wins when 5% faster than the size in use */
 #define PROBE_ABORT 2.0    /* a probe's timed call this much slower than the size in use ends it */
-#define NEW_LOAD 1.33      /* recent calls this much slower than when last settled: probe now */
+#define NEW_LOAD 1.33      /* recent calls this much slower than the baseline: probe now */
 
 typedef struct {
     int size;                   /* the team size in use */
-    double sum;                 /* seconds per token of its calls since the last probe, summed ... */
-    int calls, calls_n;         /* ... over this many calls, each of calls_n tokens */
+    int calls_n;                /* the tokens of each of its calls measured (blocks: their length) */
+    int calls;                  /* its calls since the last probe */
+    double sum;                 /* their seconds per token, summed */
     double recent;              /* seconds per token of its last calls, a running mean */
-    double settled;             /* its time when the last probe ended (0: none yet) */
+    double baseline;            /* its seconds per token when the last probe ended (0: none yet) */
     int until_probe;            /* calls at `size` before the next probe */
     int probe;                  /* a probe's team size; 0: none under way */
-    int probe_calls, warm_calls, timed_calls;  /* a probe's calls so far; untimed (waking threads), timed */
-    double probe_time;          /* its timed calls' seconds per token, summed */
+    int probe_calls;            /* the probe's calls so far */
+    int warm_calls;             /* its first calls, not timed (threads that slept wake in them) */
+    int timed_calls;            /* the calls timed after them */
+    double probe_sum;           /* their seconds per token, summed */
     bool probe_fewer;           /* the next probe tries fewer threads, where both ways are open */
     long n_calls, n_probes, n_switches;  /* for -v */
 } TeamSize;
@@ -1008,26 +1055,28 @@ static void set_team_size(int n) {
 #endif
 }
 
-/* The threads running or waiting to run on this machine now, this one among them (Linux's
- * /proc/loadavg: "0.52 0.58 0.59 3/190 12345" has 3), or 0 where that cannot be read */
-static int runnable_threads(void) {
+/* The CPUs of this machine that no thread is running or waiting to run on now, this one's aside
+ * (Linux's /proc/loadavg counts the runnable threads: "0.52 0.58 0.59 3/190 12345" has 3), up to
+ * max; max where that cannot be read */
+static int idle_cpus(int max) {
     FILE *f = fopen("/proc/loadavg", "r");
-    int running = 0;
+    int runnable = 0;
     if (f) {
-        if (fscanf(f, "%*f %*f %*f %d/", &running) != 1) running = 0;
+        if (fscanf(f, "%*f %*f %*f %d/", &runnable) != 1) runnable = 0;
         fclose(f);
     }
-    return running;
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    if (runnable < 1 || online < 1) return max;
+    long idle = online - (runnable - 1);
+    return idle < 0 ? 0 : idle < max ? (int)idle : max;
 }
 
-/* The first size: the CPUs that no other thread is running on now, where that can be read; the
- * probes correct it */
 static void threads_init(int max, bool tuned) {
-    threads.max = max, threads.tuned = tuned && max > 1;
-    int others = runnable_threads() - 1, start = threads.tuned && others > 0 ? max - others : max;
-    start = start < 1 ? 1 : start;
-    threads.tokens = threads.blocks =
-        (TeamSize){.size = start, .until_probe = PROBE_FIRST, .probe_fewer = true};
+    threads.max = max;
+    threads.tuned = tuned && max > 1;
+    int start = threads.tuned ? idle_cpus(max) : max;  /* the CPUs idle now, the probes correct it */
+    TeamSize first = {.size = start > 1 ? start : 1, .until_probe = PROBE_FIRST, .probe_fewer = true};
+    threads.tokens = threads.blocks = first;
     set_team_size(max);  /* (the state's buffers are sized by it) */
     if (max > 1) {  /* start the threads now (milliseconds on some systems), not in a timed call */
         #pragma omp parallel
@@ -1042,8 +1091,9 @@ static void print_threads(void) {
     const char *what[2] = {"prompt blocks", "single tokens"};
     for (int i = 0; i < 2; i++)
         if (t[i]->n_calls)
-            fprintf(stderr, "threads for %s: %d of up to %d at the end; %ld calls, %ld probes, %ld switches\n",
-                    what[i], t[i]->size, threads.max, t[i]->n_calls, t[i]->n_probes, t[i]->n_switches);
+            fprintf(stderr, "threads for %s: %d of up to %d at the end; %ld calls, %ld probes, %ld "
+                    "switches\n", what[i], t[i]->size, threads.max, t[i]->n_calls, t[i]->n_probes,
+                    t[i]->n_switches);
 }
 
 /* the team size for a forward call of n tokens */
@@ -1054,35 +1104,45 @@ static void team_begin(int n) {
     threads.call_start = now_seconds();
 }
 
-/* a probe is over: keep the faster size, and set when to probe again */
+/* A probe is over: keep the faster size, and set when to probe again. (A probe begins only after
+ * two calls at the size in use, and ends after one timed call at least: no division by zero.) */
 static void probe_end(TeamSize *t) {
-    double now = t->sum / t->calls, probed = t->probe_time / t->timed_calls;
-    bool wins = probed < now * (1 - PROBE_MARGIN);
-    double ratio = wins ? now / probed : probed / now;  /* the slower over the faster */
+    double in_use = t->sum / t->calls, probed = t->probe_sum / t->timed_calls;
+    bool wins = probed < in_use * (1 - PROBE_MARGIN);
+    double ratio = wins ? in_use / probed : probed / in_use;  /* the slower over the faster */
     double gap = (t->warm_calls + t->timed_calls) * (ratio - 1) / PROBE_BUDGET;
     t->until_probe = gap < PROBE_GAP_MIN ? PROBE_GAP_MIN : gap > PROBE_GAP_MAX ? PROBE_GAP_MAX : (int)gap;
-    if (wins) t->size = t->probe, now = probed, t->n_switches++;
+    if (wins) {
+        t->size = t->probe;
+        in_use = probed;
+        t->n_switches++;
+    }
     t->n_probes++;
-    t->settled = t->recent = now, t->sum = 0, t->calls = 0;
-    t->probe = 0, t->probe_fewer = !t->probe_fewer;
+    t->baseline = t->recent = in_use;
+    t->sum = 0;
+    t->calls = 0;
+    t->probe = 0;
+    t->probe_fewer = !t->probe_fewer;
 }
 
-/* A probe of half or twice the size in use (as far as 1 and max allow), alternately. More threads
- * are tried only when as many CPUs are idle, where that can be read: on a busy machine a probe of
- * more threads is slow to measure and costly (a thread that has slept while unused may wait
- * 100 ms and more for a CPU to wake on), and its few calls can look fast while the calls after
- * them are not (the waits for a descheduled thread come every few calls). */
+/* a probe of half or twice the size in use (as far as 1 and max allow), alternately; of more
+ * threads only when as many CPUs are idle, else of fewer (if any) */
 static void probe_begin(TeamSize *t, bool tokens) {
     int fewer = t->size / 2, more = 2 * t->size < threads.max ? 2 * t->size : threads.max;
     bool go_fewer = t->size > 1 && (t->size == threads.max || t->probe_fewer);
-    int running = go_fewer ? 0 : runnable_threads();
-    if (running > 0 && threads.max - running < more - t->size) {  /* no CPUs idle for them */
-        t->until_probe = PROBE_GAP_MIN, t->settled = t->recent;  /* look again later */
-        return;
+    if (!go_fewer && idle_cpus(threads.max) < more - t->size) {
+        if (t->size == 1) {  /* no CPUs idle for more, and none to give back: look again later */
+            t->until_probe = PROBE_GAP_MIN;
+            t->baseline = t->recent;
+            return;
+        }
+        go_fewer = true;
     }
-    t->probe = go_fewer ? fewer : more, t->probe_calls = 0, t->probe_time = 0;
+    t->probe = go_fewer ? fewer : more;
+    t->probe_calls = 0;
+    t->probe_sum = 0;
     t->timed_calls = tokens ? 2 : 1;
-    t->warm_calls = tokens && !go_fewer ? 1 : 0;  /* threads that slept while unused wake in the first */
+    t->warm_calls = tokens && !go_fewer ? 1 : 0;
 }
 
 /* the call of n tokens that team_begin began is done: time it */
@@ -1092,22 +1152,33 @@ static void team_end(int n) {
     double per_token = (now_seconds() - threads.call_start) / n;
     t->n_calls++;
     if (t->probe) {
-        if (n != t->calls_n) {  /* a block of another length: no comparison; try again later */
-            t->probe = 0, t->until_probe = 1;
-        } else if (t->probe_calls >= t->warm_calls && per_token > t->sum / t->calls * PROBE_ABORT) {
-            /* a timed call that has lost already: spend no more on the probe */
-            t->probe_time = per_token, t->timed_calls = 1, t->warm_calls = t->probe_calls;
+        bool timed = t->probe_calls >= t->warm_calls;
+        if (n != t->calls_n) {  /* a block of another length: nothing to compare; try again later */
+            t->probe = 0;
+            t->until_probe = 1;
+        } else if (timed && per_token > t->sum / t->calls * PROBE_ABORT) {  /* lost already */
+            t->warm_calls = t->probe_calls;
+            t->timed_calls = 1;
+            t->probe_sum = per_token;
             probe_end(t);
         } else if (++t->probe_calls > t->warm_calls) {
-            t->probe_time += per_token;
+            t->probe_sum += per_token;
             if (t->probe_calls == t->warm_calls + t->timed_calls) probe_end(t);
         }
         return;
     }
-    if (n != t->calls_n) t->sum = 0, t->calls = 0, t->calls_n = n, t->recent = per_token;
-    t->sum += per_token, t->calls++;
+    if (n != t->calls_n) {  /* blocks of a new length: measure afresh */
+        t->calls_n = n;
+        t->calls = 0;
+        t->sum = 0;
+        t->recent = per_token;
+        t->baseline = 0;
+        t->until_probe = PROBE_FIRST;
+    }
+    t->sum += per_token;
+    t->calls++;
     t->recent += (per_token - t->recent) / 8;
-    if (t->settled > 0 && t->recent > t->settled * NEW_LOAD) t->until_probe = 0;
+    if (t->baseline > 0 && t->recent > t->baseline * NEW_LOAD) t->until_probe = 0;
     if (--t->until_probe <= 0 && t->calls >= 2) probe_begin(t, n == 1);
 }
 
@@ -1409,9 +1480,7 @@ static float *prefill(const Model *m, State *s, Context *c) {
     float *logits = NULL;
     while (c->n_cached < c->n && !interrupted) {
         int len = c->n - c->n_cached < s->max_tokens ? c->n - c->n_cached : s->max_tokens;
-        double a = now_seconds();
         logits = forward(m, s, c->tokens + c->n_cached, len, c->n_cached, false);
-        if (getenv("TRACE")) fprintf(stderr, "prefill call %d: %.1f us\n", len, (now_seconds()-a)*1e6);
         c->n_cached += len;
     }
     return logits;
@@ -1684,8 +1753,8 @@ static void usage(FILE *f) {
 "  --yarn-beta-fast F     YaRN high-frequency ramp end, in rotations  [32]\n"
 "  --yarn-beta-slow F     YaRN low-frequency ramp end, in rotations  [1]\n"
 "  --yarn-attn-factor F   YaRN factor on cos and sin  [1.0]\n"
-"  -v, --verbose          print the model's config, timings, per-window ppl and memory\n"
-"                         (peak RSS, model file, KV cache) on stderr\n"
+"  -v, --verbose          print the model's config, timings, per-window ppl, memory (peak\n"
+"                         RSS, model file, KV cache) and threads (what measuring chose) on stderr\n"
 "  -h, --help             this text\n"
 "generate feeds <|im_start|> + the text, as MiniMind does for pretrained checkpoints; chat\n"
 "renders each turn with the checkpoint's chat template. YaRN defaults are MiniMind's\n"
@@ -1884,7 +1953,8 @@ int main(int argc, char **argv) {
     /* threads: --threads N, else OMP_NUM_THREADS, both fixed; else up to the usable CPUs, tuned */
     int usable = usable_cpus();
 #ifdef _OPENMP
-    bool from_env = !o.threads && getenv("OMP_NUM_THREADS");
+    const char *env = getenv("OMP_NUM_THREADS");
+    bool from_env = !o.threads && env && *env >= '1' && *env <= '9';  /* (libgomp ignores others) */
     int max_threads = o.threads ? o.threads : from_env ? omp_get_max_threads() : usable;
     if (max_threads > usable)
         fprintf(stderr, "run: warning: %d threads (%s) on the %d CPUs this process may use: they will wait "
@@ -1975,9 +2045,10 @@ int main(int argc, char **argv) {
                 h->flags & MM_FLAG_MOE ? h->moe_hidden_dim : h->hidden_dim, h->vocab_size,
                 dtype_name(m.layers[0].wq.dtype));
         fprintf(stderr, "rope: theta %g, scaling %s (factor %g, orig ctx %d, beta %g/%g, attn %g); "
-                "ctx %d, batch %d, threads %s%d, kv cache %s, kernels %s\n", rope.theta, scaling[rope.scaling],
-                rope.factor, rope.orig_ctx, rope.beta_fast, rope.beta_slow, rope.attn_factor, ctx, batch,
-                threads.tuned ? "up to " : "", threads.max, o.kv, fast_kernels() ? KERNELS : "plain loops");
+                "ctx %d, batch %d, threads %s%d, kv cache %s, kernels %s\n", rope.theta,
+                scaling[rope.scaling], rope.factor, rope.orig_ctx, rope.beta_fast, rope.beta_slow,
+                rope.attn_factor, ctx, batch, threads.tuned ? "up to " : "", threads.max, o.kv,
+                fast_kernels() ? KERNELS : "plain loops");
     }
     double t0 = now_seconds();
     if (benching) {
@@ -2037,8 +2108,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "%d tokens in %.3f s (%.1f tokens/s)\n", n_ids, now_seconds() - t0,
                 n_ids / (now_seconds() - t0));
     if (o.verbose) {  /* (the cache is mapped: only the pages of positions used become resident) */
-        fprintf(stderr, "memory: peak RSS %.1f MB; model file %.1f MB (mapped), KV cache up to %.1f MB for %d "
-                "positions (%s)\n", peak_rss_mb(), m.map_size / 1048576.0,
+        fprintf(stderr, "memory: peak RSS %.1f MB; model file %.1f MB (mapped), KV cache up to %.1f MB for "
+                "%d positions (%s)\n", peak_rss_mb(), m.map_size / 1048576.0,
                 kv_cache_bytes(h, ctx, s.kv_dtype) / 1048576.0, ctx, o.kv);
         print_threads();
     }

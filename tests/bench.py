@@ -27,7 +27,8 @@ tests/bench-models/ for the next run. For every shape x dtype x threads, `./run 
 --busy (make bench-busy) measures what other work on the machine does to the default thread
 count (measured as the program runs, run.c's "Threads") beside --threads 1: for each model and 0,
 1 and 2 busy processes (a Python loop each, started before and stopped after the pair), the
-default and --threads 1 run alternately, --runs times; the table gives the median decode (tg128)
+default and --threads 1 run one after the other, each first in turn, --runs times (the busy
+processes have run for a second before each pair); the table gives the median decode (tg128)
 and prefill (pp512) of each and the median ratio of the pairs. Then make run's command at the
 default context against -c 64, alternately, 10 times each: its first token (the prompt's 7
 tokens, the stats line's prefill) and its peak RSS (-v), medians.
@@ -156,6 +157,34 @@ def stream_gbs(model, threads):
     return float(p.stdout)
 
 
+def cpu_name():
+    """this machine's processor, as /proc/cpuinfo names it, with AMD's generation where known"""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if ":" in line:
+                    k, v = (s.strip() for s in line.split(":", 1))
+                    info.setdefault(k, v)
+    except OSError:
+        pass
+    family, model = info.get("cpu family", "?"), info.get("model", "?")
+    generation = ""
+    if info.get("vendor_id") == "AuthenticAMD" and family.isdigit() and model.isdigit():
+        f, m = int(family), int(model)
+        zen4 = 0x10 <= m <= 0x1f or 0x60 <= m <= 0x7f or 0xa0 <= m <= 0xaf
+        generation = {26: "Zen 5, ", 25: "Zen 4, " if zen4 else "Zen 3, ", 23: "Zen 2 or earlier, "}.get(f, "")
+    return (f"{info.get('model name', 'unknown')} ({generation}cpu family {family}, model {model}), "
+            f"{os.cpu_count()} logical cores")
+
+
+def build_line(binary):
+    """the processor and the kernels of this build (the last line of ./run --help)"""
+    p = subprocess.run([binary, "--help"], capture_output=True, text=True)
+    kernels = next((l.split(": ", 1)[1] for l in p.stdout.splitlines() if l.startswith("this build:")), "?")
+    return f"processor: {cpu_name()}; {kernels}"
+
+
 def busy_loops(n):
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
@@ -171,11 +200,13 @@ def busy_table(a):
             f"{SHAPES[name.split('.')[0]]['label']} {name.split('.')[1]}"
         for n_busy in (0, 1, 2):
             pairs = []
-            for _ in range(a.runs):
+            for r in range(a.runs):
                 loops = busy_loops(n_busy)
                 try:
-                    pairs.append((bench_once(a.binary, model, None, a.extra),
-                                  bench_once(a.binary, model, 1, a.extra)))
+                    time.sleep(1 if n_busy else 0)  # (new processes get the scheduler's favour at first)
+                    first, second = (None, 1) if r % 2 == 0 else (1, None)  # each goes first in turn
+                    x, y = bench_once(a.binary, model, first, a.extra), bench_once(a.binary, model, second, a.extra)
+                    pairs.append((x, y) if first is None else (y, x))
                 finally:
                     for p in loops:
                         p.kill()
@@ -225,17 +256,19 @@ def main():
                     help="--busy: demo, or SHAPE.DTYPE of the random-weight models")
     ap.add_argument("extra", nargs="*", help="more flags for ./run (after --), e.g. --kv f16")
     a = ap.parse_args()
+    print(build_line(a.binary), flush=True)
     if a.busy:
-        lines = busy_table(a)
+        lines = [build_line(a.binary), ""] + busy_table(a)
         if a.md:
             with open(a.md, "w") as f:
                 f.write("\n".join(lines) + "\n")
         return
     cols = ["prefill_tps", "ttft_ms", "decode_tps", "decode_tps_2048", "decode_tps_4096", "peak_rss_mb"]
-    lines = ["| shape | dtype | threads | prefill pp512 tok/s | ttft ms | decode tg128 tok/s "
+    lines = [build_line(a.binary), "",
+             "| shape | dtype | threads | prefill pp512 tok/s | ttft ms | decode tg128 tok/s "
              "| decode @2048 tok/s | decode @4096 tok/s | peak RSS MB | tg128 reads GB/s (of stream) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
+    print("\n".join(lines[2:]), flush=True)
     for shape in a.shapes.split(","):
         for dtype in a.dtypes.split(","):
             model = model_file(shape, dtype)

@@ -682,9 +682,9 @@ def machine_tests(binary):
             remove()
         note = [l for l in a.stderr.splitlines() if "note" in l]
         cut = re.search(r"using -c (\d+)", note[0]) if note else None
-        ok = a.returncode == 0 and cut and 1024 < int(cut.group(1)) < 32768 and "cgroup's memory limit" in note[0] \
+        ok = a.returncode == 0 and cut and 1024 < int(cut.group(1)) < 32768 and "this cgroup's limit leaves" in note[0] \
             and a.stdout == run(cmd).stdout
-        ok2, detail = expect_error(b, "32768 positions", "cgroup's memory limit", "smaller -c")
+        ok2, detail = expect_error(b, "32768 positions", "this cgroup's limit leaves", "smaller -c")
         return ok and ok2, (note[0][:150] if note else a.stderr[-150:]) + " | " + detail
 
 

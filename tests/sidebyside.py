@@ -331,20 +331,6 @@ def run_llama(tools, model, threads, extra, depth):
 
 # ----------------------------------------------------------------------------------------------
 
-def cpu_name():
-    info = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if ":" in line:
-                    k, v = (s.strip() for s in line.split(":", 1))
-                    info.setdefault(k, v)
-    except OSError:
-        pass
-    return (f"{info.get('model name', 'unknown')} (cpu family {info.get('cpu family', '?')}, "
-            f"model {info.get('model', '?')}), {os.cpu_count()} logical cores")
-
-
 def git_commit(path):
     try:
         p = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
@@ -466,7 +452,7 @@ def compare(a, versus, shapes, dtypes, threads, binary, other_copy, other, llama
                 "",
                 f"- command: `{shlex.join([sys.executable] + sys.argv)}`",
                 f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-                f"- processor: {cpu_name()}",
+                f"- processor: {bench.cpu_name()}",
                 f"- minimind.c commit: {git_commit(ROOT)}",
                 f"- other: {other}",
                 f"- ours and other: `{ours_cmd}`",
@@ -479,7 +465,7 @@ def compare(a, versus, shapes, dtypes, threads, binary, other_copy, other, llama
                 "",
                 f"- command: `{shlex.join([sys.executable] + sys.argv)}`",
                 f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-                f"- processor: {cpu_name()}",
+                f"- processor: {bench.cpu_name()}",
                 f"- minimind.c commit: {git_commit(ROOT)}",
                 f"- llama.cpp commit: {git_commit(llama)} ({llama})",
                 f"- ours: `{ours_cmd}`; "
