@@ -18,7 +18,9 @@ endif
 
 # the sources of ./run: run.c includes the rest (one translation unit)
 SRC   = run.c tokenizer.c model.h kernels.h kernels/vector.h kernels/matmul.c kernels/attention.c
-BUILD = $(CC) $(WARN) $(CFLAGS) $(ARCH) $(OMP)
+# ./run --version names the commit it was built from
+VERSION := $(shell git describe --always --dirty 2>/dev/null || echo unknown)
+BUILD = $(CC) $(WARN) $(CFLAGS) $(ARCH) $(OMP) -DMINIMIND_VERSION='"$(VERSION)"'
 
 all: .run-built
 

@@ -747,6 +747,13 @@ def align(n):
 
 
 def export(args):
+    out_dir = os.path.dirname(os.path.abspath(args.out))  # before the work: a bad path fails at once
+    if os.path.isdir(args.out):
+        fail(f"{args.out}: is a folder; give the model file's path")
+    if not os.path.isdir(out_dir):
+        fail(f"{args.out}: no folder {out_dir} to write it in")
+    if not os.access(out_dir, os.W_OK):
+        fail(f"{args.out}: cannot write in {out_dir}")
     state, config = load_checkpoint(args.checkpoint, args.config)
     c = infer_config(state, config, args.n_heads, args.checkpoint)
     table = expected_tensors(c)
@@ -801,7 +808,10 @@ def export(args):
                tokenizer_size=len(tok_block), tensor_table_offset=table_offset,
                file_size=file_size)
     out_dir = os.path.dirname(os.path.abspath(args.out))
-    fd, tmp = tempfile.mkstemp(prefix=".export-", dir=out_dir)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".export-", dir=out_dir)
+    except OSError as e:
+        fail(f"{args.out}: cannot write in {out_dir} ({e.strerror})")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack(HEADER_STRUCT, *[hdr[k] for k, _ in HEADER_FIELDS]))

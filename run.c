@@ -1722,7 +1722,8 @@ static void usage(FILE *f) {
 "usage: run MODEL.bin [options]\n"
 "  -m MODE                generate | chat | tokenize | decode | logits | ppl | bench  [generate]\n"
 "  -i TEXT                input text: the prompt (generate), the text (tokenize, logits, ppl)\n"
-"  -f FILE                input text read from FILE, byte for byte\n"
+"  -f FILE                input text read from FILE, byte for byte (-: standard input, which\n"
+"                         is also read when no -i, -f or --ids is given and it is not a terminal)\n"
 "  --ids LIST             token ids instead of text, separated by commas or spaces;\n"
 "                         @FILE reads them from FILE (logits, ppl, decode)\n"
 "  -o FILE                logits mode: write float32 little-endian logits, one row of vocab\n"
@@ -1755,6 +1756,7 @@ static void usage(FILE *f) {
 "  --yarn-attn-factor F   YaRN factor on cos and sin  [1.0]\n"
 "  -v, --verbose          print the model's config, timings, per-window ppl, memory (peak\n"
 "                         RSS, model file, KV cache) and threads (what measuring chose) on stderr\n"
+"  --version              the build: its commit, the model file format, kernels and threads\n"
 "  -h, --help             this text\n"
 "generate feeds <|im_start|> + the text, as MiniMind does for pretrained checkpoints; chat\n"
 "renders each turn with the checkpoint's chat template. YaRN defaults are MiniMind's\n"
@@ -1789,6 +1791,26 @@ static float parse_float(const char *flag, const char *v, float lo, float hi) {
 
 static const char *MODES[] = {"generate", "chat", "tokenize", "decode", "logits", "ppl", "bench"};
 
+/* the options that take a value (parse_args) */
+static const char *VALUE_FLAGS[] = {
+    "-m", "-i", "-f", "--ids", "-o", "-n", "-t", "-p", "-k", "--repeat-penalty", "-s", "-y", "-c", "--ctx",
+    "--threads", "--batch", "--rope-base", "--kv", "--rope-scaling", "--rope-scale", "--yarn-orig-ctx",
+    "--yarn-beta-fast", "--yarn-beta-slow", "--yarn-attn-factor"};
+
+#ifndef MINIMIND_VERSION
+#define MINIMIND_VERSION "unknown"  /* the Makefile gives the git commit */
+#endif
+
+static void print_version(void) {
+#ifdef _OPENMP
+    const char *threads = "OpenMP threads";
+#else
+    const char *threads = "one thread (built without OpenMP)";
+#endif
+    printf("minimind.c %s; model files of format version %u; kernels %s, %s\n", MINIMIND_VERSION,
+           (unsigned)MM_VERSION, KERNELS, threads);
+}
+
 static void parse_args(Options *o, int argc, char **argv) {
     *o = (Options){.mode = "generate",
                    .kv = "f32",
@@ -1816,6 +1838,11 @@ static void parse_args(Options *o, int argc, char **argv) {
             o->model_path = a;
             continue;
         }
+        if (!strcmp(a, "--version")) { print_version(); exit(0); }
+        bool takes_value = false;
+        for (size_t k = 0; k < sizeof VALUE_FLAGS / sizeof VALUE_FLAGS[0]; k++)
+            takes_value |= !strcmp(a, VALUE_FLAGS[k]);
+        if (!takes_value) die("unknown option '%s' (see --help)", a);
         if (i + 1 >= argc) die("%s needs a value (see --help)", a);
         const char *v = argv[++i];
         if (!strcmp(a, "-m")) o->mode = v;
@@ -1858,6 +1885,11 @@ static void parse_args(Options *o, int argc, char **argv) {
     for (size_t i = 0; i < sizeof MODES / sizeof MODES[0]; i++) known |= !strcmp(o->mode, MODES[i]);
     if (!known) die("-m expects generate, chat, tokenize, decode, logits, ppl or bench, got '%s'", o->mode);
     if (o->text && o->text_file) die("give the input text with -i or -f, not both");
+    bool chat = !strcmp(o->mode, "chat");  /* flags of chat alone, and flags chat has no use for */
+    if (chat && (o->text || o->text_file || o->ids_arg))
+        die("-m chat reads each turn from standard input; %s applies to the other modes",
+            o->text ? "-i" : o->text_file ? "-f" : "--ids");
+    if (!chat && (o->system || o->think)) die("%s applies to -m chat only", o->system ? "-y" : "--think");
 }
 
 /* RoPE: the model file's settings, then MiniMind's YaRN defaults when YaRN is newly asked for,
@@ -1885,15 +1917,27 @@ static Rope rope_from(const mm_header *h, const Options *o) {
     if (!isnan(o->yarn_beta_slow)) r.beta_slow = o->yarn_beta_slow;
     if (!isnan(o->yarn_attn_factor)) r.attn_factor = o->yarn_attn_factor;
     if (r.scaling == MM_ROPE_LINEAR && !(r.factor > 0)) die("--rope-scaling linear needs --rope-scale F");
+    const char *yarn_flag = o->yarn_orig_ctx                ? "--yarn-orig-ctx"
+                          : !isnan(o->yarn_beta_fast)   ? "--yarn-beta-fast"
+                          : !isnan(o->yarn_beta_slow)   ? "--yarn-beta-slow"
+                          : !isnan(o->yarn_attn_factor) ? "--yarn-attn-factor" : NULL;
+    if (r.scaling == MM_ROPE_NONE && !isnan(o->rope_scale))
+        die("--rope-scale applies with --rope-scaling linear or yarn (this model's config has no scaling)");
+    if (r.scaling != MM_ROPE_YARN && yarn_flag)
+        die("%s applies with --rope-scaling yarn (%s)", yarn_flag,
+            o->rope_scaling ? "not with the --rope-scaling given" : "this model's config has no YaRN");
     if (r.scaling != MM_ROPE_NONE && !(r.orig_ctx >= 1 && r.factor > 0))
         die("model file: rope scaling factor %g / original context %d invalid", r.factor, r.orig_ctx);
     return r;
 }
 
-/* the whole of a file, NUL-terminated; *len its size */
+/* the whole of a file ("-": standard input), NUL-terminated; *len its size */
 static char *read_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
+    bool std_in = !strcmp(path, "-");
+    FILE *f = std_in ? stdin : fopen(path, "rb");
     if (!f) die("%s: cannot open (%s)", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) die("%s: is a folder, not a file", path);
     size_t cap = 1 << 16, n = 0, got;
     char *buf = xcalloc(cap, 1, "file contents");
     while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
@@ -1904,8 +1948,8 @@ static char *read_file(const char *path, size_t *len) {
             buf = bigger;
         }
     }
-    if (ferror(f)) die("%s: read failed", path);
-    fclose(f);
+    if (ferror(f)) die("%s: read failed", std_in ? "standard input" : path);
+    if (!std_in) fclose(f);
     buf[n] = 0;
     *len = n;
     return buf;
@@ -1980,7 +2024,15 @@ int main(int argc, char **argv) {
 
     /* the input: token ids, or text (which generate, logits and ppl start with BOS) */
     size_t text_len = 0;
-    char *text = o.text_file ? read_file(o.text_file, &text_len) : NULL;
+    const char *text_file = o.text_file;
+    bool reads_text = !chatting && !benching && strcmp(o.mode, "decode");
+    if (!text_file && !o.text && !o.ids_arg && reads_text && !isatty(STDIN_FILENO))
+        text_file = "-";  /* echo TEXT | ./run MODEL: the text comes from standard input */
+    char *text = text_file ? read_file(text_file, &text_len) : NULL;
+    if (text && !o.text_file && text_len == 0) {  /* nothing there: as if none were given */
+        free(text);
+        text = NULL;
+    }
     if (o.text) text_len = strlen(o.text);
     const char *input = text ? text : o.text;
     if (!strcmp(o.mode, "tokenize")) {

@@ -69,6 +69,8 @@ def test(name):
 
 
 def run(cmd, **kw):
+    if "input" not in kw:  # (./run reads a prompt from a standard input that is not a terminal)
+        kw.setdefault("stdin", subprocess.DEVNULL)
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, **kw)
 
 
@@ -703,7 +705,7 @@ def cli_tests(binary, cases):
         flags = ["-m", "-i", "-f", "-n", "-t", "-p", "-k", "--repeat-penalty", "-s", "-y", "--think",
                  "--show-tokens", "--csv", "--ids", "-o", "--ctx", "--threads", "--batch", "--rope-base",
                  "--rope-scaling", "--rope-scale", "--yarn-orig-ctx", "--yarn-beta-fast",
-                 "--yarn-beta-slow", "--yarn-attn-factor", "--verbose", "--help"]
+                 "--yarn-beta-slow", "--yarn-attn-factor", "--verbose", "--version", "--help"]
         missing = [f for f in flags if f not in p.stdout]
         return p.returncode == 0 and not missing, f"missing {missing}" if missing else "all listed"
 
@@ -731,11 +733,52 @@ def cli_tests(binary, cases):
         ("output file not writable", [model, "-m", "logits", "-o", "/nonexistent/dir/x.f32", "--ids", "1"],
          ["/nonexistent/dir/x.f32"]),
         ("ppl with one token", [model, "-m", "ppl", "--ids", "5"], ["ppl needs at least 2 tokens"]),
+        ("an unknown flag in last place", ok_args + ["-x"], ["unknown option", "-x"]),
+        ("--rope-scale with no RoPE scaling", ok_args + ["--rope-scale", "4"], ["--rope-scale", "--rope-scaling"]),
+        ("--yarn-orig-ctx with no YaRN", ok_args + ["--yarn-orig-ctx", "256"], ["--yarn-orig-ctx", "yarn"]),
+        ("a YaRN flag with linear scaling", ok_args + ["--rope-scaling", "linear", "--rope-scale", "2",
+                                                       "--yarn-beta-fast", "8"], ["--yarn-beta-fast", "yarn"]),
+        ("-i in chat mode", [model, "-m", "chat", "-i", "hello"], ["-m chat", "-i"]),
+        ("-y outside chat", [model, "-i", "hello", "-y", "be brief"], ["-y", "chat"]),
+        ("--think outside chat", [model, "-i", "hello", "--think"], ["--think", "chat"]),
+        ("-f on a folder", [model, "-f", TMP], [TMP, "folder"]),
     ]
     for label, args, words in bad:
         @test(f"{tag}: bad command line: {label}")
         def _():
             return expect_error(run([binary] + args), *words)
+
+    @test(f"{tag}: the prompt from standard input: piped, or -f -; an empty one is no prompt")
+    def _():
+        demo = os.path.join(ROOT, "demo", "model.bin")
+        gen = [binary, demo, "-n", "8", "-s", "1"]
+        want = run(gen + ["-i", "春眠"])
+        a = run(gen, input="春眠")
+        b = run(gen + ["-f", "-"], input="春眠")
+        c = run(gen, input="")
+        ok, detail = expect_error(c, "needs a prompt")
+        ok = ok and want.returncode == 0 and a.stdout == b.stdout == want.stdout and len(want.stdout) > 3
+        return ok, f"{a.stdout.strip()!r} | {detail}"
+
+    @test(f"{tag}: --version names the build and the model file format, with or without a model")
+    def _():
+        a, b = run([binary, "--version"]), run([binary, model, "--version"])
+        version = re.search(r"#define MM_VERSION (\d+)", open(os.path.join(ROOT, "model.h")).read()).group(1)
+        ok = a.returncode == b.returncode == 0 and a.stdout == b.stdout and a.stdout.startswith("minimind.c ") \
+            and f"format version {version}" in a.stdout and "kernels" in a.stdout
+        return ok, a.stdout.strip()
+
+    @test(f"{tag}: the RoPE scaling flags apply where the model's config has the scaling")
+    def _():
+        yarn = os.path.join(TMP, "m3_moe.yarn.bin")  # as a config.json with inference_rope_scaling exports
+        with open(yarn, "wb") as f:
+            f.write(mutate_header(open(model, "rb").read(), rope_scaling=2, rope_factor=16.0))
+        p = run([binary, yarn, "-m", "logits", "-o", out, "--ids", "1,2,3", "--yarn-orig-ctx", "256",
+                 "--rope-scale", "4", "--yarn-beta-fast", "16"])
+        q = run([binary, yarn, "-m", "logits", "-o", out, "--ids", "1,2,3", "--rope-scaling", "linear",
+                 "--yarn-orig-ctx", "256", "--rope-scale", "4"])
+        ok, detail = expect_error(q, "--yarn-orig-ctx", "yarn")
+        return p.returncode == 0 and ok, (p.stderr.strip()[-100:] or "YaRN flags taken") + " | " + detail
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1132,6 +1175,17 @@ def export_tests():
                             return False, f"{name} [{r}, {g * 32 + k}]: {v} vs {sc} x {codes[g * 32 + k]}"
                         checked += 1
         return True, f"{checked} weights, worst {worst:.3f} of a step"
+
+    @test("export.py: an output path it cannot write names that path, before any work")
+    def _():
+        ckpt, tok = os.path.join(FIX, "m3_untied.safetensors"), os.path.join(FIX, "tokenizer")
+        results = []
+        for out, words in (("/nonexistent/dir/x.bin", ["/nonexistent/dir/x.bin", "no folder"]),
+                           (TMP, [TMP, "is a folder"])):
+            p = subprocess.run(EXPORT + [ckpt, out, "--tokenizer", tok], capture_output=True, text=True)
+            ok, detail = expect_error(p, *words)
+            results.append((ok and ".export-" not in p.stderr, detail))
+        return all(r[0] for r in results), " | ".join(r[1] for r in results)
 
     good = read_safetensors_raw(os.path.join(FIX, "m3_untied.safetensors"))
     out = os.path.join(TMP, "export_out.bin")
