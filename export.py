@@ -746,6 +746,19 @@ def align(n):
     return (n + MM_ALIGN - 1) // MM_ALIGN * MM_ALIGN
 
 
+def tokenizer_path(args):
+    """--tokenizer, else the tokenizer.json of the checkpoint's folder (a transformers folder, or the
+    folder a checkpoint file is in)"""
+    if args.tokenizer:
+        return args.tokenizer
+    folder = args.checkpoint
+    if not os.path.isdir(folder):
+        folder = os.path.dirname(os.path.abspath(folder))
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return folder
+    fail(f"{args.checkpoint}: no tokenizer.json in {folder}; give --tokenizer (tokenizer.json or its folder)")
+
+
 def export(args):
     out_dir = os.path.dirname(os.path.abspath(args.out))  # before the work: a bad path fails at once
     if os.path.isdir(args.out):
@@ -782,7 +795,7 @@ def export(args):
             table.append(("lm_head.weight", head.shape))
     n_lora = merge_lora(weights, args.lora) if args.lora else 0
 
-    tok_block, tok_info, n_tok, n_merges = load_tokenizer(args.tokenizer, c["vocab_size"])
+    tok_block, tok_info, n_tok, n_merges = load_tokenizer(tokenizer_path(args), c["vocab_size"])
     c.update(tok_info)
     flags = (FLAG_QK_NORM if c["generation"] == GEN_MINIMIND3 else 0) | \
         (FLAG_TIED_EMBED if tied else 0) | (FLAG_MOE if c["n_experts"] else 0)
@@ -850,7 +863,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Convert a MiniMind checkpoint to a minimind.c model file.")
     ap.add_argument("checkpoint", help=".pth, *_resume.pth, .safetensors, or a transformers folder")
     ap.add_argument("out", help="output model file")
-    ap.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder holding it")
+    ap.add_argument("--tokenizer", help="tokenizer.json or a folder holding it (default: the one in a "
+                    "transformers folder given as the checkpoint, or beside the checkpoint file)")
     ap.add_argument("--dtype", default="f32", choices=sorted(DTYPES), help="matrix weight type (default f32)")
     ap.add_argument("--lora", help="MiniMind LoRA file to merge into the weights")
     ap.add_argument("--config", help="config.json (default: the one beside the checkpoint, if any)")

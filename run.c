@@ -1497,8 +1497,8 @@ static void emit_token(const Tokenizer *tok, int id, Utf8Stream *out, Str *reply
 }
 
 /* Run the prompt (the uncached tail of c), then sample up to max_new tokens, streaming their text.
- * Stops at end-of-sequence or when the context is full (said on stderr). */
-static void generate(const Model *m, State *s, const Tokenizer *tok, Sampler *sp, Context *c,
+ * Stops at end-of-sequence (then returns true) or when the context is full (said on stderr). */
+static bool generate(const Model *m, State *s, const Tokenizer *tok, Sampler *sp, Context *c,
                      int max_new, Str *reply, Stats *st) {
     double t0 = now_seconds();
     st->prompt += c->n - c->n_cached;
@@ -1508,10 +1508,12 @@ static void generate(const Model *m, State *s, const Tokenizer *tok, Sampler *sp
     double t1 = now_seconds();
     st->prefill_s += t1 - t0;
     Utf8Stream out = {0};
+    bool ended = false;
     for (int i = 0; i < max_new && !interrupted; i++) {
         int next = sample(sp, logits, c->seen);
         if (next == (int)m->cfg.eos_id) {
             if (c->n < s->ctx) c->tokens[c->n++] = next;  /* kept for the next turn, not yet run */
+            ended = true;
             break;
         }
         if (c->n >= s->ctx) {
@@ -1530,6 +1532,7 @@ static void generate(const Model *m, State *s, const Tokenizer *tok, Sampler *sp
     }
     utf8_stream_flush(&out, stdout);
     st->decode_s += now_seconds() - t1;
+    return ended;
 }
 
 static void print_stats(const Stats *st) {
@@ -1551,6 +1554,8 @@ static int *encode_text(const Tokenizer *tok, const uint8_t *text, size_t len, i
 /* -m chat: one user turn per line of stdin. The KV cache keeps the conversation: each turn's
  * prompt is rendered whole by the chat template, and only the tokens after the part already
  * cached are run. When a turn does not fit, the oldest turns are dropped (said on stderr). */
+#define CHAT_MAX_REPLY 8192  /* chat's -n: a reply runs to its end, as MiniMind's eval_llm.py lets it */
+
 static void chat(const Model *m, State *s, const Tokenizer *tok, Sampler *sp, Context *c,
                  const char *system, bool think, int max_new, bool verbose) {
     int template = (int)m->cfg.chat_template;
@@ -1608,9 +1613,11 @@ static void chat(const Model *m, State *s, const Tokenizer *tok, Sampler *sp, Co
         Str reply = {0};
         str_cat(&reply, "");
         Stats st = {0};
-        generate(m, s, tok, sp, c, max_new, &reply, &st);
+        bool ended = generate(m, s, tok, sp, c, max_new, &reply, &st);
         fputc('\n', stdout);
         fflush(stdout);
+        if (!ended && st.generated == max_new)
+            fprintf(stderr, "[the reply stopped at -n %d tokens]\n", max_new);
         if (reply.oom) die("out of memory keeping the reply");
         msgs[n_msgs++] = (ChatMessage){"assistant", reply.s};
         if (verbose) print_stats(&st);
@@ -1710,7 +1717,7 @@ typedef struct {
     bool verbose, think, show_tokens, csv;
     float temperature, top_p, repeat_penalty;
     unsigned long long seed;
-    bool seed_given;
+    bool seed_given, steps_given;
     const char *kv;             /* KV cache type: "f32" or "f16" */
     const char *rope_scaling;   /* NULL: as the model file says */
     float rope_base, rope_scale, yarn_beta_fast, yarn_beta_slow, yarn_attn_factor;
@@ -1728,7 +1735,8 @@ static void usage(FILE *f) {
 "                         @FILE reads them from FILE (logits, ppl, decode)\n"
 "  -o FILE                logits mode: write float32 little-endian logits, one row of vocab\n"
 "                         values per input position  [required in logits mode]\n"
-"  -n N                   generate at most N tokens (per chat reply; bench: decode N)  [256]\n"
+"  -n N                   generate at most N tokens (per chat reply; bench: decode N)\n"
+"                         [256; chat: 8192, a reply stops at its end token]\n"
 "  -t F                   temperature; 0 = greedy  [0.85]\n"
 "  -p F                   top-p (nucleus) sampling  [0.95]\n"
 "  -k N                   top-k sampling; 0 = off  [50]\n"
@@ -1850,7 +1858,10 @@ static void parse_args(Options *o, int argc, char **argv) {
         else if (!strcmp(a, "-f")) o->text_file = v;
         else if (!strcmp(a, "--ids")) o->ids_arg = v;
         else if (!strcmp(a, "-o")) o->out_path = v;
-        else if (!strcmp(a, "-n")) o->steps = (int)parse_int(a, v, 0, 1 << 24);
+        else if (!strcmp(a, "-n")) {
+            o->steps = (int)parse_int(a, v, 0, 1 << 24);
+            o->steps_given = true;
+        }
         else if (!strcmp(a, "-t")) o->temperature = parse_float(a, v, 0, 100);
         else if (!strcmp(a, "-p")) o->top_p = parse_float(a, v, 0, 1);
         else if (!strcmp(a, "-k")) o->top_k = (int)parse_int(a, v, 0, 1 << 24);
@@ -2126,7 +2137,8 @@ int main(int argc, char **argv) {
             fflush(stdout);  /* the text before the stats, also when both go to one pipe */
             print_stats(&st);
         } else {
-            chat(&m, &s, &tok, &sp, &c, o.system, o.think, o.steps, o.verbose);
+            int max_reply = o.steps_given ? o.steps : CHAT_MAX_REPLY;
+            chat(&m, &s, &tok, &sp, &c, o.system, o.think, max_reply, o.verbose);
         }
         free(c.tokens); free(c.seen); free(sp.cand); free(sp.kth);
         if (interrupted) fputs("[interrupted]\n", stderr);

@@ -950,6 +950,15 @@ def tokenizer_tests(binary, driver, models, expected):
         ok = p.returncode == 0 and len(turns) == 3 and first == full and 0 < second < first + 5
         return ok, f"turn prompts {first} (full render {full}), {second}"
 
+    @test(f"{tag}: chat: a reply cut at -n says so; without -n a reply runs to its end (or the context's)")
+    def _():
+        p = run([binary, model, "-m", "chat", "-n", "3", "-t", "0"], input="hello there\n")
+        q = run([binary, model, "-m", "chat", "-t", "0", "-c", "300", "-v"], input="hello there\n")
+        gen = re.search(r"generated (\d+) tokens", q.stderr)
+        ok = p.returncode == q.returncode == 0 and "[the reply stopped at -n 3 tokens]" in p.stderr and \
+            gen and int(gen.group(1)) > 256 - 60 and "stopped at -n" not in q.stderr
+        return ok, (p.stderr.strip().splitlines() or [""])[-1] + " | " + (gen.group(0) if gen else q.stderr[-100:])
+
     @test(f"{tag}: chat: a full context drops the oldest turn and says so")
     def _():
         p = run([binary, model, "-m", "chat", "-n", "4", "-s", "1", "-c", "90"],
@@ -1186,6 +1195,22 @@ def export_tests():
             ok, detail = expect_error(p, *words)
             results.append((ok and ".export-" not in p.stderr, detail))
         return all(r[0] for r in results), " | ".join(r[1] for r in results)
+
+    @test("export.py: a transformers folder's own tokenizer.json is taken without --tokenizer; none is an error")
+    def _():
+        folder = os.path.join(TMP, "m3_dense_with_tokenizer")
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(os.path.join(FIX, "m3_dense"), folder)
+        bare = subprocess.run(EXPORT + [folder, os.path.join(TMP, "bare.bin")], capture_output=True, text=True)
+        ok, detail = expect_error(bare, "no tokenizer.json", "--tokenizer")
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # (the second holds the chat template)
+            shutil.copy(os.path.join(FIX, "tokenizer", name), folder)
+        a, b = os.path.join(TMP, "own_tok.bin"), os.path.join(TMP, "given_tok.bin")
+        p = subprocess.run(EXPORT + [folder, a], capture_output=True, text=True)
+        q = subprocess.run(EXPORT + [folder, b, "--tokenizer", os.path.join(FIX, "tokenizer")],
+                           capture_output=True, text=True)
+        same = p.returncode == q.returncode == 0 and open(a, "rb").read() == open(b, "rb").read()
+        return ok and same, detail if not same else f"same file as with --tokenizer | {detail}"
 
     good = read_safetensors_raw(os.path.join(FIX, "m3_untied.safetensors"))
     out = os.path.join(TMP, "export_out.bin")

@@ -3,8 +3,8 @@
  * what main does with flags before any file is read: the RoPE settings against a small model's
  * header, --ids (not @FILE: the fuzzer does not read files), and the memory check for -c and
  * --batch. The model path is always given (without one, parse_args prints the whole usage to
- * stderr before its error, thousands of times a second), and inputs holding -h or --help are
- * skipped (usage() exits 0 by design). */
+ * stderr before its error, thousands of times a second), and inputs holding -h, --help or
+ * --version are skipped (they print and exit 0 by design). */
 #include "fuzz.h"
 
 enum { MAX_ARGS = 64 };
@@ -48,7 +48,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     char *argv[MAX_ARGS + 1] = {"run", "model.bin"};
     int argc = 2;
     for (char *p = text; p <= text + size && argc < MAX_ARGS; p += strlen(p) + 1) {
-        if (!strcmp(p, "-h") || !strcmp(p, "--help")) { free(text); return 0; }
+        if (!strcmp(p, "-h") || !strcmp(p, "--help") || !strcmp(p, "--version")) {
+            free(text);
+            return 0;
+        }
         argv[argc++] = p;
     }
     argv[argc] = NULL;
