@@ -384,7 +384,37 @@ def load_checkpoint(path, config_path):
         if short in clean:
             fail(f"{path}: tensor {short} appears twice (as {name} and another prefixed name)")
         clean[short] = t
+    unfuse_experts(clean, path)
     return clean, config
+
+
+FUSED_EXPERTS = re.compile(r"(.*\.mlp\.experts\.)(gate_up_proj|down_proj)$")
+
+
+def unfuse_experts(state, path):
+    """transformers >= 5 keeps a MoE layer's experts fused (MiniMind's scripts/convert_model.py
+    writes them so): mlp.experts.gate_up_proj [experts, 2 x moe_intermediate, hidden], each
+    expert's gate rows then its up rows, and mlp.experts.down_proj [experts, hidden,
+    moe_intermediate]. Split them into the per-expert gate_proj, up_proj and down_proj that
+    MiniMind's own checkpoints hold (the same bytes: each expert's matrices are contiguous)."""
+    for name in sorted(n for n in state if FUSED_EXPERTS.match(n)):
+        t = state.pop(name)
+        prefix, kind = FUSED_EXPERTS.match(name).groups()
+        if len(t.shape) != 3 or 0 in t.shape or (kind == "gate_up_proj" and t.shape[1] % 2):
+            fail(f"{path}: fused experts {name} have shape {list(t.shape)}, expected "
+                 + ("[experts, 2 x ffn, hidden]" if kind == "gate_up_proj" else "[experts, hidden, ffn]"))
+        n_experts, rows, cols = t.shape
+        size = rows * cols * ELEM_SIZE[t.dtype]
+        parts = [("down_proj", rows, 0)] if kind == "down_proj" else \
+            [("gate_proj", rows // 2, 0), ("up_proj", rows // 2, size // 2)]
+        for e in range(n_experts):
+            for part, part_rows, at in parts:
+                split = f"{prefix}{e}.{part}.weight"
+                if split in state:
+                    fail(f"{path}: {split} is there both fused ({name}) and on its own")
+                start = e * size + at
+                state[split] = Tensor(t.dtype, (part_rows, cols), t.data[start:start + part_rows * cols *
+                                                                        ELEM_SIZE[t.dtype]], f"{t.source}[{e}]")
 
 
 # ----------------------------------------------------------------------------------------------
