@@ -1556,8 +1556,20 @@ static int *encode_text(const Tokenizer *tok, const uint8_t *text, size_t len, i
  * cached are run. When a turn does not fit, the oldest turns are dropped (said on stderr). */
 #define CHAT_MAX_REPLY 8192  /* chat's -n: a reply runs to its end, as MiniMind's eval_llm.py lets it */
 
+/* what chat takes from the command line */
+typedef struct {
+    const char *system;         /* -y: the system prompt, NULL: the template's default */
+    bool think;                 /* --think: open minimind-3's thinking block */
+    int max_reply;              /* -n */
+    int history;                /* --history: earlier messages kept, -1: all */
+    bool show_prompt, verbose;  /* --verbose-prompt, -v */
+} ChatSettings;
+
 static void chat(const Model *m, State *s, const Tokenizer *tok, Sampler *sp, Context *c,
-                 const char *system, bool think, int max_new, bool verbose) {
+                 const ChatSettings *cs) {
+    const char *system = cs->system;
+    bool think = cs->think, verbose = cs->verbose;
+    int max_new = cs->max_reply;
     int template = (int)m->cfg.chat_template;
     if (template == MM_CHAT_NONE)
         die("%s: this model has no chat template (a pretrained checkpoint?); use -m generate", m->path);
@@ -1581,13 +1593,23 @@ static void chat(const Model *m, State *s, const Tokenizer *tok, Sampler *sp, Co
             msgs = bigger;
         }
         msgs[n_msgs++] = (ChatMessage){"user", strdup(line)};
+        while (cs->history >= 0 && n_msgs - 1 - first_turn > cs->history) {  /* --history: in pairs */
+            int drop = n_msgs - 1 - first_turn >= 2 ? 2 : 1;
+            for (int i = 0; i < drop; i++) free((char *)msgs[first_turn + i].content);
+            memmove(msgs + first_turn, msgs + first_turn + drop,
+                    sizeof *msgs * (size_t)(n_msgs - first_turn - drop));
+            n_msgs -= drop;
+        }
         int n_ids, *ids;
         for (;;) {  /* render; drop the oldest user/assistant pair while it does not fit */
             char *prompt = chat_render(template, msgs, n_msgs, true, think);
             if (!prompt) die("out of memory rendering the chat prompt");
             ids = encode_text(tok, (const uint8_t *)prompt, strlen(prompt), &n_ids);
+            bool fits = n_ids < s->ctx || n_msgs - first_turn <= 1;
+            if (fits && cs->show_prompt)
+                fprintf(stderr, "[prompt, %d tokens]\n%s\n[end of prompt]\n", n_ids, prompt);
             free(prompt);
-            if (n_ids < s->ctx || n_msgs - first_turn <= 1) break;
+            if (fits) break;
             free(ids);
             fprintf(stderr, "[context of %d tokens is full: dropping the oldest turn]\n", s->ctx);
             free((char *)msgs[first_turn].content);
@@ -1718,6 +1740,8 @@ typedef struct {
     float temperature, top_p, repeat_penalty;
     unsigned long long seed;
     bool seed_given, steps_given;
+    int history;                /* --history N; -1: all */
+    bool verbose_prompt;
     const char *kv;             /* KV cache type: "f32" or "f16" */
     const char *rope_scaling;   /* NULL: as the model file says */
     float rope_base, rope_scale, yarn_beta_fast, yarn_beta_slow, yarn_attn_factor;
@@ -1745,6 +1769,9 @@ static void usage(FILE *f) {
 "  -s N                   random seed  [from the clock]\n"
 "  -y TEXT                chat: system prompt  [the template's default]\n"
 "  --think                chat: open minimind-3's thinking block\n"
+"  --history N            chat: keep only the last N messages of the conversation, in pairs\n"
+"                         (eval_llm.py's --historys); 0 = none  [all that fit the context]\n"
+"  --verbose-prompt       chat: print each turn's prompt, as the template renders it, on stderr\n"
 "  --show-tokens          tokenize: one token per line with its text\n"
 "  --csv                  ppl: print context,windows,tokens,nll,ppl as CSV instead\n"
 "  -c, --ctx N            context length (KV cache positions)  [the model's max positions];\n"
@@ -1803,7 +1830,7 @@ static const char *MODES[] = {"generate", "chat", "tokenize", "decode", "logits"
 static const char *VALUE_FLAGS[] = {
     "-m", "-i", "-f", "--ids", "-o", "-n", "-t", "-p", "-k", "--repeat-penalty", "-s", "-y", "-c", "--ctx",
     "--threads", "--batch", "--rope-base", "--kv", "--rope-scaling", "--rope-scale", "--yarn-orig-ctx",
-    "--yarn-beta-fast", "--yarn-beta-slow", "--yarn-attn-factor"};
+    "--yarn-beta-fast", "--yarn-beta-slow", "--yarn-attn-factor", "--history"};
 
 #ifndef MINIMIND_VERSION
 #define MINIMIND_VERSION "unknown"  /* the Makefile gives the git commit */
@@ -1828,6 +1855,7 @@ static void parse_args(Options *o, int argc, char **argv) {
                    .temperature = 0.85f,
                    .top_p = 0.95f,
                    .repeat_penalty = 1.0f,
+                   .history = -1,
                    .rope_base = NAN,
                    .rope_scale = NAN,
                    .yarn_beta_fast = NAN,
@@ -1841,6 +1869,7 @@ static void parse_args(Options *o, int argc, char **argv) {
         if (!strcmp(a, "--think")) { o->think = true; continue; }
         if (!strcmp(a, "--show-tokens")) { o->show_tokens = true; continue; }
         if (!strcmp(a, "--csv")) { o->csv = true; continue; }
+        if (!strcmp(a, "--verbose-prompt")) { o->verbose_prompt = true; continue; }
         if (a[0] != '-' || a[1] == 0) {
             if (o->model_path) die("unexpected argument '%s' (the model file is '%s')", a, o->model_path);
             o->model_path = a;
@@ -1871,6 +1900,7 @@ static void parse_args(Options *o, int argc, char **argv) {
             o->seed_given = true;
         } else if (!strcmp(a, "-y"))
             o->system = v;
+        else if (!strcmp(a, "--history")) o->history = (int)parse_int(a, v, 0, 1 << 24);
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) o->ctx = (int)parse_int(a, v, 1, 1 << 24);
         else if (!strcmp(a, "--threads")) o->threads = (int)parse_int(a, v, 1, 1024);
         else if (!strcmp(a, "--batch")) o->batch = (int)parse_int(a, v, 1, 4096);
@@ -1900,7 +1930,9 @@ static void parse_args(Options *o, int argc, char **argv) {
     if (chat && (o->text || o->text_file || o->ids_arg))
         die("-m chat reads each turn from standard input; %s applies to the other modes",
             o->text ? "-i" : o->text_file ? "-f" : "--ids");
-    if (!chat && (o->system || o->think)) die("%s applies to -m chat only", o->system ? "-y" : "--think");
+    const char *chat_flag = o->system ? "-y" : o->think ? "--think" : o->history >= 0 ? "--history"
+                          : o->verbose_prompt ? "--verbose-prompt" : NULL;
+    if (!chat && chat_flag) die("%s applies to -m chat only", chat_flag);
 }
 
 /* RoPE: the model file's settings, then MiniMind's YaRN defaults when YaRN is newly asked for,
@@ -2137,8 +2169,10 @@ int main(int argc, char **argv) {
             fflush(stdout);  /* the text before the stats, also when both go to one pipe */
             print_stats(&st);
         } else {
-            int max_reply = o.steps_given ? o.steps : CHAT_MAX_REPLY;
-            chat(&m, &s, &tok, &sp, &c, o.system, o.think, max_reply, o.verbose);
+            ChatSettings cs = {.system = o.system, .think = o.think, .history = o.history,
+                               .max_reply = o.steps_given ? o.steps : CHAT_MAX_REPLY,
+                               .show_prompt = o.verbose_prompt, .verbose = o.verbose};
+            chat(&m, &s, &tok, &sp, &c, &cs);
         }
         free(c.tokens); free(c.seen); free(sp.cand); free(sp.kth);
         if (interrupted) fputs("[interrupted]\n", stderr);

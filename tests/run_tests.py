@@ -709,7 +709,8 @@ def cli_tests(binary, cases):
     def _():
         p = run([binary, "--help"])
         flags = ["-m", "-i", "-f", "-n", "-t", "-p", "-k", "--repeat-penalty", "-s", "-y", "--think",
-                 "--show-tokens", "--csv", "--ids", "-o", "--ctx", "--threads", "--batch", "--rope-base",
+                 "--show-tokens", "--csv", "--history", "--verbose-prompt", "--ids", "-o", "--ctx", "--threads",
+                 "--batch", "--rope-base",
                  "--rope-scaling", "--rope-scale", "--yarn-orig-ctx", "--yarn-beta-fast",
                  "--yarn-beta-slow", "--yarn-attn-factor", "--verbose", "--version", "--help"]
         missing = [f for f in flags if f not in p.stdout]
@@ -747,6 +748,7 @@ def cli_tests(binary, cases):
         ("-i in chat mode", [model, "-m", "chat", "-i", "hello"], ["-m chat", "-i"]),
         ("-y outside chat", [model, "-i", "hello", "-y", "be brief"], ["-y", "chat"]),
         ("--think outside chat", [model, "-i", "hello", "--think"], ["--think", "chat"]),
+        ("--history outside chat", [model, "-i", "hello", "--history", "2"], ["--history", "chat"]),
         ("-f on a folder", [model, "-f", TMP], [TMP, "folder"]),
     ]
     for label, args, words in bad:
@@ -964,6 +966,21 @@ def tokenizer_tests(binary, driver, models, expected):
         ok = p.returncode == q.returncode == 0 and "[the reply stopped at -n 3 tokens]" in p.stderr and \
             gen and int(gen.group(1)) > 256 - 60 and "stopped at -n" not in q.stderr
         return ok, (p.stderr.strip().splitlines() or [""])[-1] + " | " + (gen.group(0) if gen else q.stderr[-100:])
+
+    @test(f"{tag}: chat: --history N keeps the last N messages (--verbose-prompt shows each turn's prompt)")
+    def _():
+        def prompts(extra):
+            p = run([binary, model, "-m", "chat", "-n", "2", "-t", "0", "--verbose-prompt"] + extra,
+                    input="one\ntwo\nthree\n")
+            return p.returncode, re.findall(r"\[prompt, \d+ tokens\]\n(.*?)\n\[end of prompt\]", p.stderr, re.S)
+        rc0, none = prompts(["--history", "0"])
+        rc2, two = prompts(["--history", "2"])
+        rca, every = prompts([])
+        user = lambda p: re.findall(r"user\n(\w+)<\|im_end\|>", p)
+        ok = rc0 == rc2 == rca == 0 and [user(p) for p in none] == [["one"], ["two"], ["three"]] and \
+            [user(p) for p in two] == [["one"], ["one", "two"], ["two", "three"]] and \
+            [user(p) for p in every] == [["one"], ["one", "two"], ["one", "two", "three"]]
+        return ok, f"--history 0: {[user(p) for p in none]}; 2: {[user(p) for p in two]}"
 
     @test(f"{tag}: chat: a full context drops the oldest turn and says so")
     def _():
