@@ -247,6 +247,14 @@ static void attention_group(float *out, const float *q, int n, int pos0, const K
         int n_prefetch = (last + 1 < page_end ? last + 1 : page_end) - t0;
         /* position t0 of either cache (the start of a key block; the tile lies in one page) */
         const uint8_t *k = kv_keys(c, g, t0), *v = kv_values(c, g, t0);
+        if (t0 + KV_TILE == page_end && page_end <= last) {  /* the next page's first positions */
+            size_t bytes = (size_t)KV_AHEAD * hd * kv_elem_size(c->dtype);
+            const uint8_t *nk = kv_keys(c, g, page_end), *nv = kv_values(c, g, page_end);
+            for (size_t b = 0; b < bytes; b += 64) {
+                prefetch(nk + b);
+                prefetch(nv + b);
+            }
+        }
         for (int i = 0; i < n; i++) {  /* token i sees keys up to its own position */
             int see = pos0 + i - t0 + 1 < nt ? pos0 + i - t0 + 1 : nt;
             if (see <= 0) continue;
