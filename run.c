@@ -93,9 +93,10 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
 
 /* The KV cache: anonymous memory, whose zeroed pages the kernel maps in when they are first
  * written: the cache's pages of positions (kernels.h) take memory as the positions are reached.
- * Where the kernel offers 2 MB pages on request, ask (long contexts read the cache faster through
- * fewer TLB entries); the start is 2 MB-aligned, so that the cache's first positions take whole
- * 2 MB pages, not parts of two. Returns the start; *map, *map_bytes: what to munmap. */
+ * Where the kernel offers 2 MB pages on request, ask for all but the first 2 MB (long contexts
+ * read the cache faster through fewer TLB entries; the first tokens, in small pages, do not wait
+ * for 2 MB to be zeroed and perhaps compacted). The start is 2 MB-aligned, so that the rest takes
+ * whole 2 MB pages. Returns the start; *map, *map_bytes: what to munmap. */
 #define HUGE_PAGE ((size_t)2 << 20)
 static void *alloc_kv(size_t bytes, void **map, size_t *map_bytes) {
     *map_bytes = bytes + HUGE_PAGE;
@@ -106,7 +107,8 @@ static void *alloc_kv(size_t bytes, void **map, size_t *map_bytes) {
     }
     uint8_t *start = (uint8_t *)(((uintptr_t)*map + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
 #ifdef MADV_HUGEPAGE
-    (void)madvise(start, bytes / HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE);  /* only advice: may be refused */
+    if (bytes > 2 * HUGE_PAGE)  /* only advice: may be refused */
+        (void)madvise(start + HUGE_PAGE, bytes / HUGE_PAGE * HUGE_PAGE - HUGE_PAGE, MADV_HUGEPAGE);
 #endif
     return start;
 }
@@ -1007,9 +1009,10 @@ static void swiglu(float *gate, const float *up, int n, int hidden) {
  *   - a probe: a few calls at half or twice the size; the faster size is kept;
  *   - the next probe comes when the time it could lose, at the ratio just seen, is PROBE_BUDGET
  *     of the time between; at once when the calls slow down by a third (new load);
- *   - more threads are probed only when as many CPUs are idle, where that can be read: on a busy
- *     machine their probe is costly (a thread that slept while unused can wait 100 ms for a CPU)
- *     and misleading (its few calls can miss the slow ones); the first size is the CPUs idle then.
+ *   - more threads are probed only when no other process runs on the CPUs they would take, where
+ *     that can be read: on a busy machine their probe is costly (a thread that slept while unused
+ *     can wait 100 ms for a CPU) and misleading (its few calls can miss the slow ones); the first
+ *     size is the CPUs that no other process runs on then.
  * Single tokens (decoding) and blocks (prompts) are measured apart, as their speeds and best sizes
  * differ, and a block only against blocks of as many tokens. The output is the same bits at any
  * team size (kernels.h): a switch changes only the time. */
@@ -1037,6 +1040,7 @@ typedef struct {
     int timed_calls;            /* the calls timed after them */
     double probe_sum;           /* their seconds per token, summed */
     bool probe_fewer;           /* the next probe tries fewer threads, where both ways are open */
+    int busy_gap;               /* calls before looking again for free CPUs, doubling while none are */
     long n_calls, n_probes, n_switches;  /* for -v */
 } TeamSize;
 
@@ -1055,10 +1059,10 @@ static void set_team_size(int n) {
 #endif
 }
 
-/* The CPUs of this machine that no thread is running or waiting to run on now, this one's aside
- * (Linux's /proc/loadavg counts the runnable threads: "0.52 0.58 0.59 3/190 12345" has 3), up to
- * max; max where that cannot be read */
-static int idle_cpus(int max) {
+/* The CPUs of this machine that no other thread is running or waiting to run on now, this one's
+ * own aside (Linux's /proc/loadavg counts the runnable threads: "0.52 0.58 0.59 3/190 12345" has
+ * 3, this one among them), up to max; max where that cannot be read */
+static int free_cpus(int max) {
     FILE *f = fopen("/proc/loadavg", "r");
     int runnable = 0;
     if (f) {
@@ -1074,14 +1078,20 @@ static int idle_cpus(int max) {
 static void threads_init(int max, bool tuned) {
     threads.max = max;
     threads.tuned = tuned && max > 1;
-    int start = threads.tuned ? idle_cpus(max) : max;  /* the CPUs idle now, the probes correct it */
-    TeamSize first = {.size = start > 1 ? start : 1, .until_probe = PROBE_FIRST, .probe_fewer = true};
+    int start = threads.tuned ? free_cpus(max) : max;  /* the CPUs free now, the probes correct it */
+    TeamSize first = {.size = start > 1 ? start : 1, .until_probe = PROBE_FIRST, .probe_fewer = true,
+                      .busy_gap = PROBE_GAP_MIN};
     threads.tokens = threads.blocks = first;
     set_team_size(max);  /* (the state's buffers are sized by it) */
-    if (max > 1) {  /* start the threads now (milliseconds on some systems), not in a timed call */
-        #pragma omp parallel
-        (void)0;
-    }
+}
+
+/* Start the threads before the first forward pass: their creation takes milliseconds on some
+ * systems, which should not count against a size's first call, and threads that have just run
+ * are still awake when the first call comes */
+static void threads_start(void) {
+    if (threads.max < 2) return;
+    #pragma omp parallel
+    (void)0;
 }
 
 /* -v: what the measuring did */
@@ -1126,18 +1136,20 @@ static void probe_end(TeamSize *t) {
 }
 
 /* a probe of half or twice the size in use (as far as 1 and max allow), alternately; of more
- * threads only when as many CPUs are idle, else of fewer (if any) */
+ * threads only when no other thread runs on the CPUs they would take, else of fewer (if any) */
 static void probe_begin(TeamSize *t, bool tokens) {
     int fewer = t->size / 2, more = 2 * t->size < threads.max ? 2 * t->size : threads.max;
     bool go_fewer = t->size > 1 && (t->size == threads.max || t->probe_fewer);
-    if (!go_fewer && idle_cpus(threads.max) < more - t->size) {
-        if (t->size == 1) {  /* no CPUs idle for more, and none to give back: look again later */
-            t->until_probe = PROBE_GAP_MIN;
+    if (!go_fewer && free_cpus(threads.max) < more) {
+        if (t->size == 1) {  /* no CPUs free for more, and none to give back: look again later */
+            t->until_probe = t->busy_gap;
+            t->busy_gap = 2 * t->busy_gap < PROBE_GAP_MAX ? 2 * t->busy_gap : PROBE_GAP_MAX;
             t->baseline = t->recent;
             return;
         }
         go_fewer = true;
     }
+    t->busy_gap = PROBE_GAP_MIN;
     t->probe = go_fewer ? fewer : more;
     t->probe_calls = 0;
     t->probe_sum = 0;
@@ -2145,6 +2157,7 @@ int main(int argc, char **argv) {
                 rope.attn_factor, ctx, batch, threads.tuned ? "up to " : "", threads.max, o.kv,
                 fast_kernels() ? KERNELS : "plain loops");
     }
+    threads_start();
     double t0 = now_seconds();
     if (benching) {
         Context c = {.tokens = xcalloc((size_t)ctx, sizeof(int), "context")};

@@ -194,9 +194,9 @@ def busy_table(a):
     lines = ["| model | busy processes | decode tg128 tok/s: default | --threads 1 | ratio "
              "| prefill pp512 tok/s: default | --threads 1 | ratio |", "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for name in a.busy_models.split(","):
+    for name in filter(None, a.busy_models.split(",")):
         model = os.path.join(ROOT, "demo", "model.bin") if name == "demo" else model_file(*name.split("."))
-        label = "demo (minimind-3 5M f16)" if name == "demo" else \
+        label = "demo (minimind-3 2.7M, f16)" if name == "demo" else \
             f"{SHAPES[name.split('.')[0]]['label']} {name.split('.')[1]}"
         for n_busy in (0, 1, 2):
             pairs = []
@@ -253,7 +253,8 @@ def main():
                     help="the default thread count vs --threads 1 beside 0, 1 and 2 busy processes, and "
                          "make run's first token and peak RSS at the default context (see above)")
     ap.add_argument("--busy-models", default="demo,m2small.q8_0",
-                    help="--busy: demo, or SHAPE.DTYPE of the random-weight models")
+                    help="--busy: demo, or SHAPE.DTYPE of the random-weight models (none: make run's "
+                         "first token only)")
     ap.add_argument("extra", nargs="*", help="more flags for ./run (after --), e.g. --kv f16")
     a = ap.parse_args()
     print(build_line(a.binary), flush=True)
