@@ -1760,6 +1760,13 @@ typedef struct {
     int yarn_orig_ctx;          /* 0 / NAN above: not given */
 } Options;
 
+/* how this build runs threads (--help's last line, --version) */
+#ifdef _OPENMP
+#define BUILD_THREADS "OpenMP threads"
+#else
+#define BUILD_THREADS "one thread (built without OpenMP)"
+#endif
+
 static void usage(FILE *f) {
     fputs(
 "usage: run MODEL.bin [options]\n"
@@ -1810,12 +1817,7 @@ static void usage(FILE *f) {
 "inference_rope_scaling=True; values from the checkpoint's config.json (stored at export)\n"
 "come next; explicit flags win. bench times a 512-token prompt and -n decoded tokens after\n"
 "16, 2048 and 4096 tokens of context on random ids, and prints one CSV row (make bench).\n", f);
-#ifdef _OPENMP
-    const char *threads = "OpenMP threads";
-#else
-    const char *threads = "one thread (built without OpenMP)";
-#endif
-    fprintf(f, "this build: kernels %s, %s\n", KERNELS, threads);
+    fprintf(f, "this build: kernels %s, %s\n", KERNELS, BUILD_THREADS);
 }
 
 static long parse_int(const char *flag, const char *v, long lo, long hi) {
@@ -1849,13 +1851,8 @@ static const char *VALUE_FLAGS[] = {
 #endif
 
 static void print_version(void) {
-#ifdef _OPENMP
-    const char *threads = "OpenMP threads";
-#else
-    const char *threads = "one thread (built without OpenMP)";
-#endif
     printf("minimind.c %s; model files of format version %u; kernels %s, %s\n", MINIMIND_VERSION,
-           (unsigned)MM_VERSION, KERNELS, threads);
+           (unsigned)MM_VERSION, KERNELS, BUILD_THREADS);
 }
 
 static void parse_args(Options *o, int argc, char **argv) {
