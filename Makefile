@@ -1,7 +1,7 @@
 # minimind.c: `make` builds ./run; `make run` builds it and generates from the demo model;
-# `make test` runs the test suite (normal and ASan/UBSan builds); `make bench` prints speeds and
-# `make bench-busy` speeds beside busy processes; `make fuzz` builds the libFuzzer targets of
-# tests/fuzz/ and runs each FUZZ_SECONDS.
+# `make test` runs the test suite (normal and ASan/UBSan builds); `make bench` prints speeds,
+# `make bench-busy` speeds beside busy processes and `make bench-wall` decoding against the memory
+# wall; `make fuzz` builds the libFuzzer targets of tests/fuzz/ and runs each FUZZ_SECONDS.
 CC      ?= gcc
 ARCH    ?= -march=native   # the fast kernels this machine can run (make ARCH=: none, run.c's plain loops)
 CFLAGS  ?= -O3
@@ -14,7 +14,7 @@ ifeq ($(strip $(OMP)),)
 WARN    += -Wno-unknown-pragmas   # built without OpenMP (make OMP=): its pragmas are ignored
 endif
 
-.PHONY: all run test bench bench-busy fixtures fuzz fuzz-build fuzz-corpus clean FORCE
+.PHONY: all run test bench bench-busy bench-wall fixtures fuzz fuzz-build fuzz-corpus clean FORCE
 
 # the sources of ./run: run.c includes the rest (one translation unit)
 SRC   = run.c tokenizer.c model.h kernels.h kernels/vector.h kernels/matmul.c kernels/attention.c
@@ -188,6 +188,13 @@ bench: .run-built tests/tokenizer_test tests/stream
 BUSY_RUNS ?= 5
 bench-busy: .run-built
 	$(PYTHON) tests/bench.py --busy --runs $(BUSY_RUNS) $(BENCH_ARGS)
+
+# decoding alone against the memory wall: each run between two of tests/stream's, at each width the
+# build reads weight rows in (--row-bits), the f32/f16/bf16 cells of the larger shapes (tests/bench.py --wall)
+WALL_RUNS ?= 7
+WALL_ARGS ?= --shapes m3,m2 --dtypes f32,f16,bf16
+bench-wall: .run-built tests/stream
+	$(PYTHON) tests/bench.py --wall --runs $(WALL_RUNS) $(WALL_ARGS)
 
 # regenerate tests/fixtures (needs PyTorch: apt-get install python3-torch)
 fixtures:

@@ -217,6 +217,15 @@ static void kernel_matmuls(const MatmulJob *jobs, int n_jobs, const float *x, in
 static void kernel_attention(float *out, const float *q, int n, int pos0, const KvLayer *c,
                              KernelScratch *ks);
 
+/* Decoding one token reads each f32, f16 or bf16 weight row whole, in the kernels' vectors; an
+ * AVX-512 build can read it in 256-bit halves instead, the same sums in the same order (the same
+ * bits), which some processors do faster (AMD Zen 4: docs/kernels.md). kernel_row_widths: the
+ * widths this build has, in bits (none without the kernels); kernel_set_row_bits: one of them,
+ * or 0 for the one this processor reads fastest; kernel_row_bits: the width in use. */
+static int kernel_row_widths(int bits[2]);
+static void kernel_set_row_bits(int bits);
+static int kernel_row_bits(void);
+
 /* gate[t, i] = silu(gate[t, i]) * up[t, i] for n rows of `hidden` */
 static void kernel_swiglu(float *gate, const float *up, int n, int hidden);
 

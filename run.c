@@ -1758,6 +1758,7 @@ typedef struct {
     const char *rope_scaling;   /* NULL: as the model file says */
     float rope_base, rope_scale, yarn_beta_fast, yarn_beta_slow, yarn_attn_factor;
     int yarn_orig_ctx;          /* 0 / NAN above: not given */
+    int row_bits;               /* --row-bits; 0: as the processor reads fastest */
 } Options;
 
 /* how this build runs threads (--help's last line, --version) */
@@ -1766,6 +1767,14 @@ typedef struct {
 #else
 #define BUILD_THREADS "one thread (built without OpenMP)"
 #endif
+
+/* the kernels built, and the width decoding reads rows in (this processor's, or --row-bits) */
+static const char *kernels_line(void) {
+    static char line[96];
+    if (!KERNELS_BUILT) return KERNELS;
+    snprintf(line, sizeof line, "%s, decoding rows in %d-bit vectors", KERNELS, kernel_row_bits());
+    return line;
+}
 
 static void usage(FILE *f) {
     fputs(
@@ -1801,6 +1810,9 @@ static void usage(FILE *f) {
 "  --kv T                 KV cache type: f32 | f16 (half the memory)  [f32]\n"
 "  --ref-kernels          matmuls, attention and SwiGLU through run.c's plain loops\n"
 "                         instead of the fast kernels (for testing; slower)\n"
+"  --row-bits N           decoding reads f32, f16 and bf16 weight rows in vectors of N bits:\n"
+"                         512, or 256 (the same results; AVX-512 builds)  [by the processor:\n"
+"                         256 on AMD Zen 4, else 512]\n"
 "  --rope-base F          RoPE theta  [the model's rope_theta]\n"
 "  --rope-scaling S       none | linear | yarn  [the model's config.json, else none]\n"
 "  --rope-scale F         scaling factor  [yarn: 16; linear: required]\n"
@@ -1817,7 +1829,7 @@ static void usage(FILE *f) {
 "inference_rope_scaling=True; values from the checkpoint's config.json (stored at export)\n"
 "come next; explicit flags win. bench times a 512-token prompt and -n decoded tokens after\n"
 "16, 2048 and 4096 tokens of context on random ids, and prints one CSV row (make bench).\n", f);
-    fprintf(f, "this build: kernels %s, %s\n", KERNELS, BUILD_THREADS);
+    fprintf(f, "this build: kernels %s, %s\n", kernels_line(), BUILD_THREADS);
 }
 
 static long parse_int(const char *flag, const char *v, long lo, long hi) {
@@ -1844,7 +1856,7 @@ static const char *MODES[] = {"generate", "chat", "tokenize", "decode", "logits"
 static const char *VALUE_FLAGS[] = {
     "-m", "-i", "-f", "--ids", "-o", "-n", "-t", "-p", "-k", "--repeat-penalty", "-s", "-y", "-c", "--ctx",
     "--threads", "--batch", "--rope-base", "--kv", "--rope-scaling", "--rope-scale", "--yarn-orig-ctx",
-    "--yarn-beta-fast", "--yarn-beta-slow", "--yarn-attn-factor", "--history"};
+    "--yarn-beta-fast", "--yarn-beta-slow", "--yarn-attn-factor", "--history", "--row-bits"};
 
 #ifndef MINIMIND_VERSION
 #define MINIMIND_VERSION "unknown"  /* the Makefile gives the git commit */
@@ -1852,7 +1864,7 @@ static const char *VALUE_FLAGS[] = {
 
 static void print_version(void) {
     printf("minimind.c %s; model files of format version %u; kernels %s, %s\n", MINIMIND_VERSION,
-           (unsigned)MM_VERSION, KERNELS, BUILD_THREADS);
+           (unsigned)MM_VERSION, kernels_line(), BUILD_THREADS);
 }
 
 static void parse_args(Options *o, int argc, char **argv) {
@@ -1870,6 +1882,7 @@ static void parse_args(Options *o, int argc, char **argv) {
                    .yarn_beta_fast = NAN,
                    .yarn_beta_slow = NAN,
                    .yarn_attn_factor = NAN};
+    kernel_set_row_bits(0);  /* (what --help and --version name) */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
@@ -1912,6 +1925,7 @@ static void parse_args(Options *o, int argc, char **argv) {
         else if (!strcmp(a, "--history")) o->history = (int)parse_int(a, v, 0, 1 << 24);
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) o->ctx = (int)parse_int(a, v, 1, 1 << 24);
         else if (!strcmp(a, "--threads")) o->threads = (int)parse_int(a, v, 1, 1024);
+        else if (!strcmp(a, "--row-bits")) o->row_bits = (int)parse_int(a, v, 128, 512);
         else if (!strcmp(a, "--batch")) o->batch = (int)parse_int(a, v, 1, 4096);
         else if (!strcmp(a, "--rope-base")) o->rope_base = parse_float(a, v, 1.0001f, 1e30f);
         else if (!strcmp(a, "--kv")) {
@@ -1942,6 +1956,16 @@ static void parse_args(Options *o, int argc, char **argv) {
     const char *chat_flag = o->system ? "-y" : o->think ? "--think" : o->history >= 0 ? "--history"
                           : o->verbose_prompt ? "--verbose-prompt" : NULL;
     if (!chat && chat_flag) die("%s applies to -m chat only", chat_flag);
+    if (o->row_bits && reference_kernels) die("--row-bits applies to the fast kernels, not --ref-kernels");
+    int widths[2], n_widths = kernel_row_widths(widths);
+    if (o->row_bits && !n_widths) die("--row-bits applies to the fast kernels, which this build has not");
+    if (o->row_bits && o->row_bits != widths[0] && (n_widths < 2 || o->row_bits != widths[1])) {
+        if (n_widths < 2) die("--row-bits %d: this build's kernels (%s) read rows in %d-bit vectors only",
+                              o->row_bits, KERNELS, widths[0]);
+        die("--row-bits expects %d or %d for this build's kernels (%s), got %d", widths[0], widths[1], KERNELS,
+            o->row_bits);
+    }
+    kernel_set_row_bits(o->row_bits);
 }
 
 /* RoPE: the model file's settings, then MiniMind's YaRN defaults when YaRN is newly asked for,
@@ -2064,6 +2088,9 @@ int main(int argc, char **argv) {
 #endif
     Model m;
     model_load(&m, o.model_path);
+    if (o.row_bits && m.head.dtype == MM_Q8_0 && m.layers[0].wq.dtype == MM_Q8_0)
+        die("--row-bits applies to f32, f16 and bf16 weights; %s is q8_0, which decoding reads by panels",
+            o.model_path);
     const mm_header *h = &m.cfg;
     Tokenizer tok;
     const char *tok_err = tokenizer_load(&tok, m.tokenizer, h->tokenizer_size, h->vocab_size);
@@ -2152,7 +2179,7 @@ int main(int argc, char **argv) {
                 "ctx %d, batch %d, threads %s%d, kv cache %s, kernels %s\n", rope.theta,
                 scaling[rope.scaling], rope.factor, rope.orig_ctx, rope.beta_fast, rope.beta_slow,
                 rope.attn_factor, ctx, batch, threads.tuned ? "up to " : "", threads.max, o.kv,
-                fast_kernels() ? KERNELS : "plain loops");
+                fast_kernels() ? kernels_line() : "plain loops");
     }
     threads_start();
     double t0 = now_seconds();

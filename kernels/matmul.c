@@ -99,15 +99,57 @@ static ALWAYS_INLINE float dot_row(int dtype, const void *w, const float *x, int
     return sum;
 }
 
+#ifdef HAVE_HALVES
+/* dot_row reading the weights in half vectors (vector.h): lane i of half h of chain j sums what
+ * lane 8h + i of dot_row's chain j sums, in the same order, and the halves are joined before the
+ * same final sums: the same bits as dot_row */
+static ALWAYS_INLINE float dot_row_halves(int dtype, const void *w, const float *x, int K) {
+    enum { H = VL / 2 };
+    vh lo[4] = {vh_zero(), vh_zero(), vh_zero(), vh_zero()}, hi[4] = {vh_zero(), vh_zero(), vh_zero(), vh_zero()};
+    int k = 0;
+    size_t elem = dtype == MM_F32 ? 4 : 2;
+    for (; k + 4 * VL <= K; k += 4 * VL) {
+        for (size_t b = 0; b < 4 * VL * elem; b += 64)
+            prefetch_weights((const uint8_t *)w + k * elem + WEIGHTS_AHEAD + b);
+        for (int j = 0; j < 4; j++) {
+            size_t at = (size_t)(k + j * VL);
+            lo[j] = vh_fmadd(load_wh(dtype, w, at), vh_load(x + at), lo[j]);
+            hi[j] = vh_fmadd(load_wh(dtype, w, at + H), vh_load(x + at + H), hi[j]);
+        }
+    }
+    for (; k + VL <= K; k += VL) {
+        lo[0] = vh_fmadd(load_wh(dtype, w, (size_t)k), vh_load(x + k), lo[0]);
+        hi[0] = vh_fmadd(load_wh(dtype, w, (size_t)k + H), vh_load(x + k + H), hi[0]);
+    }
+    vf acc[4];
+    for (int j = 0; j < 4; j++) acc[j] = vf_join(lo[j], hi[j]);
+    float sum = vf_hsum(vf_add(vf_add(acc[0], acc[1]), vf_add(acc[2], acc[3])));
+    for (; k < K; k++) sum += load1(dtype, w, (size_t)k) * x[k];
+    return sum;
+}
+#endif
+
+/* decoding's rows in half vectors (kernel_set_row_bits) */
+static bool rows_in_halves;
+
 /* rows r0 .. r0+R (R <= TILE_ROWS) of out (+)= W x over kc columns, every token: w points at row r0
  * of those columns (rows ldw apart), x at the same columns of token 0 (rows ldx apart) */
 static ALWAYS_INLINE void dot_tiles(float *out, int ldo, const float *x, int ldx, int n, int dtype,
                                     const void *w, int ldw, int kc, int r0, int R, bool add) {
     float *o = out + r0;
     if (n == 1) {  /* decoding: bound by reading the weights */
+        size_t row_bytes = (size_t)ldw * (dtype == MM_F32 ? 4 : 2);
+#ifdef HAVE_HALVES
+        if (rows_in_halves) {
+            for (int r = 0; r < R; r++) {
+                float sum = dot_row_halves(dtype, (const uint8_t *)w + r * row_bytes, x, kc);
+                o[r] = add ? o[r] + sum : sum;
+            }
+            return;
+        }
+#endif
         for (int r = 0; r < R; r++) {
-            float sum =
-                dot_row(dtype, (const uint8_t *)w + (size_t)r * ldw * (dtype == MM_F32 ? 4 : 2), x, kc);
+            float sum = dot_row(dtype, (const uint8_t *)w + r * row_bytes, x, kc);
             o[r] = add ? o[r] + sum : sum;
         }
         return;
@@ -568,7 +610,34 @@ static void kernel_swiglu(float *gate, const float *up, int n, int hidden) {
     for (int t = 0; t < n; t++) swiglu_row(gate + (size_t)t * hidden, up + (size_t)t * hidden, hidden);
 }
 
+static int kernel_row_widths(int bits[2]) {
+    bits[0] = VL * 32;
+#ifdef HAVE_HALVES
+    bits[1] = VL * 16;
+    return 2;
+#else
+    return 1;
+#endif
+}
+
+/* whole vectors, but 256-bit halves of them on AMD Zen 4 (docs/kernels.md has the measurements) */
+static void kernel_set_row_bits(int bits) {
+#ifdef HAVE_HALVES
+    rows_in_halves = bits == 0 ? amd_zen4() : bits == VL * 16;
+#else
+    (void)bits;
+#endif
+}
+
+static int kernel_row_bits(void) { return rows_in_halves ? VL * 16 : VL * 32; }
+
 #else  /* a build without the kernels: run.c never calls these */
+static int kernel_row_widths(int bits[2]) {
+    (void)bits;
+    return 0;
+}
+static void kernel_set_row_bits(int bits) { (void)bits; }
+static int kernel_row_bits(void) { return 0; }
 static void kernel_matmuls(const MatmulJob *jobs, int n_jobs, const float *x, int n_tokens,
                            KernelScratch *ks) {
     (void)jobs, (void)n_jobs, (void)x, (void)n_tokens, (void)ks;

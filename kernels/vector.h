@@ -80,6 +80,34 @@ static ALWAYS_INLINE vf vf_load_bf16(const uint16_t *p) {  /* bf16 is the top ha
     return _mm512_castsi512_ps(
         _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
+/* Half vectors, vh: 8 floats in a 256-bit register, lanes 0-7 or 8-15 of a vf. Decoding's weight
+ * rows can be read in them (matmul.c, dot_row_halves): lane for lane the same sums in the same
+ * order as whole vectors, so the same bits, for processors that read memory faster so (AMD Zen
+ * 4, which executes a 512-bit instruction as two 256-bit halves: docs/kernels.md). */
+#define HAVE_HALVES 1
+typedef __m256 vh;
+static ALWAYS_INLINE vh vh_zero(void) { return _mm256_setzero_ps(); }
+static ALWAYS_INLINE vh vh_load(const float *p) { return _mm256_loadu_ps(p); }
+static ALWAYS_INLINE vh vh_fmadd(vh a, vh b, vh c) { return _mm256_fmadd_ps(a, b, c); }
+static ALWAYS_INLINE vh vh_load_f16(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+static ALWAYS_INLINE vh vh_load_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static ALWAYS_INLINE vf vf_join(vh lo, vh hi) {  /* lanes 0-7 from lo, 8-15 from hi */
+    return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+}
+/* AMD family 19h with AVX-512 is Zen 4 (Zen 3, the same family, has none) */
+#include <cpuid.h>
+static inline bool amd_zen4(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u || d != 0x69746e65u || c != 0x444d4163u)
+        return false;  /* not "AuthenticAMD" */
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    unsigned family = (a >> 8) & 0xf;
+    return (family == 0xf ? family + ((a >> 20) & 0xff) : family) == 0x19;
+}
 #else
 #ifdef __AVXVNNI__
 #define KERNELS_NAME "avx2-vnni"  /* (q8_0 tiles by AVX-VNNI) */
@@ -326,6 +354,14 @@ static ALWAYS_INLINE vf load_w(int dtype, const void *p, size_t i) {
     if (dtype == MM_F16) return vf_load_f16((const uint16_t *)p + i);
     return vf_load_bf16((const uint16_t *)p + i);
 }
+
+#ifdef HAVE_HALVES
+static ALWAYS_INLINE vh load_wh(int dtype, const void *p, size_t i) {  /* VL / 2 of them */
+    if (dtype == MM_F32) return vh_load((const float *)p + i);
+    if (dtype == MM_F16) return vh_load_f16((const uint16_t *)p + i);
+    return vh_load_bf16((const uint16_t *)p + i);
+}
+#endif
 
 static ALWAYS_INLINE float load1(int dtype, const void *p, size_t i) {
     if (dtype == MM_F32) return ((const float *)p)[i];

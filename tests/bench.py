@@ -3,6 +3,7 @@
 
     python3 tests/bench.py [--runs 3] [--shapes m2small,m3,m2] [--dtypes f32,f16,bf16,q8_0]
                            [--threads 1,2] [--md FILE]
+    python3 tests/bench.py --wall [--runs 7] [--shapes m3,m2] [--dtypes f32,f16,bf16] [--threads 1,2]
     python3 tests/bench.py --busy [--runs 5] [--busy-models demo,m2small.q8_0] [--md FILE]
 
 Python standard library only: no torch, no downloads. Each shape's checkpoint is written as a
@@ -23,6 +24,13 @@ tests/bench-models/ for the next run. For every shape x dtype x threads, `./run 
               the mean of the two either side of it (this machine's speed moves by a third
               within minutes, so a ceiling measured once, at another moment, said anything from
               61% to 118%); the table gives the median share and the median ceiling.
+
+--wall (make bench-wall) measures decoding alone against the memory wall: for each shape x dtype
+x threads, --runs rounds in which ./run -m bench -n 128 -c 600 runs once at each width the build
+reads f32, f16 and bf16 weight rows in (--row-bits: 512 and 256 on AVX-512, whose best differs by
+processor), every run between two of tests/stream's; the table gives the median decode tokens/s
+and the median share (the run's reads over the mean of the walls either side of it).
+tests/sidebyside.py --wall does the same beside llama.cpp or another build.
 
 --busy (make bench-busy) measures what other work on the machine does to the default thread
 count (measured as the program runs, run.c's "Threads") beside --threads 1: for each model and 0,
@@ -157,6 +165,58 @@ def stream_gbs(model, threads):
     return float(p.stdout)
 
 
+def wall_cell(engines, stream_file, threads, rounds, progress=None):
+    """Decoding against the memory wall, for one cell: `rounds` rounds in which each engine (name,
+    run: () -> decode tokens/s, bytes: the bytes one token reads) runs once, in an order that
+    turns by one each round, every run between two of tests/stream's on stream_file. Returns
+    ({name: [(tokens/s, share)]}, [walls]): a run's share is its reads over the mean of the walls
+    either side of it."""
+    runs, walls = {name: [] for name, _, _ in engines}, []
+    for r in range(rounds):
+        order = engines[r % len(engines):] + engines[:r % len(engines)]
+        before = stream_gbs(stream_file, threads)
+        walls.append(before)
+        for name, run, size in order:
+            tps = run()
+            after = stream_gbs(stream_file, threads)
+            runs[name].append((tps, tps * size / 1e9 / ((before + after) / 2)))
+            walls.append(after)
+            before = after
+        if progress:
+            progress(r)
+    return runs, walls
+
+
+def row_widths(binary, model):
+    """the --row-bits this build takes (decoding's weight rows: 512 and 256 on AVX-512)"""
+    return [w for w in ("512", "256", "128") if subprocess.run(
+        [binary, model, "-m", "tokenize", "-i", "", "--row-bits", w], capture_output=True).returncode == 0]
+
+
+def wall_table(a):
+    """--wall: decode tg128 and its share of the wall, for each cell and each row width the build has"""
+    lines = ["| shape | dtype | threads | rows | decode tg128 tok/s | share of wall | wall GB/s |",
+             "|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for shape in a.shapes.split(","):
+        for dtype in a.dtypes.split(","):
+            model = model_file(shape, dtype)
+            widths = row_widths(a.binary, model) if dtype != "q8_0" else [""]
+            for threads in [int(t) for t in a.threads.split(",")]:
+                def engine(w):
+                    flags = ["-c", "600"] + (["--row-bits", w] if w else []) + a.extra
+                    return (w, lambda: bench_once(a.binary, model, threads, flags)["decode_tps"],
+                            os.path.getsize(model))
+                runs, walls = wall_cell([engine(w) for w in widths], model, threads, a.runs)
+                for w in widths:
+                    line = (f"| {SHAPES[shape]['label']} | {dtype} | {threads} | {w + '-bit' if w else 'panels'} | "
+                            f"{statistics.median(x[0] for x in runs[w]):.1f} | "
+                            f"{statistics.median(x[1] for x in runs[w]):.2f} | {statistics.median(walls):.1f} |")
+                    lines.append(line)
+                    print(line, flush=True)
+    return lines
+
+
 def cpu_name():
     """this machine's processor, as /proc/cpuinfo names it, with AMD's generation where known"""
     info = {}
@@ -255,11 +315,14 @@ def main():
     ap.add_argument("--busy-models", default="demo,m2small.q8_0",
                     help="--busy: demo, or SHAPE.DTYPE of the random-weight models (none: make run's "
                          "first token only)")
+    ap.add_argument("--wall", action="store_true",
+                    help="decoding only (-c 600), each run between two of tests/stream's, at every row width "
+                         "the build has (--row-bits): the share of the memory wall (see above)")
     ap.add_argument("extra", nargs="*", help="more flags for ./run (after --), e.g. --kv f16")
     a = ap.parse_args()
     print(build_line(a.binary), flush=True)
-    if a.busy:
-        lines = [build_line(a.binary), ""] + busy_table(a)
+    if a.wall or a.busy:
+        lines = [build_line(a.binary), ""] + (wall_table(a) if a.wall else busy_table(a))
         if a.md:
             with open(a.md, "w") as f:
                 f.write("\n".join(lines) + "\n")

@@ -132,6 +132,15 @@ static void test_matmul(int dtype, int rows, int cols, int n, bool in_pieces) {
     check(worst < 1e-5, name, "max error %.1e of sum|w x|", worst);
     snprintf(name + strlen(name), sizeof name - strlen(name), ", threads 1 == 2");
     check(memcmp(fast, fast2, out_n * sizeof(float)) == 0, name, "bit-identical");
+    int widths[2];
+    if (dtype != MM_Q8_0 && n == 1 && kernel_row_widths(widths) == 2) {  /* rows in halves == whole */
+        kernel_set_row_bits(widths[1]);
+        matmul(&s, fast2, x, &w, 1);
+        kernel_set_row_bits(widths[0]);
+        snprintf(name, sizeof name, "matmul %s %dx%d, 1 token: rows in %d-bit halves == %d-bit vectors",
+                 dtype_name((uint32_t)dtype), rows, cols, widths[1], widths[0]);
+        check(memcmp(fast, fast2, (size_t)rows * sizeof(float)) == 0, name, "bit-identical");
+    }
     if (dtype == MM_Q8_0 && n == 1) {  /* one token by panels == the same token in a 2-token tile */
         float *x2 = xcalloc(2 * (size_t)cols, sizeof(float), "test"),
               *out2 = xcalloc(2 * (size_t)rows, sizeof(float), "test");
@@ -311,12 +320,13 @@ static void test_f16(void) {
 }
 
 int main(void) {
-    printf("kernels: %s\n", KERNELS);
+    kernel_set_row_bits(0);
+    printf("kernels: %s\n", kernels_line());
     /* up to 15 tokens: the dot-product tiles; from 16: the outer-product tiles (rows and tokens
      * past a whole tile of 12 x 32, and a last run of at most 16 tokens) */
     static const int f_shapes[][3] = {{1, 1, 1}, {3, 7, 2}, {5, 33, 3}, {13, 100, 4}, {37, 515, 7},
                                       {8, 64, 1}, {64, 512, 64}, {4, 24, 6}, {37, 515, 17}, {13, 100, 33},
-                                      {5, 33, 16}, {26, 64, 45}};
+                                      {5, 33, 16}, {26, 64, 45}, {7, 515, 1}, {3, 100, 1}};
     static const int q_shapes[][3] = {{1, 32, 1}, {3, 96, 2}, {5, 160, 3}, {13, 544, 1}, {37, 96, 4},
                                       {9, 64, 7}, {64, 512, 64}, {9, 1408, 2}, {37, 96, 20}, {13, 544, 48},
                                       {70, 2432, 23}, {33, 160, 16}, {100, 96, 31},

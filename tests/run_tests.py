@@ -710,7 +710,7 @@ def cli_tests(binary, cases):
         p = run([binary, "--help"])
         flags = ["-m", "-i", "-f", "-n", "-t", "-p", "-k", "--repeat-penalty", "-s", "-y", "--think",
                  "--show-tokens", "--csv", "--history", "--verbose-prompt", "--ids", "-o", "--ctx", "--threads",
-                 "--batch", "--rope-base",
+                 "--batch", "--rope-base", "--ref-kernels", "--row-bits",
                  "--rope-scaling", "--rope-scale", "--yarn-orig-ctx", "--yarn-beta-fast",
                  "--yarn-beta-slow", "--yarn-attn-factor", "--verbose", "--version", "--help"]
         missing = [f for f in flags if f not in p.stdout]
@@ -750,6 +750,9 @@ def cli_tests(binary, cases):
         ("--think outside chat", [model, "-i", "hello", "--think"], ["--think", "chat"]),
         ("--history outside chat", [model, "-i", "hello", "--history", "2"], ["--history", "chat"]),
         ("-f on a folder", [model, "-f", TMP], [TMP, "folder"]),
+        ("--row-bits not a width", ok_args + ["--row-bits", "384"], ["--row-bits"]),
+        ("--row-bits with --ref-kernels", ok_args + ["--ref-kernels", "--row-bits", "256"],
+         ["--row-bits", "--ref-kernels"]),
     ]
     for label, args, words in bad:
         @test(f"{tag}: bad command line: {label}")
@@ -1044,6 +1047,33 @@ def kernel_tests(binary, cases):
                 return worst < 1e-5, f"rel {worst:.1e} < 1e-5 (--batch 5: dot-product tiles; --batch 64: prompt tiles)"
 
     c = next(x for x in cases if x["name"] == "m3_dense")
+
+    @test(f"{tag}: --row-bits: decoding's weight rows at each width the build has, identical logits")
+    def _():
+        ids, widths, refused = c["ids"][:12], [], []
+        for dtype in ("f32", "f16", "bf16"):
+            model = export(c["checkpoint"], f"m3_dense.{dtype}.bin", dtype, c["export_args"])
+            outs = {}
+            for w in ("512", "256", "128"):
+                p = run([binary, model, "-m", "logits", "-o", os.path.join(TMP, "rows.f32"), "--ids", ids_arg(ids),
+                         "--batch", "1", "--row-bits", w])
+                if p.returncode != 0:
+                    ok, detail = expect_error(p, "--row-bits")
+                    if not ok:
+                        return False, f"{dtype} --row-bits {w}: {detail}"
+                    refused.append(w)
+                    continue
+                outs[w] = read_f32(os.path.join(TMP, "rows.f32"))
+            if len(set(map(tuple, outs.values()))) > 1:
+                return False, f"{dtype}: logits differ between --row-bits {' and '.join(outs)}"
+            widths = list(outs)
+        q8 = export(c["checkpoint"], "m3_dense.q8_0.bin", "q8_0", c["export_args"])
+        for w in widths:  # q8_0 is read by panels: the flag cannot apply
+            ok, detail = expect_error(run([binary, q8, "--ids", "1,2", "-n", "1", "--row-bits", w]), "q8_0")
+            if not ok:
+                return False, f"q8_0 --row-bits {w}: {detail}"
+        return True, (f"identical at {' and '.join(widths)} bits" if len(widths) > 1 else
+                      f"one width ({', '.join(widths) or 'none'}), {len(set(refused))} refused")
 
     @test(f"{tag}: --kv f16 logits agree with PyTorch's like f16 weights do")
     def _():

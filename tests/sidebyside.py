@@ -4,7 +4,7 @@ random-weight MiniMind models.
 
     /usr/bin/python3 tests/sidebyside.py --llama PATH_TO_LLAMA_CPP [--shapes m2small,m3,m2]
         [--dtypes f32,q8_0] [--threads 1,2] [--rounds 5] [--run ./run] [--md FILE]
-        [--run-args "--kv f16"] [--llama-args "-fa off"]
+        [--run-args "--kv f16"] [--llama-args "-fa off"] [--wall]
     /usr/bin/python3 tests/sidebyside.py --versus OTHER_RUN [--shapes m2small,m3,m2]
         [--dtypes f32,q8_0] [--threads 1,2] [--rounds 5] [--run ./run] [--md FILE]
         [--run-args "--kv f16"]
@@ -47,6 +47,17 @@ llama.cpp is built outside this repository, CPU only (the commands this was writ
 (LLAMA_CURL is only a deprecation warning in recent llama.cpp; the other OFFs keep its configure
 step from downloading anything.) Needs numpy (Debian: apt-get install python3-numpy) for gguf-py.
 
+With --wall, decoding alone, against the memory wall: for each shape x dtype x threads, --rounds
+rounds, each engine once a round (ours first, then the other first, in turn), every run between two
+of `tests/stream MODEL.bin T` (the best of 10 passes over our model file: how fast this machine
+reads memory at that moment):
+    ./run MODEL.bin -m bench -n 128 -c 600 --threads T      (no deep decoding at -c 600)
+    llama-bench -m MODEL.gguf -r 1 -t T -p 0 -n 128          (or OTHER_RUN as ./run, with --versus)
+and the table gives each engine's median decode tokens/s, the median ratio, and each one's median
+share of the wall: its model file's bytes x tokens/s (one token reads every weight once) over the
+mean of the walls either side of the run. tests/bench.py --wall (make bench-wall) does the same
+for ./run alone, at each width it can read weight rows in.
+
 With --versus OTHER_RUN (another build of ./run, say of an older commit: before/after a change, to
 see that nothing got slower) no llama.cpp and no GGUF is needed: for each shape x dtype x threads,
 --rounds times, alternately (ours, then the other),
@@ -81,6 +92,8 @@ import bench  # noqa: E402  (tests/bench.py: the shapes, the checkpoints, our mo
 TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "tokenizer")
 LLAMA_ARCH = {"m2small": "llama", "m2": "llama", "m3": "qwen3"}
 PROMPT, GEN, DEPTH, CTX = 512, 128, 2048, 4224
+WALL_CTX = 600  # --wall: -m bench times no deep decoding below a context of DEPTH + GEN
+STREAM = os.path.join(ROOT, "tests", "stream")
 
 
 def die(msg):
@@ -293,8 +306,8 @@ def run_cmd(cmd):
         die(f"cannot run {cmd[0]}: {e.strerror}")
 
 
-def run_ours(binary, model, threads, extra):
-    cmd = [binary, model, "-m", "bench", "-n", str(GEN), "-c", str(CTX), "--threads", str(threads)] + extra
+def run_ours(binary, model, threads, extra, ctx=CTX):
+    cmd = [binary, model, "-m", "bench", "-n", str(GEN), "-c", str(ctx), "--threads", str(threads)] + extra
     p = run_cmd(cmd)
     if p.returncode != 0:
         die(f"{shlex.join(cmd)} failed: {last_lines(p.stderr)}")
@@ -309,10 +322,10 @@ def parse_llama_csv(text):
     return [r for r in rows if r.get("avg_ts")]
 
 
-def run_llama(tools, model, threads, extra, depth):
+def run_llama(tools, model, threads, extra, depth, prompt=PROMPT):
     base = [tools["llama-bench"], "-m", model, "-r", "1", "-t", str(threads), "-o", "csv"]
     out = {}
-    cmds = [base + ["-p", str(PROMPT), "-n", str(GEN)] + extra]
+    cmds = [base + ["-p", str(prompt), "-n", str(GEN)] + extra]
     if depth:
         cmds.append(base + ["-p", "0", "-n", str(GEN), "-d", str(DEPTH)] + extra)
     for cmd in cmds:
@@ -361,6 +374,9 @@ def main():
     ap.add_argument("--run-args", default="",
                     help="more flags for ./run (and OTHER_RUN with --versus), one string: --run-args='--kv f16'")
     ap.add_argument("--llama-args", default="", help="more flags for llama-bench, one string: --llama-args='-fa off'")
+    ap.add_argument("--wall", action="store_true",
+                    help="decoding only, each run between two of tests/stream's: each engine's share of the "
+                         "memory wall (see above)")
     a = ap.parse_args()
 
     if (a.llama is None) == (a.versus is None):
@@ -410,6 +426,8 @@ def main():
     binary = os.path.abspath(a.run)
     if not os.access(binary, os.X_OK):
         die(f"no {a.run}: build it with make")
+    if a.wall and not os.access(STREAM, os.X_OK):
+        die("no tests/stream: build it with make tests/stream")
     if not versus:
         helptext = subprocess.run([tools["llama-bench"], "--help"], capture_output=True, text=True)
         has_depth = "--n-depth" in helptext.stdout + helptext.stderr
@@ -445,6 +463,9 @@ def compare(a, versus, shapes, dtypes, threads, binary, other_copy, other, llama
             b = bench.model_file(s, d)
             models[s, d] = (b, None if versus else gguf_file(s, d, b, tools, np, gguf))
 
+    if a.wall:
+        return compare_wall(a, versus, shapes, dtypes, threads, binary, other_copy, other, llama, tools, models,
+                            run_extra, llama_extra)
     ours_cmd = f"run MODEL.bin -m bench -n {GEN} -c {CTX} --threads T{' ' + a.run_args if a.run_args else ''}"
     if versus:
         them = "other"
@@ -502,6 +523,54 @@ def compare(a, versus, shapes, dtypes, threads, binary, other_copy, other, llama
                     ratio = mo / ml if ml == ml and ml else float("nan")
                     cells += [fmt(mo, digits), fmt(ml, digits), fmt(ratio, 2)]
                 line = f"| {bench.SHAPES[s]['label']} | {d} | {t} | " + " | ".join(cells) + " |"
+                table.append(line)
+                print(line, flush=True)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write("\n".join(head + table) + "\n")
+
+
+def compare_wall(a, versus, shapes, dtypes, threads, binary, other_copy, other, llama, tools, models, run_extra,
+                 llama_extra):
+    """--wall: decoding only, every run between two of tests/stream's; each engine's share of the wall"""
+    them = "other" if versus else "llama.cpp"
+    ours_cmd = f"run MODEL.bin -m bench -n {GEN} -c {WALL_CTX} --threads T{' ' + a.run_args if a.run_args else ''}"
+    theirs_cmd = ours_cmd.replace("run ", "OTHER_RUN ", 1) if versus else \
+        f"llama-bench -m MODEL.gguf -r 1 -t T -p 0 -n {GEN}{' ' + a.llama_args if a.llama_args else ''}"
+    head = [f"# ./run vs {other if versus else 'llama.cpp'}: decoding against the memory wall, side by side",
+            "",
+            f"- command: `{shlex.join([sys.executable] + sys.argv)}`",
+            f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+            f"- processor: {bench.cpu_name()}",
+            f"- minimind.c commit: {git_commit(ROOT)}",
+            f"- {them}: {other if versus else git_commit(llama) + ' (' + llama + ')'}",
+            f"- ours: `{ours_cmd}`; {them}: `{theirs_cmd}`; the wall: `tests/stream MODEL.bin T` (best of 10 "
+            f"passes) before and after every run",
+            f"- medians of {a.rounds} rounds (ours first, then {them} first, in turn); tok/s; ratio = ours / {them} "
+            f"(the median of the rounds' ratios); "
+            f"share = the run's reads (its model file's bytes x tokens/s) over the mean of the walls either side",
+            ""]
+    table = [f"| shape | dtype | threads | decode tg128 ours | decode tg128 {them} | ratio | share of wall: ours "
+             f"| share of wall: {them} | wall GB/s |", "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(head + table), flush=True)
+    for s in shapes:
+        for d in dtypes:
+            ours_file, theirs_file = models[s, d][0], models[s, d][1] or models[s, d][0]
+            for t in threads:
+                def theirs_run():
+                    if versus:
+                        return run_ours(other_copy, ours_file, t, run_extra, WALL_CTX)["tg"]
+                    return run_llama(tools, theirs_file, t, llama_extra, False, prompt=0)["tg"]
+                engines = [("ours", lambda: run_ours(binary, ours_file, t, run_extra, WALL_CTX)["tg"],
+                            os.path.getsize(ours_file)),
+                           ("theirs", theirs_run, os.path.getsize(theirs_file))]
+                runs, walls = bench.wall_cell(engines, ours_file, t, a.rounds, lambda r: print(
+                    f"sidebyside: {s} {d} {t} thread(s): round {r + 1} of {a.rounds}", file=sys.stderr, flush=True))
+                med = {w: [statistics.median(x[i] for x in v) for i in (0, 1)] for w, v in runs.items()}
+                ratio = statistics.median(o[0] / h[0] for o, h in zip(runs["ours"], runs["theirs"]))
+                line = (f"| {bench.SHAPES[s]['label']} | {d} | {t} | {med['ours'][0]:.1f} | {med['theirs'][0]:.1f} | "
+                        f"{ratio:.2f} | {med['ours'][1]:.2f} | {med['theirs'][1]:.2f} | "
+                        f"{statistics.median(walls):.1f} |")
                 table.append(line)
                 print(line, flush=True)
     if a.md:
