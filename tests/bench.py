@@ -19,7 +19,8 @@ tests/bench-models/ for the next run. For every shape x dtype x threads, `./run 
   rss         peak resident memory of the process, MB (weights + KV cache + buffers)
   reads       what decoding reads, the model file's bytes once per token (x decode tokens/s), in
               GB/s and as a share of what tests/stream reads of the same file mapped the same
-              way with the same threads: the memory ceiling of decoding on this machine.
+              way with the same threads in its fastest pass: the memory ceiling of decoding on
+              this machine (the wall).
               tests/stream runs before each run and after the last, and each run's share is of
               the mean of the two either side of it (this machine's speed moves by a third
               within minutes, so a ceiling measured once, at another moment, said anything from
@@ -29,7 +30,10 @@ tests/bench-models/ for the next run. For every shape x dtype x threads, `./run 
 x threads, --runs rounds in which ./run -m bench -n 128 -c 600 runs once at each width the build
 reads f32, f16 and bf16 weight rows in (--row-bits: 512 and 256 on AVX-512, whose best differs by
 processor), every run between two of tests/stream's; the table gives the median decode tokens/s
-and the median share (the run's reads over the mean of the walls either side of it).
+and the median share (the run's reads over the mean of the walls either side of it), and the
+median share of tests/stream's sustained read (all its passes, over half a second or more: a
+mean, as a decoding run's tokens/s is, where the fastest pass catches the machine's quiet
+moments).
 tests/sidebyside.py --wall does the same beside llama.cpp or another build.
 
 --busy (make bench-busy) measures what other work on the machine does to the default thread
@@ -157,30 +161,34 @@ def bench_once(binary, model, threads, extra):
     return {k: float(v) if v else float("nan") for k, v in zip(header.split(","), row.split(","))}
 
 
-def stream_gbs(model, threads):
-    """GB/s at which tests/stream reads the model file (best of its 10 passes)"""
+def stream_both(model, threads):
+    """GB/s at which tests/stream reads the model file: (its fastest pass, the wall; sustained
+    over all its passes, half a second or more)"""
     p = subprocess.run([os.path.join(ROOT, "tests", "stream"), model, str(threads)], capture_output=True, text=True)
-    if p.returncode != 0:
+    fields = p.stdout.split()
+    if p.returncode != 0 or len(fields) != 2:
         sys.exit(f"bench: tests/stream {model} failed: {p.stderr.strip()} (make tests/stream)")
-    return float(p.stdout)
+    return float(fields[1]), float(fields[0])
 
 
 def wall_cell(engines, stream_file, threads, rounds, progress=None):
     """Decoding against the memory wall, for one cell: `rounds` rounds in which each engine (name,
     run: () -> decode tokens/s, bytes: the bytes one token reads) runs once, in an order that
     turns by one each round, every run between two of tests/stream's on stream_file. Returns
-    ({name: [(tokens/s, share)]}, [walls]): a run's share is its reads over the mean of the walls
-    either side of it."""
+    ({name: [(tokens/s, share, share of sustained)]}, [walls]): a run's share is its reads over
+    the mean of the walls (tests/stream's fastest pass) either side of it; the last, over the mean
+    of their sustained reads."""
     runs, walls = {name: [] for name, _, _ in engines}, []
     for r in range(rounds):
         order = engines[r % len(engines):] + engines[:r % len(engines)]
-        before = stream_gbs(stream_file, threads)
-        walls.append(before)
+        before = stream_both(stream_file, threads)
+        walls.append(before[0])
         for name, run, size in order:
             tps = run()
-            after = stream_gbs(stream_file, threads)
-            runs[name].append((tps, tps * size / 1e9 / ((before + after) / 2)))
-            walls.append(after)
+            after = stream_both(stream_file, threads)
+            reads = tps * size / 1e9
+            runs[name].append((tps, reads / ((before[0] + after[0]) / 2), reads / ((before[1] + after[1]) / 2)))
+            walls.append(after[0])
             before = after
         if progress:
             progress(r)
@@ -195,8 +203,8 @@ def row_widths(binary, model):
 
 def wall_table(a):
     """--wall: decode tg128 and its share of the wall, for each cell and each row width the build has"""
-    lines = ["| shape | dtype | threads | rows | decode tg128 tok/s | share of wall | wall GB/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| shape | dtype | threads | rows | decode tg128 tok/s | share of wall | share of sustained read "
+             "| wall GB/s |", "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for shape in a.shapes.split(","):
         for dtype in a.dtypes.split(","):
@@ -211,7 +219,8 @@ def wall_table(a):
                 for w in widths:
                     line = (f"| {SHAPES[shape]['label']} | {dtype} | {threads} | {w + '-bit' if w else 'panels'} | "
                             f"{statistics.median(x[0] for x in runs[w]):.1f} | "
-                            f"{statistics.median(x[1] for x in runs[w]):.2f} | {statistics.median(walls):.1f} |")
+                            f"{statistics.median(x[1] for x in runs[w]):.2f} | "
+                            f"{statistics.median(x[2] for x in runs[w]):.2f} | {statistics.median(walls):.1f} |")
                     lines.append(line)
                     print(line, flush=True)
     return lines
@@ -337,10 +346,10 @@ def main():
         for dtype in a.dtypes.split(","):
             model = model_file(shape, dtype)
             for threads in [int(t) for t in a.threads.split(",")]:
-                ceilings, runs = [stream_gbs(model, threads)], []
+                ceilings, runs = [stream_both(model, threads)[0]], []
                 for _ in range(a.runs):
                     runs.append(bench_once(a.binary, model, threads, a.extra))
-                    ceilings.append(stream_gbs(model, threads))
+                    ceilings.append(stream_both(model, threads)[0])
                 med = {c: statistics.median(r[c] for r in runs) for c in cols}
                 reads = med["decode_tps"] * os.path.getsize(model) / 1e9
                 share = statistics.median(r["decode_tps"] * os.path.getsize(model) / 1e9 / ((c0 + c1) / 2)

@@ -49,13 +49,13 @@ step from downloading anything.) Needs numpy (Debian: apt-get install python3-nu
 
 With --wall, decoding alone, against the memory wall: for each shape x dtype x threads, --rounds
 rounds, each engine once a round (ours first, then the other first, in turn), every run between two
-of `tests/stream MODEL.bin T` (the best of 10 passes over our model file: how fast this machine
-reads memory at that moment):
+of `tests/stream MODEL.bin T` (its fastest pass over our model file: how fast this machine reads
+memory at that moment; and its sustained read over half a second or more):
     ./run MODEL.bin -m bench -n 128 -c 600 --threads T      (no deep decoding at -c 600)
     llama-bench -m MODEL.gguf -r 1 -t T -p 0 -n 128          (or OTHER_RUN as ./run, with --versus)
 and the table gives each engine's median decode tokens/s, the median ratio, and each one's median
 share of the wall: its model file's bytes x tokens/s (one token reads every weight once) over the
-mean of the walls either side of the run. tests/bench.py --wall (make bench-wall) does the same
+mean of the walls either side of the run; and the same share of the sustained reads. tests/bench.py --wall (make bench-wall) does the same
 for ./run alone, at each width it can read weight rows in.
 
 With --versus OTHER_RUN (another build of ./run, say of an older commit: before/after a change, to
@@ -544,14 +544,15 @@ def compare_wall(a, versus, shapes, dtypes, threads, binary, other_copy, other, 
             f"- processor: {bench.cpu_name()}",
             f"- minimind.c commit: {git_commit(ROOT)}",
             f"- {them}: {other if versus else git_commit(llama) + ' (' + llama + ')'}",
-            f"- ours: `{ours_cmd}`; {them}: `{theirs_cmd}`; the wall: `tests/stream MODEL.bin T` (best of 10 "
-            f"passes) before and after every run",
+            f"- ours: `{ours_cmd}`; {them}: `{theirs_cmd}`; the wall: `tests/stream MODEL.bin T` (its fastest "
+            f"pass; and its sustained read, all its passes over half a second or more) before and after every run",
             f"- medians of {a.rounds} rounds (ours first, then {them} first, in turn); tok/s; ratio = ours / {them} "
             f"(the median of the rounds' ratios); "
             f"share = the run's reads (its model file's bytes x tokens/s) over the mean of the walls either side",
             ""]
     table = [f"| shape | dtype | threads | decode tg128 ours | decode tg128 {them} | ratio | share of wall: ours "
-             f"| share of wall: {them} | wall GB/s |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| share of wall: {them} | share of sustained read: ours | share of sustained read: {them} "
+             f"| wall GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(head + table), flush=True)
     for s in shapes:
         for d in dtypes:
@@ -566,10 +567,11 @@ def compare_wall(a, versus, shapes, dtypes, threads, binary, other_copy, other, 
                            ("theirs", theirs_run, os.path.getsize(theirs_file))]
                 runs, walls = bench.wall_cell(engines, ours_file, t, a.rounds, lambda r: print(
                     f"sidebyside: {s} {d} {t} thread(s): round {r + 1} of {a.rounds}", file=sys.stderr, flush=True))
-                med = {w: [statistics.median(x[i] for x in v) for i in (0, 1)] for w, v in runs.items()}
+                med = {w: [statistics.median(x[i] for x in v) for i in (0, 1, 2)] for w, v in runs.items()}
                 ratio = statistics.median(o[0] / h[0] for o, h in zip(runs["ours"], runs["theirs"]))
                 line = (f"| {bench.SHAPES[s]['label']} | {d} | {t} | {med['ours'][0]:.1f} | {med['theirs'][0]:.1f} | "
                         f"{ratio:.2f} | {med['ours'][1]:.2f} | {med['theirs'][1]:.2f} | "
+                        f"{med['ours'][2]:.2f} | {med['theirs'][2]:.2f} | "
                         f"{statistics.median(walls):.1f} |")
                 table.append(line)
                 print(line, flush=True)
