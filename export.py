@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """export.py: turn a MiniMind checkpoint into one minimind.c model file (layout: model.h).
 
-    python3 export.py CHECKPOINT OUT.bin --tokenizer PATH [--dtype f32|f16|bf16|q8_0]
+    python3 export.py CHECKPOINT OUT.bin [--tokenizer PATH] [--dtype f32|f16|bf16|q8_0]
                       [--lora FILE] [--config FILE] [--n-heads N]
 
 CHECKPOINT is one of
   - a native MiniMind .pth (torch.save zip of the state dict, fp16/bf16/fp32),
   - a *_resume.pth training checkpoint (state dict under the key "model"),
   - a transformers folder (config.json + model.safetensors or pytorch_model.bin),
-  - a single .safetensors file.
+  - a single .safetensors file,
+  - a GGUF file (llama.cpp's: arch llama, qwen3 or qwen3moe; F32, F16, BF16 or Q8_0 tensors), which
+    carries its own config, tokenizer and chat template (--tokenizer overrides the tokenizer).
 Python standard library only: no torch, no numpy. A .pth is read with a restricted unpickler
 that admits only the few globals a state dict needs, so a malicious file cannot run code.
 """
@@ -72,12 +74,23 @@ ELEM_SIZE = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8, "i64": 8, "i32": 4, "i16":
              "u8": 1, "bool": 1}
 
 
+Q8_BLOCK = 2 + MM_Q8_GROUP  # a GGUF Q8_0 block: an f16 scale, then 32 int8 codes
+
+
+def tensor_bytes(dtype, shape):
+    if dtype == "q8_0":  # GGUF's blocks along each row
+        return numel(shape) // MM_Q8_GROUP * Q8_BLOCK
+    return numel(shape) * ELEM_SIZE[dtype]
+
+
 class Tensor:
     def __init__(self, dtype, shape, data, source):
         self.dtype, self.shape, self.data, self.source = dtype, tuple(shape), data, source
-        if len(data) != numel(self.shape) * ELEM_SIZE[dtype]:
+        if dtype == "q8_0" and (not self.shape or self.shape[-1] % MM_Q8_GROUP):
+            fail(f"{source}: a q8_0 tensor of shape {list(shape)}: its rows are not whole blocks of {MM_Q8_GROUP}")
+        if len(data) != tensor_bytes(dtype, self.shape):
             fail(f"{source}: tensor data has {len(data)} bytes, shape {list(shape)} of {dtype} "
-                 f"needs {numel(self.shape) * ELEM_SIZE[dtype]}")
+                 f"needs {tensor_bytes(dtype, self.shape)}")
 
     def floats(self):
         """The values as array('f') (float32)."""
@@ -91,6 +104,13 @@ class Tensor:
             wide[2::4], wide[3::4] = self.data[0::2], self.data[1::2]
             out = array.array("f")
             out.frombytes(bytes(wide))
+        elif self.dtype == "q8_0":  # each value its code times its block's scale (exact in f32)
+            n_blocks = len(self.data) // Q8_BLOCK
+            scales = struct.unpack(f"<{n_blocks}e", b"".join(
+                self.data[b * Q8_BLOCK:b * Q8_BLOCK + 2] for b in range(n_blocks)))
+            codes = array.array("b", b"".join(self.data[b * Q8_BLOCK + 2:(b + 1) * Q8_BLOCK]
+                                              for b in range(n_blocks)))
+            out = array.array("f", (codes[i] * scales[i // MM_Q8_GROUP] for i in range(len(codes))))
         else:
             fail(f"{self.source}: dtype {self.dtype} is not a floating-point weight type "
                  f"(expected f16, bf16 or f32)")
@@ -319,6 +339,214 @@ def read_safetensors(path):
 
 
 # ----------------------------------------------------------------------------------------------
+# GGUF files (llama.cpp's format): metadata, tensors, and the tokenizer and chat template inside
+
+GGUF_TYPES = {0: "f32", 1: "f16", 8: "q8_0", 30: "bf16"}  # the ggml tensor types read here
+GGUF_TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K",
+                   12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 28: "F64"}
+# ggml's names for a block's tensors -> the checkpoint's (blk.N. -> model.layers.N.)
+GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_shexp": "mlp.shared_experts.0.gate_proj",
+    "ffn_up_shexp": "mlp.shared_experts.0.up_proj", "ffn_down_shexp": "mlp.shared_experts.0.down_proj"}
+GGUF_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+GGUF_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                     "output.weight": "lm_head.weight"}
+GGUF_ARCHS = ("llama", "qwen3", "qwen3moe")
+
+
+class _GGUFReader:
+    def __init__(self, raw, path):
+        self.raw, self.at, self.path = raw, 0, path
+
+    def take(self, fmt):
+        n = struct.calcsize(fmt)
+        if self.at + n > len(self.raw):
+            fail(f"{self.path}: GGUF file ends inside its header (at byte {self.at})")
+        v = struct.unpack_from(fmt, self.raw, self.at)
+        self.at += n
+        return v[0] if len(v) == 1 else v
+
+    def string(self):
+        n = self.take("<Q")
+        if n > len(self.raw) - self.at:
+            fail(f"{self.path}: GGUF string of {n} bytes runs past the end of the file")
+        b = bytes(self.raw[self.at:self.at + n])
+        self.at += n
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            fail(f"{self.path}: GGUF string at byte {self.at - n} is not UTF-8")
+
+    SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+               12: "<d"}
+
+    def value(self, vtype, depth=0):
+        if vtype in self.SCALARS:
+            return self.take(self.SCALARS[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype == 9 and depth == 0:
+            item, count = self.take("<I"), self.take("<Q")
+            if item in self.SCALARS and item != 7:  # numbers: read in one go
+                fmt = self.SCALARS[item][1]
+                if count * struct.calcsize(fmt) > len(self.raw) - self.at:
+                    fail(f"{self.path}: GGUF array of {count} values runs past the end of the file")
+                arr = array.array({"B": "B", "b": "b", "H": "H", "h": "h", "I": "I", "i": "i", "f": "f",
+                                   "Q": "Q", "q": "q", "d": "d"}[fmt])
+                arr.frombytes(bytes(self.raw[self.at:self.at + count * arr.itemsize]))
+                self.at += count * arr.itemsize
+                return arr.tolist()
+            if count > len(self.raw) - self.at:
+                fail(f"{self.path}: GGUF array of {count} values runs past the end of the file")
+            return [self.value(item, 1) for _ in range(count)]
+        fail(f"{self.path}: GGUF metadata value of type {vtype} (at byte {self.at}) is not one GGUF defines")
+
+
+def read_gguf(path):
+    """A GGUF file as (state dict in the checkpoint's names, a config.json-like dict, the tokenizer
+    as tokenizer.json and tokenizer_config.json would hold it). Architectures llama (MiniMind2: the
+    q/k rows llama.cpp's converter permuted are put back), qwen3 and qwen3moe (minimind-3, dense and
+    MoE); tensors F32, F16, BF16 and Q8_0."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    r = _GGUFReader(memoryview(raw), path)
+    if r.take("<4s") != b"GGUF":
+        fail(f"{path}: not a GGUF file (no GGUF magic)")
+    version = r.take("<I")
+    if version not in (2, 3):
+        fail(f"{path}: GGUF version {version}; this reads versions 2 and 3")
+    n_tensors, n_kv = r.take("<Q"), r.take("<Q")
+    if n_tensors > len(raw) or n_kv > len(raw):
+        fail(f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} metadata keys, more than the file holds")
+    meta = {}
+    for _ in range(n_kv):
+        key = r.string()
+        meta[key] = r.value(r.take("<I"))
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHS:
+        fail(f"{path}: GGUF architecture {arch!r}; MiniMind's are llama (MiniMind2), qwen3 and qwen3moe (minimind-3)")
+    infos = []
+    for _ in range(n_tensors):
+        name = r.string()
+        n_dims = r.take("<I")
+        if not 1 <= n_dims <= 4:
+            fail(f"{path}: tensor {name} has {n_dims} dimensions")
+        dims = [r.take("<Q") for _ in range(n_dims)]
+        ggml_type, offset = r.take("<I"), r.take("<Q")
+        if ggml_type not in GGUF_TYPES:
+            fail(f"{path}: tensor {name} has type {GGUF_TYPE_NAMES.get(ggml_type, ggml_type)}; "
+                 f"this reads F32, F16, BF16 and Q8_0 (requantize with llama-quantize)")
+        infos.append((name, dims, GGUF_TYPES[ggml_type], offset))
+    align_to = meta.get("general.alignment", 32)
+    if not isinstance(align_to, int) or align_to <= 0 or align_to & (align_to - 1):
+        fail(f"{path}: general.alignment {align_to!r} is not a power of two")
+    base = (r.at + align_to - 1) // align_to * align_to
+
+    def key(k, default=None):
+        return meta.get(f"{arch}.{k}", default)
+
+    n_head, n_head_kv = key("attention.head_count"), key("attention.head_count_kv")
+    if not isinstance(n_head, int) or n_head <= 0:
+        fail(f"{path}: GGUF has no {arch}.attention.head_count")
+    if not isinstance(n_head_kv, int) or n_head_kv <= 0:
+        n_head_kv = n_head
+    state = {}
+    for name, dims, dtype, offset in infos:
+        shape = tuple(reversed(dims))  # ggml lists the fastest-moving dimension first
+        size = tensor_bytes(dtype, shape) if dtype != "q8_0" or shape[-1] % MM_Q8_GROUP == 0 else -1
+        if size < 0:
+            fail(f"{path}: tensor {name} is Q8_0 with rows of {shape[-1]}, not whole blocks of {MM_Q8_GROUP}")
+        start = base + offset
+        if start + size > len(raw):
+            fail(f"{path}: tensor {name} ({size} bytes at {start}) runs past the end of the file ({len(raw)} bytes)")
+        data = raw[start:start + size]
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+        if name in GGUF_GLOBAL_NAMES:
+            state[GGUF_GLOBAL_NAMES[name]] = Tensor(dtype, shape, data, f"{path}:{name}")
+        elif m and m.group(2) in GGUF_EXPERTS and len(shape) == 3:  # [experts, rows, cols]: one per expert
+            n_exp, rows, cols = shape
+            each = size // n_exp if n_exp else 0
+            for e in range(n_exp):
+                state[f"model.layers.{m.group(1)}.mlp.experts.{e}.{GGUF_EXPERTS[m.group(2)]}.weight"] = Tensor(
+                    dtype, (rows, cols), data[e * each:(e + 1) * each], f"{path}:{name}[{e}]")
+        elif m and m.group(2) in GGUF_LAYER_NAMES:
+            t = Tensor(dtype, shape, data, f"{path}:{name}")
+            if arch == "llama" and m.group(2) in ("attn_q", "attn_k") and len(shape) == 2:
+                t = unpermute_rows(t, n_head if m.group(2) == "attn_q" else n_head_kv, path, name)
+            state[f"model.layers.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}.weight"] = t
+        else:
+            fail(f"{path}: GGUF tensor {name} ({arch}) is not one of a MiniMind model's")
+
+    config = {"model_type": f"gguf-{arch}", "num_attention_heads": n_head, "num_key_value_heads": n_head_kv}
+    for k, ck in (("attention.key_length", "head_dim"), ("context_length", "max_position_embeddings"),
+                  ("attention.layer_norm_rms_epsilon", "rms_norm_eps"), ("rope.freq_base", "rope_theta"),
+                  ("expert_used_count", "num_experts_per_tok"), ("expert_weights_norm", "norm_topk_prob")):
+        if key(k) is not None:
+            config[ck] = key(k)
+    kind = key("rope.scaling.type")
+    if kind not in (None, "none"):
+        rs = {"rope_type": kind}
+        for k, ck in (("rope.scaling.factor", "factor"),
+                      ("rope.scaling.original_context_length", "original_max_position_embeddings"),
+                      ("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow"),
+                      ("rope.scaling.attn_factor", "attention_factor")):
+            if key(k) is not None:
+                rs[ck] = key(k)
+        config["rope_scaling"] = rs
+    return state, config, gguf_tokenizer(meta, path)
+
+
+def unpermute_rows(t, n_head, path, name):
+    """llama.cpp's converter interleaves the two halves of each head's q and k rows for its RoPE
+    (row h*hd + j*hd/2 + i becomes row h*hd + 2i + j): the inverse, whole rows moved (any dtype)"""
+    rows = t.shape[0]
+    if n_head <= 0 or rows % (2 * n_head):
+        fail(f"{path}: {name} has {rows} rows, not {n_head} heads of an even head_dim")
+    hd = rows // n_head
+    row_bytes = len(t.data) // rows
+    out = bytearray(len(t.data))
+    for h in range(n_head):
+        for j in range(2):
+            for i in range(hd // 2):
+                src, dst = h * hd + 2 * i + j, h * hd + j * (hd // 2) + i
+                out[dst * row_bytes:(dst + 1) * row_bytes] = t.data[src * row_bytes:(src + 1) * row_bytes]
+    return Tensor(t.dtype, t.shape, bytes(out), t.source)
+
+
+def gguf_tokenizer(meta, path):
+    """tokenizer.ggml.* as (tokenizer.json, tokenizer_config.json) dicts: byte-level BPE (model gpt2)
+    tokens, merges and token types (3: control, a special token; 4: user-defined, an added one)"""
+    model = meta.get("tokenizer.ggml.model")
+    tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
+    if model is None or tokens is None:
+        return None
+    if model != "gpt2":
+        fail(f"{path}: GGUF tokenizer model {model!r}; MiniMind's is byte-level BPE (gpt2)")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        fail(f"{path}: tokenizer.ggml.tokens is not a list of strings")
+    if not isinstance(types, list) or len(types) != len(tokens):
+        types = [1] * len(tokens)
+    vocab, added = {}, []
+    for i, (t, kind) in enumerate(zip(tokens, types)):
+        if kind in (3, 4):
+            added.append({"id": i, "content": t, "special": kind == 3})
+        else:
+            vocab.setdefault(t, i)
+    merges = meta.get("tokenizer.ggml.merges") or []
+    tok = {"model": {"type": "BPE", "vocab": vocab, "merges": merges}, "added_tokens": added}
+    tcfg = {"chat_template": meta.get("tokenizer.chat_template") or ""}
+    for k, ck in (("bos", "bos_token"), ("eos", "eos_token"), ("padding", "pad_token")):
+        i = meta.get(f"tokenizer.ggml.{k}_token_id")
+        if isinstance(i, int) and 0 <= i < len(tokens):
+            tcfg[ck] = tokens[i]
+    return tok, tcfg
+
+
+# ----------------------------------------------------------------------------------------------
 # Finding the checkpoint's files and config
 
 def read_json(path, what):
@@ -341,11 +569,21 @@ def read_state_file(path):
     fail(f"{path}: neither a torch.save zip archive nor a .safetensors file")
 
 
-def load_checkpoint(path, config_path):
-    """Returns (state dict {name: Tensor}, config dict or None)."""
+def load_checkpoint(path, config_path, gguf_ok=False):
+    """Returns (state dict {name: Tensor}, config dict or None); a GGUF file (gguf_ok) also its
+    tokenizer: (state, config, tokenizer)."""
     if not os.path.exists(path):
         fail(f"{path}: no such file or folder")
     config = None
+    if not os.path.isdir(path):
+        with open(path, "rb") as f:
+            is_gguf = f.read(4) == b"GGUF"
+        if is_gguf and not gguf_ok:
+            fail(f"{path}: a GGUF file, which is a checkpoint to export, not a LoRA file")
+        if is_gguf:
+            if config_path is not None:
+                fail(f"{path}: a GGUF file carries its own config; --config does not apply")
+            return read_gguf(path)
     if os.path.isdir(path):
         folder = path
         files = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
@@ -678,6 +916,28 @@ def encode(values, dtype, shape, name):
     return bytes(out)
 
 
+def q8_panels(blocks, shape):
+    """GGUF Q8_0 blocks (per row: groups of an f16 scale and 32 codes) in model.h's panel layout,
+    the codes and scales as they are"""
+    rows, cols = shape
+    groups = cols // MM_Q8_GROUP
+    row_bytes = groups * Q8_BLOCK
+    out = bytearray()
+    for p0 in range(0, rows, MM_Q8_PANEL):
+        codes = bytearray(MM_Q8_PANEL * cols)  # [cols/4][16][4]; rows past the end stay zero
+        scales = bytearray(2 * groups * MM_Q8_PANEL)  # [groups][16] f16
+        for i in range(min(MM_Q8_PANEL, rows - p0)):
+            row = blocks[(p0 + i) * row_bytes:(p0 + i + 1) * row_bytes]
+            q = b"".join(row[g * Q8_BLOCK + 2:(g + 1) * Q8_BLOCK] for g in range(groups))
+            for j in range(4):
+                codes[4 * i + j::4 * MM_Q8_PANEL] = q[j::4]
+            for g in range(groups):
+                at = 2 * (g * MM_Q8_PANEL + i)
+                scales[at:at + 2] = row[g * Q8_BLOCK:g * Q8_BLOCK + 2]
+        out += codes + scales
+    return bytes(out)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizer: tokenizer.json (+ tokenizer_config.json) -> the tokenizer block
 
@@ -699,6 +959,12 @@ def load_tokenizer(path, vocab_size):
     cfg_path = os.path.join(os.path.dirname(tok_path), "tokenizer_config.json")
     tok = read_json(tok_path, "tokenizer")
     tcfg = read_json(cfg_path, "tokenizer config") if os.path.exists(cfg_path) else {}
+    return tokenizer_block(tok, tcfg, tok_path, cfg_path, vocab_size)
+
+
+def tokenizer_block(tok, tcfg, tok_path, cfg_path, vocab_size):
+    """tokenizer.json's and tokenizer_config.json's contents (tok_path, cfg_path name them in
+    errors) as the model file's tokenizer block and the header's token ids and chat template"""
     if not isinstance(tcfg, dict):
         fail(f"{cfg_path}: tokenizer config is not a JSON object")
     model = tok.get("model") if isinstance(tok, dict) else None
@@ -797,7 +1063,8 @@ def export(args):
         fail(f"{args.out}: no folder {out_dir} to write it in")
     if not os.access(out_dir, os.W_OK):
         fail(f"{args.out}: cannot write in {out_dir}")
-    state, config = load_checkpoint(args.checkpoint, args.config)
+    state, config, *embedded = load_checkpoint(args.checkpoint, args.config, gguf_ok=True)
+    embedded_tokenizer = embedded[0] if embedded else None  # (a GGUF file's)
     c = infer_config(state, config, args.n_heads, args.checkpoint)
     table = expected_tensors(c)
     expected_names = {n for n, _ in table}
@@ -811,21 +1078,33 @@ def export(args):
     if extra:
         fail(f"{args.checkpoint}: unexpected tensors for this architecture: {', '.join(extra[:5])}")
 
-    # everything as f32 values first: LoRA merges in f32, then one encoding for all matrices
-    weights = {n: {"shape": state[n].shape, "values": state[n].floats()} for n, _ in table}
+    # everything as f32 values first: LoRA merges in f32, then one encoding for all matrices; but
+    # q8_0 weights (a GGUF's) exported as q8_0 keep their codes and scales as they are
+    def kept_q8(t):
+        return t.dtype == "q8_0" and args.dtype == "q8_0" and not args.lora
+
+    weights = {n: {"shape": state[n].shape, "values": None if kept_q8(state[n]) else state[n].floats()}
+               for n, _ in table}
     tied = True
     if "lm_head.weight" in state:
-        head = state["lm_head.weight"]
+        head, embed = state["lm_head.weight"], state["model.embed_tokens.weight"]
         if head.shape != (c["vocab_size"], c["dim"]):
             fail(f"{args.checkpoint}: lm_head.weight has shape {list(head.shape)}, "
                  f"expected {[c['vocab_size'], c['dim']]}")
-        if head.floats() != weights["model.embed_tokens.weight"]["values"]:
+        same = head.data == embed.data if head.dtype == embed.dtype else \
+            head.floats() == weights["model.embed_tokens.weight"]["values"]
+        if not same:
             tied = False
-            weights["lm_head.weight"] = {"shape": head.shape, "values": head.floats()}
+            weights["lm_head.weight"] = {"shape": head.shape, "values": None if kept_q8(head) else head.floats()}
             table.append(("lm_head.weight", head.shape))
     n_lora = merge_lora(weights, args.lora) if args.lora else 0
 
-    tok_block, tok_info, n_tok, n_merges = load_tokenizer(tokenizer_path(args), c["vocab_size"])
+    if args.tokenizer or not embedded_tokenizer:
+        tok_block, tok_info, n_tok, n_merges = load_tokenizer(tokenizer_path(args), c["vocab_size"])
+    else:
+        tok_block, tok_info, n_tok, n_merges = tokenizer_block(
+            *embedded_tokenizer, f"{args.checkpoint} (tokenizer.ggml)", f"{args.checkpoint} (tokenizer.ggml)",
+            c["vocab_size"])
     c.update(tok_info)
     flags = (FLAG_QK_NORM if c["generation"] == GEN_MINIMIND3 else 0) | \
         (FLAG_TIED_EMBED if tied else 0) | (FLAG_MOE if c["n_experts"] else 0)
@@ -840,7 +1119,11 @@ def export(args):
         elif dtype == "q8_0" and shape[1] % MM_Q8_GROUP:
             notes.append(f"{name}: {shape[1]} columns is not a multiple of {MM_Q8_GROUP}, kept f32")
             dtype = "f32"
-        data = encode(weights[name]["values"], dtype, shape, name)
+        if weights[name]["values"] is None and dtype == "q8_0":
+            data = q8_panels(state[name].data, shape)
+        else:
+            values = weights[name]["values"]
+            data = encode(values if values is not None else state[name].floats(), dtype, shape, name)
         entries.append((name, DTYPES[dtype], shape, offset, len(data)))
         blobs.append((offset, data))
         offset = align(offset + len(data))
@@ -891,10 +1174,10 @@ def export(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Convert a MiniMind checkpoint to a minimind.c model file.")
-    ap.add_argument("checkpoint", help=".pth, *_resume.pth, .safetensors, or a transformers folder")
+    ap.add_argument("checkpoint", help=".pth, *_resume.pth, .safetensors, .gguf, or a transformers folder")
     ap.add_argument("out", help="output model file")
-    ap.add_argument("--tokenizer", help="tokenizer.json or a folder holding it (default: the one in a "
-                    "transformers folder given as the checkpoint, or beside the checkpoint file)")
+    ap.add_argument("--tokenizer", help="tokenizer.json or a folder holding it (default: a GGUF's own, the one in "
+                    "a transformers folder given as the checkpoint, or beside the checkpoint file)")
     ap.add_argument("--dtype", default="f32", choices=sorted(DTYPES), help="matrix weight type (default f32)")
     ap.add_argument("--lora", help="MiniMind LoRA file to merge into the weights")
     ap.add_argument("--config", help="config.json (default: the one beside the checkpoint, if any)")

@@ -127,11 +127,12 @@ _exports = {}
 
 
 def export(checkpoint, out_name, dtype="f32", args=(), tokenizer=None, cwd=FIX):
+    """tokenizer: None, the fixtures' tokenizer; "", the one the checkpoint carries (GGUF)"""
     key = (checkpoint, dtype, tuple(args), tokenizer)
     if key not in _exports:
         out = os.path.join(TMP, out_name)
-        p = subprocess.run(EXPORT + [checkpoint, out, "--tokenizer", tokenizer or
-                                     os.path.join(FIX, "tokenizer"), "--dtype", dtype] + list(args),
+        tok = [] if tokenizer == "" else ["--tokenizer", tokenizer or os.path.join(FIX, "tokenizer")]
+        p = subprocess.run(EXPORT + [checkpoint, out] + tok + ["--dtype", dtype] + list(args),
                            capture_output=True, text=True, cwd=cwd)
         if p.returncode != 0:
             raise RuntimeError(f"export of {checkpoint} failed: {p.stderr.strip()}")
@@ -255,10 +256,8 @@ def conformance_tests(binary):
         def _():
             with open(os.path.join(folder, "expected.json")) as f:
                 exp = json.load(f)
-            if exp["checkpoint"].endswith(".gguf"):
-                return None, "GGUF files are not read yet (export.py reads safetensors, .pth, transformers)"
-            tok = os.path.normpath(os.path.join(folder, exp["tokenizer"]))
-            if not os.path.isdir(tok):
+            tok = "" if exp["tokenizer"] is None else os.path.normpath(os.path.join(folder, exp["tokenizer"]))
+            if tok and not os.path.isdir(tok):  # ("": the checkpoint's own, a GGUF's)
                 return None, f"tokenizer {tok} absent"
             model = export(os.path.normpath(os.path.join(folder, exp["checkpoint"])),
                            f"conf_{case}.bin", exp["export_dtype"], tokenizer=tok)
@@ -275,6 +274,36 @@ def conformance_tests(binary):
                 return False, f"{len(out) // V} rows, expected {len(ids)}"
             d = rel_diff(out, read_f32(os.path.join(folder, "logits.f32")), rows, V)
             return d < exp["tolerance"], f"rel {d:.2e} < {exp['tolerance']:g}"
+
+
+    for case in sorted(os.listdir(interop)) if os.path.isdir(interop) else []:
+        exp_path = os.path.join(interop, case, "expected.json")
+        if not os.path.isfile(exp_path):
+            continue
+        with open(exp_path) as f:
+            exp = json.load(f)
+        if exp.get("tokenizer") is not None or not exp["checkpoint"].endswith(".gguf"):
+            continue
+        twin = exp.get("note", "").split(" ")[0]  # the conformance case whose weights it has
+
+        @test(f"{tag}: interop {case}: the GGUF's own tokenizer == {twin}'s tokenizer.json (ids, bos/eos/pad, template)")
+        def _():
+            with open(os.path.join(conf, twin, "expected.json")) as f:
+                twin_exp = json.load(f)
+            twin_folder = os.path.join(conf, twin)
+            ours = export(os.path.join(interop, case, exp["checkpoint"]), f"conf_{case}.bin", exp["export_dtype"],
+                          tokenizer="")
+            theirs = export(os.path.join(twin_folder, twin_exp["checkpoint"]), f"conf_{twin}.bin",
+                            twin_exp["export_dtype"], tokenizer=os.path.normpath(os.path.join(twin_folder,
+                                                                                              twin_exp["tokenizer"])))
+            text = "<|im_start|>user\n你好，世界! Hello — 🙂 tabs\tand  spaces<|im_end|>\n<think>x</think>"
+            a, b = (run([binary, m, "-m", "tokenize", "-i", text]) for m in (ours, theirs))
+            fields = ("bos_id", "eos_id", "pad_id", "chat_template")
+            ha, hb = (HDR.unpack_from(open(m, "rb").read(), 0) for m in (ours, theirs))
+            same_hdr = all(ha[F[k]] == hb[F[k]] for k in fields)
+            ok = a.returncode == 0 and a.stdout == b.stdout and len(a.stdout.split()) > 5 and same_hdr
+            return ok, (f"{len(a.stdout.split())} ids alike; " if a.stdout == b.stdout else "ids differ; ") + \
+                ", ".join(f"{k} {ha[F[k]]}/{hb[F[k]]}" for k in fields)
 
 
 # ----------------------------------------------------------------------------------------------
