@@ -1,7 +1,8 @@
 """export.py on corrupted inputs (Python standard library only; run_tests.py runs it).
 
 Valid inputs made hostile: a .pth (tests/fixtures/m2_dense.pth), a small safetensors checkpoint
-(written here, dim 8) and the fixture tokenizer.json / tokenizer_config.json, each truncated,
+(written here, dim 8), a GGUF file (tests/fixtures/gguf/m3_moe.q8_0.gguf) and the fixture
+tokenizer.json / tokenizer_config.json, each truncated,
 with flipped bytes, with oversized lengths, with wrong JSON types, and pickles that name other
 globals or try to run code. Each export must either succeed with a whole model file, or fail
 with one line "export.py: error: ..." and exit status 1: never a Python traceback, never code
@@ -215,6 +216,38 @@ def safetensors_mutations(rng):
     return [(label, {"model.safetensors": d}) for label, d in cases]
 
 
+def gguf_mutations(rng):
+    """tests/fixtures/gguf/m3_moe.q8_0.gguf (qwen3moe, Q8_0): truncated, flipped bytes in its counts
+    and tensor infos, and fields set to what this reader refuses"""
+    with open(os.path.join(FIX, "gguf", "m3_moe.q8_0.gguf"), "rb") as f:
+        g = f.read()
+    infos = g.index(b"token_embd.weight") - 8  # (the tensor infos follow the metadata)
+
+    def at(offset, fmt, value):
+        b = bytearray(g)
+        struct.pack_into(fmt, b, offset, value)
+        return bytes(b)
+
+    def info_field(tensor, skip, fmt, value):  # a field of a tensor's info: skip bytes after its name
+        return at(g.index(tensor.encode()) + len(tensor) + skip, fmt, value)
+
+    cases = [("gguf truncated", d) for d in truncations(g, 6)]
+    cases += [("gguf count bit flip", d) for d in flips(g, rng, 8, 4, 24)]
+    cases += [("gguf tensor info bit flip", d) for d in flips(g, rng, 16, infos, infos + 1200)]
+    cases += [
+        ("gguf version 99", at(4, "<I", 99)),
+        ("gguf 2^63 tensors", at(8, "<Q", 2**63)),
+        ("gguf 2^63 metadata keys", at(16, "<Q", 2**63)),
+        ("gguf tensor of 9 dims", info_field("token_embd.weight", 0, "<I", 9)),
+        ("gguf tensor type Q4_0", info_field("blk.0.attn_q.weight", 4 + 16, "<I", 2)),
+        ("gguf tensor type 999", info_field("blk.0.attn_v.weight", 4 + 16, "<I", 999)),
+        ("gguf tensor offset 2^62", info_field("output_norm.weight", 4 + 8 + 4, "<Q", 2**62)),
+        ("gguf tensor dims 2^40", info_field("blk.1.ffn_norm.weight", 4, "<Q", 2**40)),
+        ("gguf architecture gemma", g.replace(b"qwen3moe", b"gemma3xx", 1)),
+    ]
+    return [(label, {"model.gguf": d}) for label, d in cases]
+
+
 def tokenizer_mutations(rng):
     tok = open(os.path.join(FIX, "tokenizer", "tokenizer.json"), "rb").read()
     cfg = open(os.path.join(FIX, "tokenizer", "tokenizer_config.json"), "rb").read()
@@ -269,8 +302,8 @@ def config_mutations():
 
 def cases(marker):
     rng = random.Random(6)
-    return (pth_mutations(rng, marker) + safetensors_mutations(rng) + tokenizer_mutations(rng) +
-            config_mutations())
+    return (pth_mutations(rng, marker) + safetensors_mutations(rng) + gguf_mutations(rng) +
+            tokenizer_mutations(rng) + config_mutations())
 
 
 def run_case(files, work):

@@ -179,6 +179,30 @@ def parity_tests(binary, cases):
                 return d < TOL[dtype], f"rel {d:.2e} < {TOL[dtype]:g}"
 
 
+def gguf_cases():
+    """tests/fixtures/gguf/cases.json (tests/gen_gguf_fixtures.py): GGUF files of fixture cases, each
+    checked with llama.cpp when it was written"""
+    with open(os.path.join(FIX, "gguf", "cases.json")) as f:
+        return json.load(f)["cases"]
+
+
+def gguf_parity_tests(binary, cases):
+    tag = os.path.basename(binary)
+    for g in gguf_cases():
+        c = next(x for x in cases if x["name"] == g["twin"])
+
+        @test(f"{tag}: parity {g['gguf']} ({g['arch']}, {g['weights']}; llama.cpp: top-1 {g['llama_cpp_top1']}, "
+              f"rel {g['llama_cpp_rel_diff']:.1e}) as {g['export_dtype']}, its own tokenizer, vs {g['twin']}")
+        def _():
+            model = export(os.path.join(FIX, "gguf", g["gguf"]), f"{g['name']}.bin", g["export_dtype"], tokenizer="")
+            out, ref, V = logits(binary, model, c["ids"], c["flags"], g["name"]), read_f32(
+                os.path.join(FIX, c["logits"])), c["vocab"]
+            agree = sum(argmax(out[r * V:(r + 1) * V]) == argmax(ref[i * V:(i + 1) * V]) for i, r in enumerate(c["rows"]))
+            d = rel_diff(out, ref, c["rows"], V)
+            ok = agree == len(c["rows"]) if g["weights"] == "q8_0" else d < TOL[g["weights"]]
+            return ok, f"top-1 agrees on {agree}/{len(c['rows'])} rows, rel {d:.1e}"
+
+
 def consistency_tests(binary, cases):
     tag = os.path.basename(binary)
     for cname in ("m2_moe", "m3_dense", "m3_moe", "m3_untied"):
@@ -1242,6 +1266,32 @@ def q8_0_matrix(data, name):
 
 
 def export_tests():
+    @test("export.py: Q8_0 GGUF weights exported as q8_0 keep their codes and scales (no round trip)")
+    def _():
+        sys.path.insert(0, ROOT)
+        import export as exporter
+        checked = 0
+        for g in gguf_cases():
+            if g["weights"] != "q8_0":
+                continue
+            path = os.path.join(FIX, "gguf", g["gguf"])
+            state = exporter.read_gguf(path)[0]
+            data = open(export(path, f"{g['name']}.bin", "q8_0", tokenizer=""), "rb").read()
+            for name in ("model.layers.0.self_attn.v_proj.weight", "model.layers.1.self_attn.q_proj.weight",
+                         "model.layers.0.mlp.experts.1.down_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+                if name not in state:
+                    continue
+                blocks, rows = state[name].data, q8_0_matrix(data, name)
+                cols = state[name].shape[1]
+                for r, (codes, scales) in enumerate(rows):
+                    for gi, sc in enumerate(scales):
+                        at = (r * (cols // 32) + gi) * 34
+                        if struct.unpack_from("<e", blocks, at)[0] != sc or \
+                                list(struct.unpack_from("32b", blocks, at + 2)) != codes[gi * 32:(gi + 1) * 32]:
+                            return False, f"{g['gguf']} {name} row {r} group {gi} differs"
+                checked += 1
+        return checked >= 4, f"{checked} matrices identical, code for code"
+
     @test("export.py q8_0: every weight is its scale x its code, within half a step; scale = f16(max|w| / 127)")
     def _():
         ckpt = os.path.join(FIX, "m3_untied.safetensors")
@@ -1486,6 +1536,7 @@ def main():
             parity_tests(binary, cases)
             continue
         parity_tests(binary, cases)
+        gguf_parity_tests(binary, cases)
         kernel_tests(binary, cases)
         consistency_tests(binary, cases)
         demo_tests(binary, expected)
