@@ -404,33 +404,59 @@ static void model_free(Model *m) {
  * RoPE settings: the file's config.json values, then the command line's
  * ============================================================================================ */
 
+/* two kinds of scaling more than a model file stores (model.h), from the command line: NTK-aware
+ * (a larger base, theta F^(d/(d-2))) and transformers' dynamic NTK (that for the context's length) */
+enum { ROPE_NTK = MM_ROPE_YARN + 1, ROPE_DYNAMIC };
+
 typedef struct {
-    int scaling;                /* enum mm_rope_scaling */
+    int scaling;                /* enum mm_rope_scaling, ROPE_NTK or ROPE_DYNAMIC */
     float theta;                /* rope_theta, or --rope-base */
-    float factor;               /* s: linear divides positions by it, YaRN slows low frequencies */
-    int orig_ctx;               /* YaRN: original_max_position_embeddings */
+    float factor;               /* F: linear divides positions by it, YaRN slows low frequencies,
+                                 * NTK and dynamic raise the base */
+    int orig_ctx;               /* YaRN and dynamic: original_max_position_embeddings */
     float beta_fast, beta_slow; /* YaRN: ramp ends, in rotations over orig_ctx */
     float attn_factor;          /* YaRN: multiplies cos and sin */
+    int pos_offset;             /* --pos-offset: the first position's number */
+    bool off;                   /* --no-rope: no rotation at all */
 } Rope;
 
-/* inv_freq[i] for i < head_dim/2, computed in fp32 exactly as upstream does. */
-static void rope_inv_freq(float *inv_freq, const Rope *r, int head_dim, int max_seq_len) {
+/* the base NTK scaling turns theta into: theta x F^(d/(d-2)); dynamic, for a context of `window`
+ * tokens past the original context C, theta x (F window / C - (F - 1))^(d/(d-2)) (in double, as
+ * transformers computes it, then rounded to f32) */
+static float rope_theta_scaled(const Rope *r, int head_dim, int window) {
+    double d = head_dim, base = r->theta;
+    if (r->scaling == ROPE_NTK) base *= pow(r->factor, d / (d - 2));
+    if (r->scaling == ROPE_DYNAMIC && window > r->orig_ctx)
+        base *= pow((double)r->factor * window / r->orig_ctx - (r->factor - 1), d / (d - 2));
+    return (float)base;
+}
+
+/* YaRN's ramp for pair i: 0 where a pair turns more than beta_fast times over the original
+ * context (kept), 1 where it turns fewer than beta_slow times (interpolated), linear between */
+static float yarn_ramp(const Rope *r, int i, int head_dim) {
+    /* the pair index at which a frequency makes b rotations over the original context */
+    double ln_theta = log((double)r->theta);
+#define DIM_OF(b) (head_dim * log(r->orig_ctx / ((b) * 2 * 3.14159265358979323846)) / (2 * ln_theta))
+    double low = fmax(floor(DIM_OF((double)r->beta_fast)), 0.0);
+    double high = fmin(ceil(DIM_OF((double)r->beta_slow)), (double)(head_dim / 2 - 1));
+#undef DIM_OF
+    float span = (float)fmax(high - low, 0.001);
+    float ramp = ((float)i - (float)low) / span;
+    return ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+}
+
+/* inv_freq[i] for i < head_dim/2, computed in fp32 exactly as upstream does; window: the context's
+ * length (dynamic NTK) */
+static void rope_inv_freq(float *inv_freq, const Rope *r, int head_dim, int max_seq_len, int window) {
     int half = head_dim / 2;
+    float theta = rope_theta_scaled(r, head_dim, window);
     for (int i = 0; i < half; i++)
-        inv_freq[i] = 1.0f / powf(r->theta, (float)(2 * i) / (float)head_dim);
+        inv_freq[i] = 1.0f / powf(theta, (float)(2 * i) / (float)head_dim);
     if (r->scaling == MM_ROPE_LINEAR) {
         for (int i = 0; i < half; i++) inv_freq[i] /= r->factor;
     } else if (r->scaling == MM_ROPE_YARN && (double)max_seq_len / r->orig_ctx > 1.0) {
-        /* the pair index at which a frequency makes b rotations over the original context */
-        double ln_theta = log((double)r->theta);
-#define DIM_OF(b) (head_dim * log(r->orig_ctx / ((b) * 2 * 3.14159265358979323846)) / (2 * ln_theta))
-        double low = fmax(floor(DIM_OF((double)r->beta_fast)), 0.0);
-        double high = fmin(ceil(DIM_OF((double)r->beta_slow)), (double)(half - 1));
-#undef DIM_OF
-        float span = (float)fmax(high - low, 0.001);
         for (int i = 0; i < half; i++) {
-            float ramp = ((float)i - (float)low) / span;
-            ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+            float ramp = yarn_ramp(r, i, head_dim);
             inv_freq[i] = inv_freq[i] * ((1.0f - ramp) + ramp / r->factor);
         }
     }
@@ -458,6 +484,8 @@ typedef struct {
     float *moe_w;               /* [max_tokens] and the weight each gives the expert */
     float *inv_freq;            /* [head_dim / 2] RoPE's frequencies */
     float attn_factor;          /* YaRN's factor on cos and sin, else 1 */
+    int pos_offset;             /* RoPE's position of cache position 0 (--pos-offset) */
+    bool rope_off;              /* --no-rope */
     float *cos, *sin;           /* [max_tokens, head_dim / 2] the rotation of each token's position */
     float *logits;              /* [max_tokens, vocab] */
     int kv_dtype;               /* the KV cache: MM_F32, or MM_F16 (--kv f16) */
@@ -540,8 +568,9 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
     s->bytes += kv_bytes;
     if (counting) return;
     kernel_scratch_init(&s->ks, scratch, max_tokens, (int)max_cols, group, (int)hd, (int)nt);
-    rope_inv_freq(s->inv_freq, rope, (int)hd, (int)h->max_seq_len);
+    rope_inv_freq(s->inv_freq, rope, (int)hd, (int)h->max_seq_len, ctx);
     s->attn_factor = rope->scaling == MM_ROPE_YARN ? rope->attn_factor : 1.0f;
+    s->pos_offset = rope->pos_offset, s->rope_off = rope->off;
     s->kv_cache = alloc_kv(kv_bytes, &s->kv_map, &s->kv_map_bytes);  /* mapped, not written */
 }
 
@@ -1244,7 +1273,7 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
     for (int t = 0; t < n; t++) {  /* each token's embedding, and the rotation of its position */
         memcpy(s->x + (size_t)t * dim, matrix_row(&m->embed, tokens[t], s->row_buf),
                (size_t)dim * sizeof(float));
-        rope_angles(s->cos + (size_t)t * half, s->sin + (size_t)t * half, s, pos0 + t, half);
+        rope_angles(s->cos + (size_t)t * half, s->sin + (size_t)t * half, s, s->pos_offset + pos0 + t, half);
     }
     for (uint32_t l = 0; l < h->n_layers; l++) {
         const Layer *L = &m->layers[l];
@@ -1259,12 +1288,12 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
             for (int i = 0; i < n_heads; i++) {
                 float *q = s->q + (size_t)t * q_dim + (size_t)i * hd;
                 if (L->q_norm) rmsnorm(q, q, L->q_norm, hd, eps);
-                rope_rotate(q, cos_t, sin_t, half);
+                if (!s->rope_off) rope_rotate(q, cos_t, sin_t, half);
             }
             for (int g = 0; g < n_kv_heads; g++) {
                 float *k = s->k + (size_t)t * kv_dim + (size_t)g * hd;
                 if (L->k_norm) rmsnorm(k, k, L->k_norm, hd, eps);
-                rope_rotate(k, cos_t, sin_t, half);
+                if (!s->rope_off) rope_rotate(k, cos_t, sin_t, half);
                 cache_store(&cache, g, pos0 + t, k, s->v + (size_t)t * kv_dim + (size_t)g * hd);
             }
         }
@@ -1345,6 +1374,8 @@ typedef struct {
     double nll;         /* summed over every scored position so far */
     long count, total;  /* positions scored so far, and in the whole run */
     int reported;       /* tenths of the run already reported on stderr */
+    double *pos_nll;    /* --per-position: [window] the NLL summed at each position, or NULL */
+    long *pos_count;    /* [window] positions scored there */
 } PplSum;
 
 static void add_nll(const float *logits, int t, void *ctx) {
@@ -1355,8 +1386,10 @@ static void add_nll(const float *logits, int t, void *ctx) {
     for (int i = 1; i < p->vocab; i++) max = logits[i] > max ? logits[i] : max;
     double sum = 0;
     for (int i = 0; i < p->vocab; i++) sum += exp((double)logits[i] - max);
-    p->nll += log(sum) + max - logits[p->tokens[t + 1]];
+    double nll = log(sum) + max - logits[p->tokens[t + 1]];
+    p->nll += nll;
     p->count++;
+    if (p->pos_nll) p->pos_nll[t] += nll, p->pos_count[t]++;
     if (p->total >= 8192 && p->count * 10 >= (p->reported + 1) * p->total) {  /* long runs: every 10% */
         p->reported = (int)(p->count * 10 / p->total);
         char ppl[32];
@@ -1759,6 +1792,9 @@ typedef struct {
     float rope_base, rope_scale, yarn_beta_fast, yarn_beta_slow, yarn_attn_factor;
     int yarn_orig_ctx;          /* 0 / NAN above: not given */
     int row_bits;               /* --row-bits; 0: as the processor reads fastest */
+    const char *per_position;   /* ppl: --per-position FILE.csv */
+    int pos_offset;             /* --pos-offset K */
+    bool no_rope;               /* --no-rope */
 } Options;
 
 /* how this build runs threads (--help's last line, --version) */
@@ -1779,7 +1815,8 @@ static const char *kernels_line(void) {
 static void usage(FILE *f) {
     fputs(
 "usage: run MODEL.bin [options]\n"
-"  -m MODE                generate | chat | tokenize | decode | logits | ppl | bench  [generate]\n"
+"  -m MODE                generate | chat | tokenize | decode | logits | ppl | rope | bench\n"
+"                         [generate]\n"
 "  -i TEXT                input text: the prompt (generate), the text (tokenize, logits, ppl)\n"
 "  -f FILE                input text read from FILE, byte for byte (-: standard input, which\n"
 "                         is also read when no -i, -f or --ids is given and it is not a terminal)\n"
@@ -1802,6 +1839,8 @@ static void usage(FILE *f) {
 "  --verbose-prompt       chat: print each turn's prompt, as the template renders it, on stderr\n"
 "  --show-tokens          tokenize: one token per line with its text\n"
 "  --csv                  ppl: print context,windows,tokens,nll,ppl as CSV instead\n"
+"  --per-position FILE    ppl: also write position,count,mean_nll, the loss at each position\n"
+"                         of the window over all windows, to FILE (CSV)\n"
 "  -c, --ctx N            context length (KV cache positions)  [the model's max positions];\n"
 "                         ppl: window length  [512, or the model's max if smaller]\n"
 "  --threads N            threads, exactly N (OpenMP builds)  [OMP_NUM_THREADS if set, else\n"
@@ -1814,12 +1853,17 @@ static void usage(FILE *f) {
 "                         512, or 256 (the same results; AVX-512 builds)  [by the processor:\n"
 "                         256 on AMD Zen 4, else 512]\n"
 "  --rope-base F          RoPE theta  [the model's rope_theta]\n"
-"  --rope-scaling S       none | linear | yarn  [the model's config.json, else none]\n"
-"  --rope-scale F         scaling factor  [yarn: 16; linear: required]\n"
-"  --yarn-orig-ctx N      YaRN original context  [2048]\n"
+"  --rope-scaling S       none | linear | yarn | ntk | dynamic  [the model's config.json, else\n"
+"                         none]; ntk: base theta x F^(d/(d-2)); dynamic: that for the context\n"
+"                         (-c) past the original one, theta x (F ctx / C - (F - 1))^(d/(d-2))\n"
+"  --rope-scale F         scaling factor F  [yarn: 16; linear, ntk, dynamic: required]\n"
+"  --yarn-orig-ctx N      original context C (YaRN, dynamic; -m rope's training length)\n"
+"                         [2048]\n"
 "  --yarn-beta-fast F     YaRN high-frequency ramp end, in rotations  [32]\n"
 "  --yarn-beta-slow F     YaRN low-frequency ramp end, in rotations  [1]\n"
 "  --yarn-attn-factor F   YaRN factor on cos and sin  [1.0]\n"
+"  --pos-offset K         number the positions from K instead of 0 (RoPE's angles only)  [0]\n"
+"  --no-rope              no rotation at all: attention without positions (an ablation)\n"
 "  -v, --verbose          print the model's config, timings, per-window ppl, memory (peak\n"
 "                         RSS, model file, KV cache) and threads (what measuring chose) on stderr\n"
 "  --version              the build: its commit, the model file format, kernels and threads\n"
@@ -1827,7 +1871,8 @@ static void usage(FILE *f) {
 "generate feeds <|im_start|> + the text, as MiniMind does for pretrained checkpoints; chat\n"
 "renders each turn with the checkpoint's chat template. YaRN defaults are MiniMind's\n"
 "inference_rope_scaling=True; values from the checkpoint's config.json (stored at export)\n"
-"come next; explicit flags win. bench times a 512-token prompt and -n decoded tokens after\n"
+"come next; explicit flags win. rope prints the frequency of each dimension pair as CSV,\n"
+"and what the scaling makes of it. bench times a 512-token prompt and -n decoded tokens after\n"
 "16, 2048 and 4096 tokens of context on random ids, and prints one CSV row (make bench).\n", f);
     fprintf(f, "this build: kernels %s, %s\n", kernels_line(), BUILD_THREADS);
 }
@@ -1850,13 +1895,14 @@ static float parse_float(const char *flag, const char *v, float lo, float hi) {
     return x;
 }
 
-static const char *MODES[] = {"generate", "chat", "tokenize", "decode", "logits", "ppl", "bench"};
+static const char *MODES[] = {"generate", "chat", "tokenize", "decode", "logits", "ppl", "rope", "bench"};
 
 /* the options that take a value (parse_args) */
 static const char *VALUE_FLAGS[] = {
     "-m", "-i", "-f", "--ids", "-o", "-n", "-t", "-p", "-k", "--repeat-penalty", "-s", "-y", "-c", "--ctx",
     "--threads", "--batch", "--rope-base", "--kv", "--rope-scaling", "--rope-scale", "--yarn-orig-ctx",
-    "--yarn-beta-fast", "--yarn-beta-slow", "--yarn-attn-factor", "--history", "--row-bits"};
+    "--yarn-beta-fast", "--yarn-beta-slow", "--yarn-attn-factor", "--history", "--row-bits", "--per-position",
+    "--pos-offset"};
 
 #ifndef MINIMIND_VERSION
 #define MINIMIND_VERSION "unknown"  /* the Makefile gives the git commit */
@@ -1891,6 +1937,7 @@ static void parse_args(Options *o, int argc, char **argv) {
         if (!strcmp(a, "--think")) { o->think = true; continue; }
         if (!strcmp(a, "--show-tokens")) { o->show_tokens = true; continue; }
         if (!strcmp(a, "--csv")) { o->csv = true; continue; }
+        if (!strcmp(a, "--no-rope")) { o->no_rope = true; continue; }
         if (!strcmp(a, "--verbose-prompt")) { o->verbose_prompt = true; continue; }
         if (a[0] != '-' || a[1] == 0) {
             if (o->model_path) die("unexpected argument '%s' (the model file is '%s')", a, o->model_path);
@@ -1926,6 +1973,8 @@ static void parse_args(Options *o, int argc, char **argv) {
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) o->ctx = (int)parse_int(a, v, 1, 1 << 24);
         else if (!strcmp(a, "--threads")) o->threads = (int)parse_int(a, v, 1, 1024);
         else if (!strcmp(a, "--row-bits")) o->row_bits = (int)parse_int(a, v, 128, 512);
+        else if (!strcmp(a, "--per-position")) o->per_position = v;
+        else if (!strcmp(a, "--pos-offset")) o->pos_offset = (int)parse_int(a, v, 0, 1 << 30);
         else if (!strcmp(a, "--batch")) o->batch = (int)parse_int(a, v, 1, 4096);
         else if (!strcmp(a, "--rope-base")) o->rope_base = parse_float(a, v, 1.0001f, 1e30f);
         else if (!strcmp(a, "--kv")) {
@@ -1933,8 +1982,9 @@ static void parse_args(Options *o, int argc, char **argv) {
             o->kv = v;
         }
         else if (!strcmp(a, "--rope-scaling")) {
-            if (strcmp(v, "none") && strcmp(v, "linear") && strcmp(v, "yarn"))
-                die("--rope-scaling expects none, linear or yarn, got '%s'", v);
+            if (strcmp(v, "none") && strcmp(v, "linear") && strcmp(v, "yarn") && strcmp(v, "ntk") &&
+                strcmp(v, "dynamic"))
+                die("--rope-scaling expects none, linear, yarn, ntk or dynamic, got '%s'", v);
             o->rope_scaling = v;
         }
         else if (!strcmp(a, "--rope-scale")) o->rope_scale = parse_float(a, v, 1e-3f, 1e6f);
@@ -1947,7 +1997,7 @@ static void parse_args(Options *o, int argc, char **argv) {
     if (!o->model_path) { usage(stderr); die("no model file given"); }
     bool known = false;
     for (size_t i = 0; i < sizeof MODES / sizeof MODES[0]; i++) known |= !strcmp(o->mode, MODES[i]);
-    if (!known) die("-m expects generate, chat, tokenize, decode, logits, ppl or bench, got '%s'", o->mode);
+    if (!known) die("-m expects generate, chat, tokenize, decode, logits, ppl, rope or bench, got '%s'", o->mode);
     if (o->text && o->text_file) die("give the input text with -i or -f, not both");
     bool chat = !strcmp(o->mode, "chat");  /* flags of chat alone, and flags chat has no use for */
     if (chat && (o->text || o->text_file || o->ids_arg))
@@ -1956,6 +2006,15 @@ static void parse_args(Options *o, int argc, char **argv) {
     const char *chat_flag = o->system ? "-y" : o->think ? "--think" : o->history >= 0 ? "--history"
                           : o->verbose_prompt ? "--verbose-prompt" : NULL;
     if (!chat && chat_flag) die("%s applies to -m chat only", chat_flag);
+    if (o->per_position && strcmp(o->mode, "ppl")) die("--per-position applies to -m ppl only");
+    bool runs_model = strcmp(o->mode, "tokenize") && strcmp(o->mode, "decode") && strcmp(o->mode, "rope") &&
+                      strcmp(o->mode, "bench");
+    if (!runs_model && (o->pos_offset || o->no_rope))
+        die("%s applies to the modes that run the model (generate, chat, logits, ppl), not -m %s",
+            o->pos_offset ? "--pos-offset" : "--no-rope", o->mode);
+    if (o->no_rope && (o->pos_offset || o->rope_scaling || !isnan(o->rope_base) || !isnan(o->rope_scale)))
+        die("--no-rope turns RoPE off; %s has nothing to apply to", o->pos_offset ? "--pos-offset"
+            : o->rope_scaling ? "--rope-scaling" : !isnan(o->rope_base) ? "--rope-base" : "--rope-scale");
     if (o->row_bits && reference_kernels) die("--row-bits applies to the fast kernels, not --ref-kernels");
     int widths[2], n_widths = kernel_row_widths(widths);
     if (o->row_bits && !n_widths) die("--row-bits applies to the fast kernels, which this build has not");
@@ -1976,7 +2035,9 @@ static Rope rope_from(const mm_header *h, const Options *o) {
               .beta_slow = h->yarn_beta_slow, .attn_factor = h->yarn_attn_factor};
     if (o->rope_scaling) {
         int want = !strcmp(o->rope_scaling, "yarn") ? MM_ROPE_YARN
-                 : !strcmp(o->rope_scaling, "linear") ? MM_ROPE_LINEAR : MM_ROPE_NONE;
+                 : !strcmp(o->rope_scaling, "linear") ? MM_ROPE_LINEAR
+                 : !strcmp(o->rope_scaling, "ntk") ? ROPE_NTK
+                 : !strcmp(o->rope_scaling, "dynamic") ? ROPE_DYNAMIC : MM_ROPE_NONE;
         if (want != r.scaling) {
             r.scaling = want;
             r.factor = want == MM_ROPE_YARN ? 16.0f : NAN;
@@ -1992,19 +2053,53 @@ static Rope rope_from(const mm_header *h, const Options *o) {
     if (!isnan(o->yarn_beta_fast)) r.beta_fast = o->yarn_beta_fast;
     if (!isnan(o->yarn_beta_slow)) r.beta_slow = o->yarn_beta_slow;
     if (!isnan(o->yarn_attn_factor)) r.attn_factor = o->yarn_attn_factor;
-    if (r.scaling == MM_ROPE_LINEAR && !(r.factor > 0)) die("--rope-scaling linear needs --rope-scale F");
-    const char *yarn_flag = o->yarn_orig_ctx                ? "--yarn-orig-ctx"
+    r.pos_offset = o->pos_offset, r.off = o->no_rope;
+    if ((r.scaling == MM_ROPE_LINEAR || r.scaling == ROPE_NTK || r.scaling == ROPE_DYNAMIC) && !(r.factor > 0))
+        die("--rope-scaling %s needs --rope-scale F", o->rope_scaling);
+    /* --yarn-orig-ctx is also dynamic's original context, and the length -m rope counts rotations in */
+    bool orig_ctx_applies = r.scaling == MM_ROPE_YARN || r.scaling == ROPE_DYNAMIC || !strcmp(o->mode, "rope");
+    const char *yarn_flag = o->yarn_orig_ctx && !orig_ctx_applies ? "--yarn-orig-ctx"
                           : !isnan(o->yarn_beta_fast)   ? "--yarn-beta-fast"
                           : !isnan(o->yarn_beta_slow)   ? "--yarn-beta-slow"
                           : !isnan(o->yarn_attn_factor) ? "--yarn-attn-factor" : NULL;
     if (r.scaling == MM_ROPE_NONE && !isnan(o->rope_scale))
-        die("--rope-scale applies with --rope-scaling linear or yarn (this model's config has no scaling)");
+        die("--rope-scale applies with --rope-scaling linear, yarn, ntk or dynamic (this model's config has "
+            "no scaling)");
     if (r.scaling != MM_ROPE_YARN && yarn_flag)
-        die("%s applies with --rope-scaling yarn (%s)", yarn_flag,
+        die("%s applies with --rope-scaling yarn%s (%s)", yarn_flag, o->yarn_orig_ctx ? " or dynamic" : "",
             o->rope_scaling ? "not with the --rope-scaling given" : "this model's config has no YaRN");
     if (r.scaling != MM_ROPE_NONE && !(r.orig_ctx >= 1 && r.factor > 0))
         die("model file: rope scaling factor %g / original context %d invalid", r.factor, r.orig_ctx);
     return r;
+}
+
+/* -m rope: one CSV row per dimension pair i: its inverse frequency theta^(-2i/d) (the model's
+ * theta, or --rope-base), wavelength 2 pi / inv_freq in tokens, rotations over the original
+ * context C (what a model trained at C has seen of it); and with the scaling, YaRN's ramp (0:
+ * kept, 1: divided by F), the frequency used for a context of ctx, its wavelength, and the
+ * factor on cos and sin */
+static void print_rope(const mm_header *h, const Rope *r, int ctx) {
+    int hd = (int)h->head_dim, half = hd / 2;
+    static const char *names[] = {"none", "linear", "yarn", "ntk", "dynamic"};
+    Rope plain = *r;
+    plain.scaling = MM_ROPE_NONE;
+    float *base = xcalloc((size_t)half, sizeof(float), "rope"), *used = xcalloc((size_t)half, sizeof(float), "rope");
+    rope_inv_freq(base, &plain, hd, (int)h->max_seq_len, ctx);
+    rope_inv_freq(used, r, hd, (int)h->max_seq_len, ctx);
+    bool yarn = r->scaling == MM_ROPE_YARN && (double)h->max_seq_len / r->orig_ctx > 1.0;
+    fprintf(stderr, "rope: theta %g, head_dim %d, scaling %s (F %g), original context %d, context %d\n", r->theta, hd,
+           names[r->scaling], r->scaling == MM_ROPE_NONE ? 1.0 : r->factor, r->orig_ctx, ctx);
+    printf("pair,inv_freq,wavelength,rotations_in_original_context,ramp,scaled_inv_freq,scaled_wavelength,"
+           "attn_factor\n");
+    const double two_pi = 2 * 3.14159265358979323846;
+    for (int i = 0; i < half; i++) {
+        char ramp[32] = "";
+        if (yarn) snprintf(ramp, sizeof ramp, "%.6f", yarn_ramp(r, i, hd));
+        printf("%d,%.9g,%.6g,%.6g,%s,%.9g,%.6g,%g\n", i, base[i], two_pi / base[i], r->orig_ctx * base[i] / two_pi,
+               ramp, used[i], two_pi / used[i], r->scaling == MM_ROPE_YARN ? r->attn_factor : 1.0);
+    }
+    free(base);
+    free(used);
 }
 
 /* the whole of a file ("-": standard input), NUL-terminated; *len its size */
@@ -2100,6 +2195,11 @@ int main(int argc, char **argv) {
     if (!o.ctx && !strcmp(o.mode, "ppl") && ctx > PPL_WINDOW) ctx = PPL_WINDOW;
     bool generating = !strcmp(o.mode, "generate"), chatting = !strcmp(o.mode, "chat");
     bool benching = !strcmp(o.mode, "bench");
+    if (!strcmp(o.mode, "rope")) {
+        print_rope(h, &rope, ctx);
+        tokenizer_free(&tok); model_free(&m);
+        return 0;
+    }
 
     /* the input: token ids, or text (which generate, logits and ppl start with BOS) */
     size_t text_len = 0;
@@ -2168,7 +2268,7 @@ int main(int argc, char **argv) {
     State s;
     state_init(&s, &m, batch, ctx, &rope, kv_dtype, false);
     if (o.verbose) {
-        static const char *scaling[] = {"none", "linear", "yarn"};
+        static const char *scaling[] = {"none", "linear", "yarn", "ntk", "dynamic"};
         fprintf(stderr, "%s: %s, hidden %u, %u layers, %u/%u heads of %u, %s %u, vocab %u, "
                 "matrices %s\n", o.model_path, h->generation == MM_GEN_MINIMIND3 ? "minimind-3" : "MiniMind2",
                 h->dim, h->n_layers, h->n_heads, h->n_kv_heads, h->head_dim,
@@ -2221,6 +2321,13 @@ int main(int argc, char **argv) {
     } else {
         int n_windows = (n_ids + ctx - 1) / ctx;
         PplSum sum = {.vocab = (int)h->vocab_size, .total = n_ids - n_windows};
+        FILE *per_position = NULL;
+        if (o.per_position) {  /* (opened first: a path that cannot be written fails before the work) */
+            per_position = fopen(o.per_position, "w");
+            if (!per_position) die("%s: cannot open for writing (%s)", o.per_position, strerror(errno));
+            sum.pos_nll = xcalloc((size_t)ctx, sizeof(double), "per-position loss");
+            sum.pos_count = xcalloc((size_t)ctx, sizeof(long), "per-position counts");
+        }
         char ppl_buf[32];
         fprintf(stderr, "ppl: %d tokens in %d window%s of %d, each from position 0%s\n", n_ids, n_windows,
                 n_windows > 1 ? "s" : "", ctx, o.ctx ? "" : " (-c sets the window)");
@@ -2238,6 +2345,15 @@ int main(int argc, char **argv) {
                    sum.nll / sum.count, ppl_text(exp(sum.nll / sum.count), ppl_buf));
         else
             printf("ppl = %s over %ld tokens\n", ppl_text(exp(sum.nll / sum.count), ppl_buf), sum.count);
+        if (per_position) {  /* position t's loss is that of the token at t + 1, predicted there */
+            fprintf(per_position, "position,count,mean_nll\n");
+            for (int t = 0; t < ctx; t++)
+                if (sum.pos_count[t])
+                    fprintf(per_position, "%d,%ld,%.8f\n", t, sum.pos_count[t], sum.pos_nll[t] / sum.pos_count[t]);
+            if (fclose(per_position) != 0) die("%s: write failed (%s)", o.per_position, strerror(errno));
+            free(sum.pos_nll);
+            free(sum.pos_count);
+        }
     }
     if (o.verbose && !generating && !chatting && !benching)
         fprintf(stderr, "%d tokens in %.3f s (%.1f tokens/s)\n", n_ids, now_seconds() - t0,

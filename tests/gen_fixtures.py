@@ -30,8 +30,13 @@ def rmsnorm(x, w, eps):
 
 def inv_freq(cfg, rope):
     hd, theta = cfg["head_dim"], rope.get("theta", cfg["rope_theta"])
-    f = 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))
     kind = rope.get("scaling", "none")
+    if kind == "ntk":  # NTK-aware: a larger base, theta F^(d/(d-2))
+        theta = theta * rope["factor"] ** (hd / (hd - 2))
+    elif kind == "dynamic" and rope["window"] > rope["orig_ctx"]:  # transformers' dynamic NTK, for the window
+        F, L, C = rope["factor"], rope["window"], rope["orig_ctx"]
+        theta = theta * ((F * L / C) - (F - 1)) ** (hd / (hd - 2))
+    f = 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))
     if kind == "linear":
         f = f / rope["factor"]
     elif kind == "yarn":
@@ -66,6 +71,8 @@ def reference_logits(sd, cfg, ids, rope=None):
     angles = torch.outer(torch.arange(T).float(), inv_freq(cfg, rope))  # fp32, as upstream
     attn = rope.get("attn_factor", 1.0) if rope.get("scaling") == "yarn" else 1.0
     cos, sin = torch.cos(angles) * attn, torch.sin(angles) * attn
+    if rope.get("off"):  # no positions at all: every rotation the identity
+        cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
     mask = torch.full((T, T), float("-inf")).triu(1)
     for l in range(cfg["n_layers"]):
         p = lambda n: w[f"model.layers.{l}.{n}"]
@@ -264,9 +271,13 @@ def write_f32(path, t):
 def main():
     torch.manual_seed(0)
     check_spec_vectors()
-    if os.path.exists(OUT):
-        shutil.rmtree(OUT)
-    os.makedirs(OUT)
+    # a clean folder, but for what the other generators write there (gen_text_fixtures.mjs's
+    # text_expected.json, gen_gguf_fixtures.py's gguf/)
+    keep = {"text_expected.json", "gguf"}
+    os.makedirs(OUT, exist_ok=True)
+    for name in set(os.listdir(OUT)) - keep:
+        path = os.path.join(OUT, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     write_tokenizer(os.path.join(OUT, "tokenizer"))
     g = torch.Generator().manual_seed(7)
     ids = lambda n: [1] + torch.randint(3, VOCAB, (n - 1,), generator=g).tolist()
@@ -359,6 +370,18 @@ def main():
     sd = make_state(M3_MOE, 5)
     torch.save({"_orig_mod." + k: v for k, v in sd.items()}, os.path.join(OUT, "m3_moe.pth"))
     case("m3_moe", "m3_moe.pth", M3_MOE, sd, 40, dtypes=("f32", "f16", "q8_0"))
+
+    # NTK-aware and dynamic NTK scaling past 2048 on the dense models' weights (last, so that the
+    # ids of every case before them stay as they were)
+    case("m3_dense_ntk", "m3_dense", M3_DENSE, make_state(M3_DENSE, 3), 2100,
+         flags=("--rope-scaling", "ntk", "--rope-scale", "4"), rope={"scaling": "ntk", "factor": 4.0},
+         rows=[0, 1, 1000, 2047, 2048, 2049, 2099])
+    case("m2_dense_dynamic", "m2_dense.pth", M2_DENSE, make_state(M2_DENSE, 1), 2100,
+         flags=("--rope-scaling", "dynamic", "--rope-scale", "4", "--yarn-orig-ctx", "512", "-c", "2100"),
+         rope={"scaling": "dynamic", "factor": 4.0, "orig_ctx": 512, "window": 2100},
+         rows=[0, 1, 511, 512, 1000, 2047, 2048, 2099])
+    case("m3_dense_no_rope", "m3_dense", M3_DENSE, make_state(M3_DENSE, 3), 24, flags=("--no-rope",),
+         rope={"off": True})
 
     # a minimal model with MiniMind's vocab of 6400, to carry the real tokenizers into a model
     # file for the tokenizer tests (its weights do not matter)

@@ -203,6 +203,68 @@ def gguf_parity_tests(binary, cases):
             return ok, f"top-1 agrees on {agree}/{len(c['rows'])} rows, rel {d:.1e}"
 
 
+def position_tests(binary, cases):
+    """the position-encoding lab: loss by position, the frequency table, positions from an offset"""
+    tag = os.path.basename(binary)
+    c = next(x for x in cases if x["name"] == "m3_dense_yarn")  # 2100 ids
+    model = export(c["checkpoint"], "m3_dense.f32.bin", "f32", c["export_args"])
+
+    @test(f"{tag}: ppl --per-position: counts add up to N and their mean loss is ppl's (3 windows of 700)")
+    def _():
+        csv_path = os.path.join(TMP, "per_position.csv")
+        p = run([binary, model, "-m", "ppl", "--csv", "-c", "700", "--per-position", csv_path, "--ids",
+                 "@" + write_ids(c["ids"])])
+        row = list(csv.DictReader(io.StringIO(p.stdout)))[0]
+        per = list(csv.DictReader(open(csv_path)))
+        n = sum(int(r["count"]) for r in per)
+        mean = sum(int(r["count"]) * float(r["mean_nll"]) for r in per) / n
+        ok = (p.returncode == 0 and n == int(row["tokens"]) and abs(mean / float(row["nll"]) - 1) < 1e-6
+              and [int(r["position"]) for r in per] == list(range(699)) and int(per[0]["count"]) == 3)
+        return ok, f"{len(per)} positions, N {n} vs {row['tokens']}, mean nll {mean:.8f} vs {row['nll']}"
+
+    ids = c["ids"][:24]
+
+    @test(f"{tag}: --pos-offset K: logits equal those at offset 0 up to the f32 rounding of the angles, "
+          f"(K + n) 2^-24 rad")
+    def _():
+        base = logits(binary, model, ids, [], "off0")
+        details = []
+        for k in (1000, 100000):
+            out = logits(binary, model, ids, ["--pos-offset", str(k)], "offk")
+            d = rel_diff(out, base, range(len(ids)), c["vocab"])
+            bound = (k + len(ids)) * 2.0 ** -24
+            details.append(f"K {k}: rel {d:.1e} (bound {bound:.1e})")
+            if not 0 < d <= bound:  # (0: the offset was not applied)
+                return False, "; ".join(details)
+        return True, "; ".join(details)
+
+    @test(f"{tag}: -m rope: inverse frequencies, wavelengths, rotations, YaRN's ramp and NTK's base as defined")
+    def _():
+        hd, theta = 24, 1e6  # (m3_dense's head_dim and rope_theta)
+        worst = 0.0
+        for flags, scaled in ((["--yarn-orig-ctx", "512"], lambda i, f, r: f),
+                              (["--rope-scaling", "yarn", "--rope-scale", "4", "--yarn-orig-ctx", "512"],
+                               lambda i, f, r: f * ((1 - r) + r / 4)),
+                              (["--rope-scaling", "ntk", "--rope-scale", "4"],
+                               lambda i, f, r: 1 / (theta * 4 ** (hd / (hd - 2))) ** (2 * i / hd))):
+            p = run([binary, model, "-m", "rope"] + flags)
+            rows = list(csv.DictReader(io.StringIO(p.stdout)))
+            if p.returncode != 0 or len(rows) != hd // 2:
+                return False, f"{flags}: exit {p.returncode}, {len(rows)} rows: {p.stderr[-200:]}"
+            C = 512 if "--yarn-orig-ctx" in flags else 2048
+            for r in rows:
+                i, f = int(r["pair"]), float(r["inv_freq"])
+                ramp = float(r["ramp"]) if r["ramp"] else 0.0
+                want = [(f, 1 / theta ** (2 * i / hd)), (float(r["wavelength"]), 2 * math.pi / f),
+                        (float(r["rotations_in_original_context"]), C * f / (2 * math.pi)),
+                        (float(r["scaled_inv_freq"]), scaled(i, f, ramp)),
+                        (float(r["scaled_wavelength"]), 2 * math.pi / float(r["scaled_inv_freq"]))]
+                worst = max([worst] + [abs(a / b - 1) for a, b in want])
+            if "yarn" in flags and not (float(rows[0]["ramp"]) == 0 and float(rows[-1]["ramp"]) == 1):
+                return False, "YaRN's ramp does not run from 0 (kept) to 1 (divided by F)"
+        return worst < 1e-5, f"worst relative difference {worst:.1e} over 3 settings"
+
+
 def consistency_tests(binary, cases):
     tag = os.path.basename(binary)
     for cname in ("m2_moe", "m3_dense", "m3_moe", "m3_untied"):
@@ -763,7 +825,7 @@ def cli_tests(binary, cases):
         p = run([binary, "--help"])
         flags = ["-m", "-i", "-f", "-n", "-t", "-p", "-k", "--repeat-penalty", "-s", "-y", "--think",
                  "--show-tokens", "--csv", "--history", "--verbose-prompt", "--ids", "-o", "--ctx", "--threads",
-                 "--batch", "--rope-base", "--ref-kernels", "--row-bits",
+                 "--batch", "--rope-base", "--ref-kernels", "--row-bits", "--per-position", "--pos-offset", "--no-rope",
                  "--rope-scaling", "--rope-scale", "--yarn-orig-ctx", "--yarn-beta-fast",
                  "--yarn-beta-slow", "--yarn-attn-factor", "--verbose", "--version", "--help"]
         missing = [f for f in flags if f not in p.stdout]
@@ -780,7 +842,7 @@ def cli_tests(binary, cases):
         ("threads 0", ok_args + ["--threads", "0"], ["--threads"]),
         ("negative rope base", ok_args + ["--rope-base", "-5"], ["--rope-base"]),
         ("NaN rope scale", ok_args + ["--rope-scale", "nan"], ["--rope-scale"]),
-        ("unknown rope scaling", ok_args + ["--rope-scaling", "ntk"], ["--rope-scaling", "ntk"]),
+        ("unknown rope scaling", ok_args + ["--rope-scaling", "ntk-by-parts"], ["--rope-scaling", "ntk-by-parts"]),
         ("linear scaling without a factor", ok_args + ["--rope-scaling", "linear"], ["--rope-scale"]),
         ("id not a number", [model, "-o", out, "--ids", "1,two,3"], ["--ids", "two"]),
         ("id outside the vocab", [model, "-o", out, "--ids", "1,320"], ["320", "vocab"]),
@@ -804,6 +866,17 @@ def cli_tests(binary, cases):
         ("--history outside chat", [model, "-i", "hello", "--history", "2"], ["--history", "chat"]),
         ("-f on a folder", [model, "-f", TMP], [TMP, "folder"]),
         ("--row-bits not a width", ok_args + ["--row-bits", "384"], ["--row-bits"]),
+        ("--per-position outside ppl", ok_args + ["--per-position", os.path.join(TMP, "x.csv")],
+         ["--per-position", "ppl"]),
+        ("--per-position to a folder that is not there", [model, "-m", "ppl", "--ids", "1,2,3", "--per-position",
+                                                          "/nonexistent/dir/x.csv"], ["/nonexistent/dir/x.csv"]),
+        ("--pos-offset in tokenize", [model, "-m", "tokenize", "-i", "x", "--pos-offset", "5"],
+         ["--pos-offset", "tokenize"]),
+        ("--no-rope with a RoPE scaling", ok_args + ["--no-rope", "--rope-scaling", "yarn"],
+         ["--no-rope", "--rope-scaling"]),
+        ("ntk without a factor", ok_args + ["--rope-scaling", "ntk"], ["ntk", "--rope-scale"]),
+        ("--yarn-beta-fast with dynamic", ok_args + ["--rope-scaling", "dynamic", "--rope-scale", "2",
+                                                     "--yarn-beta-fast", "8"], ["--yarn-beta-fast", "yarn"]),
         ("--row-bits with --ref-kernels", ok_args + ["--ref-kernels", "--row-bits", "256"],
          ["--row-bits", "--ref-kernels"]),
     ]
@@ -1539,6 +1612,7 @@ def main():
         gguf_parity_tests(binary, cases)
         kernel_tests(binary, cases)
         consistency_tests(binary, cases)
+        position_tests(binary, cases)
         demo_tests(binary, expected)
         conformance_tests(binary)
         if driver:  # a build given without a tokenizer driver gets the numerical tests only
