@@ -1232,6 +1232,49 @@ def kernel_tests(binary, cases):
 # ----------------------------------------------------------------------------------------------
 # The shipped demo model (demo/train.py wrote demo/reference.json from PyTorch)
 
+def extrapolate_tests(binary):
+    """demo/extrapolate.py: a small run into its own folder, and its failures one line each"""
+    tag = os.path.basename(binary)
+    script = [sys.executable, os.path.join(ROOT, "demo", "extrapolate.py")]
+    model, text = os.path.join(ROOT, "demo", "model.bin"), os.path.join(ROOT, "demo", "heldout.txt")
+    out = os.path.join(TMP, "extrapolate")
+
+    @test(f"{tag}: demo/extrapolate.py: every method at every context, loss by position at the longest")
+    def _():
+        shutil.rmtree(out, ignore_errors=True)
+        args = [model, text, "--run", binary, "--contexts", "16,64", "--max-tokens", "300", "--bases", "1e7",
+                "--train-len", "16", "--out", out]
+        p = run(script + args)
+        if p.returncode != 0:
+            return False, p.stderr[-300:]
+        table = list(csv.reader(open(os.path.join(out, "extrapolation.csv"))))
+        per = list(csv.DictReader(open(os.path.join(out, "loss_by_position.csv"))))
+        names = [r[0] for r in table[1:]]
+        one = run([binary, model, "-m", "ppl", "-c", "64", "--csv", "-f", text, "--rope-scaling", "none"])
+        files = sorted(os.listdir(out))
+        counts = sum(int(r["count"]) for r in per if r["method"] == "none")
+        ok = (names == ["none", "linear", "yarn", "ntk", "dynamic", "base=1e+07"] and table[0] == ["method", "16", "64"]
+              and {r["method"] for r in per} == set(names) and counts == 299 - 299 // 64 - (299 % 64 > 0)
+              and files == ["extrapolation.csv", "extrapolation.md", "extrapolation.svg", "loss_by_position.csv",
+                            "loss_by_position.svg"] and one.returncode == 0 and "[12/12]" in p.stderr)
+        return ok, f"{names}, {len(per)} per-position rows, none's counts {counts}, files {files}"
+
+    bad = [("a ./run that is not there", ["--run", "/nonexistent/run"], "/nonexistent/run"),
+           ("--contexts not numbers", ["--contexts", "abc"], "--contexts"),
+           ("a context longer than the text", ["--contexts", "16,4096", "--max-tokens", "300"], "shorter than"),
+           ("an unknown method", ["--methods", "none,rope2"], "rope2")]
+    for label, extra, word in bad:
+        @test(f"{tag}: demo/extrapolate.py: {label}: one line, exit 1, nothing written")
+        def _():
+            where = os.path.join(TMP, "extrapolate-bad")
+            shutil.rmtree(where, ignore_errors=True)
+            p = run(script + [model, text, "--run", binary, "--out", where] + extra)
+            lines = p.stderr.strip().splitlines()
+            ok = p.returncode == 1 and len(lines) == 1 and word in lines[0] and "Traceback" not in p.stderr \
+                and not os.path.exists(where)
+            return ok, p.stderr.strip()[-200:]
+
+
 def demo_tests(binary, expected):
     tag = os.path.basename(binary)
     model = os.path.join(ROOT, "demo", "model.bin")
@@ -1621,6 +1664,7 @@ def main():
             limits_tests(binary)
             machine_tests(binary)
             cli_tests(binary, cases)
+            extrapolate_tests(binary)
     print(f"{results['passed']} passed, {results['failed']} failed, {results['skipped']} skipped")
     return 1 if results["failed"] else 0
 

@@ -31,13 +31,13 @@ static void run_args(int argc, char **argv) {
     parse_args(&o, argc, argv);
     Model m = {.cfg = header, .path = "model.bin"};
     Rope rope = rope_from(&m.cfg, &o);
+    int ctx = o.ctx ? o.ctx : (int)header.max_seq_len;
     float inv_freq[12];
-    rope_inv_freq(inv_freq, &rope, (int)header.head_dim, (int)header.max_seq_len);
+    rope_inv_freq(inv_freq, &rope, (int)header.head_dim, (int)header.max_seq_len, ctx);
     if (o.ids_arg && o.ids_arg[0] != '@') {
         int n;
         free(parse_ids(o.ids_arg, &n, header.vocab_size));
     }
-    int ctx = o.ctx ? o.ctx : (int)header.max_seq_len;
     fit_context(&m, o.batch < ctx ? o.batch : ctx, ctx, o.ctx != 0, !strcmp(o.kv, "f16") ? MM_F16 : MM_F32);
 }
 
