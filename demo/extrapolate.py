@@ -18,8 +18,10 @@ At the longest context every method also writes the loss at each position of the
 averaged over the windows (`--per-position`): where past the training length the loss climbs.
 
 Writes into DIR (default: a new folder extrapolation-DATE-TIME in the current directory; an
-existing DIR is written into): extrapolation.csv, .md (the table), .svg (the plot), and
-loss_by_position.csv, .svg. --from DIR redraws the tables and plots of an earlier run without
+existing DIR is written into): extrapolation.csv, .md (the table), .svg (the plot),
+loss_by_position.csv, .svg, and frequencies.csv, .svg: each dimension pair's wavelength in
+tokens as each method sets it for the longest context (`./run -m rope`), against the training
+length. --from DIR redraws the tables and plots of an earlier run without
 running anything. Each context needs at least as many tokens of text as it is long. Time: one
 ./run -m ppl over the text per method and context; the demo model's default run (6 contexts x
 8 methods over 32,768 tokens) takes about six minutes on a 2-core machine.
@@ -120,8 +122,8 @@ def svg_plot(series, contexts, path, title):
         f.write("\n".join(out) + "\n")
 
 
-def line_plot(series, path, title, xlabel, ylabel, mark=None, log_y=False):
-    """series {name: [(x, y)]} as polylines; mark: an x to draw a dashed line at"""
+def line_plot(series, path, title, xlabel, ylabel, mark=None, log_y=False, hline=None):
+    """series {name: [(x, y)]} as polylines; mark: an x to draw a dashed line at; hline: a y"""
     W, H, L, R, T, B = 720, 420, 70, 170, 40, 50
     xs_all = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts if math.isfinite(y) and (y > 0 or not log_y)]
@@ -149,6 +151,10 @@ def line_plot(series, path, title, xlabel, ylabel, mark=None, log_y=False):
         y = 10 ** v if log_y else v
         out.append(f'<line x1="{L - 4}" y1="{py(y):.1f}" x2="{W - R}" y2="{py(y):.1f}" stroke="#ddd"/>')
         out.append(f'<text x="{L - 8}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+    if hline is not None and lo <= f(hline) <= hi:
+        out.append(f'<line x1="{L}" y1="{py(hline):.1f}" x2="{W - R}" y2="{py(hline):.1f}" stroke="black" '
+                   f'stroke-dasharray="4 4"/>')
+        out.append(f'<text x="{L + 4}" y="{py(hline) - 4:.1f}">training length {hline}</text>')
     if mark is not None and x0 <= mark <= x1:
         out.append(f'<line x1="{px(mark):.1f}" y1="{T}" x2="{px(mark):.1f}" y2="{H - B}" stroke="black" '
                    f'stroke-dasharray="4 4"/>')
@@ -268,6 +274,17 @@ def experiment(a, ap):
                 left = (time.time() - t0) / done * (total - done)
                 print(f"[{done}/{total}] {name} at {n}: ppl {series[name][-1]:.3f} ({time.time() - t0:.0f} s, "
                       f"about {left:.0f} s to go)", file=sys.stderr)
+        freqs = {}
+        for name, flags in runs.items():  # the frequencies each method uses at the longest context
+            rows = list(csv.DictReader(io.StringIO(run_cmd([a.run, a.model, "-m", "rope", "-c", str(longest)] +
+                                                          frequency_flags(flags(longest), a.train_len)))))
+            freqs[name] = [(int(r["pair"]), float(r["scaled_wavelength"])) for r in rows]
+    with open(os.path.join(out, "frequencies.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "context", "pair", "wavelength"])
+        for name, rows in freqs.items():
+            for pair, wl in rows:
+                w.writerow([name, longest, pair, f"{wl:.6g}"])
     with open(os.path.join(out, "loss_by_position.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "context", "position", "count", "mean_nll"])
@@ -275,6 +292,20 @@ def experiment(a, ap):
             for pos, count, nll in rows:
                 w.writerow([name, longest, pos, count, f"{nll:.6f}"])
     report(series, {name: rows for name, rows in per.items()}, a, out, contexts)
+
+
+def frequency_flags(flags, train_len):
+    """a method's flags for -m rope: the training length as the original context it counts in"""
+    return flags if "--yarn-orig-ctx" in flags else flags + ["--yarn-orig-ctx", str(train_len)]
+
+
+def read_frequencies(path):
+    out = {}
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                out.setdefault(r["method"], []).append((int(r["pair"]), float(r["wavelength"])))
+    return out
 
 
 def read_table(path):
@@ -326,6 +357,11 @@ def report(series, per, a, out, contexts=None):
                   f"{os.path.basename(model)}: loss by position in windows of {longest}",
                   f"position in the window (mean over {buckets} positions)", "loss (nats per token)",
                   mark=a.train_len)
+    freqs = read_frequencies(os.path.join(out, "frequencies.csv"))
+    if freqs:
+        line_plot(freqs, os.path.join(out, "frequencies.svg"),
+                  f"{os.path.basename(model)}: RoPE wavelengths at a context of {contexts[-1]}",
+                  "dimension pair", "wavelength (tokens, log scale)", log_y=True, hline=a.train_len)
     print(table)
 
 
