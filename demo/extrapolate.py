@@ -24,7 +24,7 @@ tokens as each method sets it for the longest context (`./run -m rope`), against
 length. --from DIR redraws the tables and plots of an earlier run without
 running anything. Each context needs at least as many tokens of text as it is long. Time: one
 ./run -m ppl over the text per method and context; the demo model's default run (6 contexts x
-8 methods over 32,768 tokens) takes about six minutes on a 2-core machine.
+8 methods over 32,768 tokens) took four and a half minutes on a 2-core machine.
 For a MiniMind release: --train-len 2048 --contexts 2048,4096,8192,16384,32768 --yarn-factor 16
 Standard library only.
 """
