@@ -1276,6 +1276,40 @@ def extrapolate_tests(binary):
             return ok, p.stderr.strip()[-200:]
 
 
+def passkey_tests(binary):
+    """demo/passkey.py: prompts of the length asked for, with the key where asked; one-line failures"""
+    tag = os.path.basename(binary)
+    model = os.path.join(ROOT, "demo", "model.bin")
+
+    @test(f"{tag}: demo/passkey.py: each prompt is within 10% under its context, the key at its depth")
+    def _():
+        sys.path.insert(0, os.path.join(ROOT, "demo"))
+        import passkey
+        cache, details = {}, []
+        for n, depth in ((512, 0.0), (1024, 0.5), (2048, 1.0)):
+            text = passkey.prompt(binary, model, passkey.FILLER, "12345", n, depth, cache)
+            got = passkey.n_tokens(binary, model, text) + 1
+            fill = lambda t: sum(t.count(u.strip()) for u in passkey.sentences(passkey.FILLER))
+            at = fill(text[:text.index("12345")]) / fill(text)  # the filler sentences before the key, of all
+            details.append(f"{n}: {got} tokens, key after {at:.2f} of the filler")
+            if not (0.9 * n <= got <= n and abs(at - depth) < 0.05):
+                return False, "; ".join(details)
+        p = run([sys.executable, os.path.join(ROOT, "demo", "passkey.py"), model, "--run", binary, "--contexts",
+                 "300", "--depths", "0.5", "--trials", "2", "--methods", "none,ntk"])
+        ok = p.returncode == 0 and "| none | 0/2 |" in p.stdout and "| ntk |" in p.stdout
+        return ok, "; ".join(details) + f"; table {p.stdout.splitlines()[-1] if p.stdout else p.stderr[-200:]}"
+
+    @test(f"{tag}: demo/passkey.py: a bad context list, a missing model, a context under the question: one line")
+    def _():
+        script = [sys.executable, os.path.join(ROOT, "demo", "passkey.py")]
+        a = run(script + [model, "--run", binary, "--contexts", "12x"])
+        b = run(script + [os.path.join(TMP, "nope.bin"), "--run", binary])
+        c = run(script + [model, "--run", binary, "--contexts", "64"])
+        ok = all(p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+                 for p in (a, b, c)) and "--contexts" in a.stderr and "nope.bin" in b.stderr and "64" in c.stderr
+        return ok, f"{a.stderr.strip()} | {b.stderr.strip()} | {c.stderr.strip()}"
+
+
 def demo_tests(binary, expected):
     tag = os.path.basename(binary)
     model = os.path.join(ROOT, "demo", "model.bin")
@@ -1666,6 +1700,7 @@ def main():
             machine_tests(binary)
             cli_tests(binary, cases)
             extrapolate_tests(binary)
+            passkey_tests(binary)
     print(f"{results['passed']} passed, {results['failed']} failed, {results['skipped']} skipped")
     return 1 if results["failed"] else 0
 
