@@ -436,6 +436,8 @@ def read_gguf(path):
         if not 1 <= n_dims <= 4:
             fail(f"{path}: tensor {name} has {n_dims} dimensions")
         dims = [r.take("<Q") for _ in range(n_dims)]
+        if 0 in dims or max(dims) > 1 << 31:
+            fail(f"{path}: tensor {name} has dimensions {dims}: none may be 0 or above 2^31")
         ggml_type, offset = r.take("<I"), r.take("<Q")
         if ggml_type not in GGUF_TYPES:
             fail(f"{path}: tensor {name} has type {GGUF_TYPE_NAMES.get(ggml_type, ggml_type)}; "
@@ -449,11 +451,10 @@ def read_gguf(path):
     def key(k, default=None):
         return meta.get(f"{arch}.{k}", default)
 
-    n_head, n_head_kv = key("attention.head_count"), key("attention.head_count_kv")
-    if not isinstance(n_head, int) or n_head <= 0:
-        fail(f"{path}: GGUF has no {arch}.attention.head_count")
-    if not isinstance(n_head_kv, int) or n_head_kv <= 0:
-        n_head_kv = n_head
+    n_head, n_head_kv = key("attention.head_count"), key("attention.head_count_kv", key("attention.head_count"))
+    for k, v in (("attention.head_count", n_head), ("attention.head_count_kv", n_head_kv)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            fail(f"{path}: {arch}.{k} is {v!r}, expected a positive integer (one for every layer)")
     state = {}
     for name, dims, dtype, offset in infos:
         shape = tuple(reversed(dims))  # ggml lists the fastest-moving dimension first
@@ -492,10 +493,14 @@ def read_gguf(path):
         rs = {"rope_type": kind}
         for k, ck in (("rope.scaling.factor", "factor"),
                       ("rope.scaling.original_context_length", "original_max_position_embeddings"),
-                      ("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow"),
-                      ("rope.scaling.attn_factor", "attention_factor")):
+                      ("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
             if key(k) is not None:
                 rs[ck] = key(k)
+        factor, attn = rs.get("factor"), key("rope.scaling.attn_factor")
+        if kind == "yarn" and isinstance(attn, (int, float)) and isinstance(factor, (int, float)) and factor > 0:
+            # llama.cpp multiplies YaRN's own 0.1 ln F + 1 by attn_factor; transformers' attention_factor
+            # is the whole product
+            rs["attention_factor"] = attn * (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
         config["rope_scaling"] = rs
     return state, config, gguf_tokenizer(meta, path)
 
@@ -528,8 +533,10 @@ def gguf_tokenizer(meta, path):
         fail(f"{path}: GGUF tokenizer model {model!r}; MiniMind's is byte-level BPE (gpt2)")
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         fail(f"{path}: tokenizer.ggml.tokens is not a list of strings")
-    if not isinstance(types, list) or len(types) != len(tokens):
+    if types is None:
         types = [1] * len(tokens)
+    if not isinstance(types, list) or len(types) != len(tokens) or not all(isinstance(t, int) for t in types):
+        fail(f"{path}: tokenizer.ggml.token_type is not one integer for each of the {len(tokens)} tokens")
     vocab, added = {}, []
     for i, (t, kind) in enumerate(zip(tokens, types)):
         if kind in (3, 4):
@@ -569,7 +576,7 @@ def read_state_file(path):
     fail(f"{path}: neither a torch.save zip archive nor a .safetensors file")
 
 
-def load_checkpoint(path, config_path, gguf_ok=False):
+def load_checkpoint(path, config_path, gguf_ok=False, n_heads=None):
     """Returns (state dict {name: Tensor}, config dict or None); a GGUF file (gguf_ok) also its
     tokenizer: (state, config, tokenizer)."""
     if not os.path.exists(path):
@@ -583,6 +590,8 @@ def load_checkpoint(path, config_path, gguf_ok=False):
         if is_gguf:
             if config_path is not None:
                 fail(f"{path}: a GGUF file carries its own config; --config does not apply")
+            if n_heads is not None:
+                fail(f"{path}: a GGUF file carries its own head counts; --n-heads does not apply")
             return read_gguf(path)
     if os.path.isdir(path):
         folder = path
@@ -1063,7 +1072,7 @@ def export(args):
         fail(f"{args.out}: no folder {out_dir} to write it in")
     if not os.access(out_dir, os.W_OK):
         fail(f"{args.out}: cannot write in {out_dir}")
-    state, config, *embedded = load_checkpoint(args.checkpoint, args.config, gguf_ok=True)
+    state, config, *embedded = load_checkpoint(args.checkpoint, args.config, gguf_ok=True, n_heads=args.n_heads)
     embedded_tokenizer = embedded[0] if embedded else None  # (a GGUF file's)
     c = infer_config(state, config, args.n_heads, args.checkpoint)
     table = expected_tensors(c)

@@ -568,7 +568,7 @@ static void state_init(State *s, const Model *m, int max_tokens, int ctx, const 
     s->bytes += kv_bytes;
     if (counting) return;
     kernel_scratch_init(&s->ks, scratch, max_tokens, (int)max_cols, group, (int)hd, (int)nt);
-    rope_inv_freq(s->inv_freq, rope, (int)hd, (int)h->max_seq_len, ctx);
+    rope_inv_freq(s->inv_freq, rope, (int)hd, (int)h->max_seq_len, rope->pos_offset + ctx);
     s->attn_factor = rope->scaling == MM_ROPE_YARN ? rope->attn_factor : 1.0f;
     s->pos_offset = rope->pos_offset, s->rope_off = rope->off;
     s->kv_cache = alloc_kv(kv_bytes, &s->kv_map, &s->kv_map_bytes);  /* mapped, not written */
@@ -2012,9 +2012,17 @@ static void parse_args(Options *o, int argc, char **argv) {
     if (!runs_model && (o->pos_offset || o->no_rope))
         die("%s applies to the modes that run the model (generate, chat, logits, ppl), not -m %s",
             o->pos_offset ? "--pos-offset" : "--no-rope", o->mode);
-    if (o->no_rope && (o->pos_offset || o->rope_scaling || !isnan(o->rope_base) || !isnan(o->rope_scale)))
-        die("--no-rope turns RoPE off; %s has nothing to apply to", o->pos_offset ? "--pos-offset"
-            : o->rope_scaling ? "--rope-scaling" : !isnan(o->rope_base) ? "--rope-base" : "--rope-scale");
+    const char *rope_flag = o->pos_offset ? "--pos-offset" : o->rope_scaling ? "--rope-scaling"
+                          : !isnan(o->rope_base) ? "--rope-base" : !isnan(o->rope_scale) ? "--rope-scale"
+                          : o->yarn_orig_ctx ? "--yarn-orig-ctx" : !isnan(o->yarn_beta_fast) ? "--yarn-beta-fast"
+                          : !isnan(o->yarn_beta_slow) ? "--yarn-beta-slow"
+                          : !isnan(o->yarn_attn_factor) ? "--yarn-attn-factor" : NULL;
+    if (o->no_rope && rope_flag) die("--no-rope turns RoPE off; %s has nothing to apply to", rope_flag);
+    if (!runs_model && o->row_bits && strcmp(o->mode, "bench"))
+        die("--row-bits applies to the modes that run the model, not -m %s", o->mode);
+    if (!strcmp(o->mode, "rope") && (o->text || o->text_file || o->ids_arg || o->out_path))
+        die("-m rope prints the model's frequencies; %s applies to the other modes",
+            o->text ? "-i" : o->text_file ? "-f" : o->ids_arg ? "--ids" : "-o");
     if (o->row_bits && reference_kernels) die("--row-bits applies to the fast kernels, not --ref-kernels");
     int widths[2], n_widths = kernel_row_widths(widths);
     if (o->row_bits && !n_widths) die("--row-bits applies to the fast kernels, which this build has not");
@@ -2055,7 +2063,8 @@ static Rope rope_from(const mm_header *h, const Options *o) {
     if (!isnan(o->yarn_attn_factor)) r.attn_factor = o->yarn_attn_factor;
     r.pos_offset = o->pos_offset, r.off = o->no_rope;
     if ((r.scaling == MM_ROPE_LINEAR || r.scaling == ROPE_NTK || r.scaling == ROPE_DYNAMIC) && !(r.factor > 0))
-        die("--rope-scaling %s needs --rope-scale F", o->rope_scaling);
+        die("--rope-scaling %s needs --rope-scale F", r.scaling == MM_ROPE_LINEAR ? "linear"
+            : r.scaling == ROPE_NTK ? "ntk" : "dynamic");
     /* --yarn-orig-ctx is also dynamic's original context, and the length -m rope counts rotations in */
     bool orig_ctx_applies = r.scaling == MM_ROPE_YARN || r.scaling == ROPE_DYNAMIC || !strcmp(o->mode, "rope");
     const char *yarn_flag = o->yarn_orig_ctx && !orig_ctx_applies ? "--yarn-orig-ctx"
@@ -2085,7 +2094,7 @@ static void print_rope(const mm_header *h, const Rope *r, int ctx) {
     plain.scaling = MM_ROPE_NONE;
     float *base = xcalloc((size_t)half, sizeof(float), "rope"), *used = xcalloc((size_t)half, sizeof(float), "rope");
     rope_inv_freq(base, &plain, hd, (int)h->max_seq_len, ctx);
-    rope_inv_freq(used, r, hd, (int)h->max_seq_len, ctx);
+    rope_inv_freq(used, r, hd, (int)h->max_seq_len, r->pos_offset + ctx);
     bool yarn = r->scaling == MM_ROPE_YARN && (double)h->max_seq_len / r->orig_ctx > 1.0;
     fprintf(stderr, "rope: theta %g, head_dim %d, scaling %s (F %g), original context %d, context %d\n", r->theta, hd,
            names[r->scaling], r->scaling == MM_ROPE_NONE ? 1.0 : r->factor, r->orig_ctx, ctx);
@@ -2193,6 +2202,8 @@ int main(int argc, char **argv) {
     Rope rope = rope_from(h, &o);
     int ctx = o.ctx ? o.ctx : (int)h->max_seq_len;
     if (!o.ctx && !strcmp(o.mode, "ppl") && ctx > PPL_WINDOW) ctx = PPL_WINDOW;
+    if (rope.scaling == ROPE_DYNAMIC && !o.ctx && strcmp(o.mode, "ppl"))  /* (ppl: its window) */
+        die("--rope-scaling dynamic scales the base for the context's length: give it with -c");
     bool generating = !strcmp(o.mode, "generate"), chatting = !strcmp(o.mode, "chat");
     bool benching = !strcmp(o.mode, "bench");
     if (!strcmp(o.mode, "rope")) {
@@ -2329,8 +2340,8 @@ int main(int argc, char **argv) {
             sum.pos_count = xcalloc((size_t)ctx, sizeof(long), "per-position counts");
         }
         char ppl_buf[32];
-        fprintf(stderr, "ppl: %d tokens in %d window%s of %d, each from position 0%s\n", n_ids, n_windows,
-                n_windows > 1 ? "s" : "", ctx, o.ctx ? "" : " (-c sets the window)");
+        fprintf(stderr, "ppl: %d tokens in %d window%s of %d, each from position %d%s\n", n_ids, n_windows,
+                n_windows > 1 ? "s" : "", ctx, o.pos_offset, o.ctx ? "" : " (-c sets the window)");
         for (int w = 0; w < n_windows; w++) {
             sum.tokens = ids + (size_t)w * ctx;
             sum.n = n_ids - w * ctx < ctx ? n_ids - w * ctx : ctx;

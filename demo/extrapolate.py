@@ -19,7 +19,8 @@ averaged over the windows (`--per-position`): where past the training length the
 
 Writes into DIR (default: a new folder extrapolation-DATE-TIME in the current directory; an
 existing DIR is written into): extrapolation.csv, .md (the table), .svg (the plot),
-loss_by_position.csv, .svg, and frequencies.csv, .svg: each dimension pair's wavelength in
+loss_by_position.csv, .md (the mean loss over positions 0 to train-len, then each doubling),
+.svg, and frequencies.csv, .svg: each dimension pair's wavelength in
 tokens as each method sets it for the longest context (`./run -m rope`), against the training
 length. --from DIR redraws the tables and plots of an earlier run without
 running anything. Each context needs at least as many tokens of text as it is long. Time: one
@@ -218,7 +219,8 @@ def main():
     ap.add_argument("--run", default=os.path.join(ROOT, "run"), help="the ./run to use (default: this checkout's)")
     ap.add_argument("--out", help="the folder to write into (default: a new extrapolation-DATE-TIME here)")
     ap.add_argument("--from", dest="from_dir", metavar="DIR",
-                    help="redraw the tables and plots of an earlier run in DIR, running nothing")
+                    help="redraw the tables and plots of an earlier run in DIR, running nothing (MODEL, if given, "
+                         "names the plots)")
     a = ap.parse_args()
     try:
         experiment(a, ap)
@@ -353,6 +355,20 @@ def report(series, per, a, out, contexts=None):
                 if grp:
                     pts.append((b0 + buckets / 2, sum(c * n for c, n in grp) / sum(c for c, _ in grp)))
             curves[name] = pts
+        edges = [0, a.train_len]  # the mean loss over [0, T), [T, 2T), [2T, 4T), ... of the window
+        while edges[-1] < longest:
+            edges.append(min(2 * edges[-1], longest))
+        spans = list(zip(edges, edges[1:]))
+        rows = ["| method | " + " | ".join(f"{lo}-{hi - 1}" for lo, hi in spans) + " |", "|---|" + "---|" * len(spans)]
+        for name, pts in per.items():
+            means = []
+            for lo, hi in spans:
+                grp = [(c, n) for p, c, n in pts if lo <= p < hi]
+                means.append(f"{sum(c * n for c, n in grp) / sum(c for c, _ in grp):.3f}" if grp else "-")
+            rows.append(f"| {name} | " + " | ".join(means) + " |")
+        with open(os.path.join(out, "loss_by_position.md"), "w") as f:
+            f.write("\n".join(rows) + "\n")
+        print("\n".join(rows))
         line_plot(curves, os.path.join(out, "loss_by_position.svg"),
                   f"{os.path.basename(model)}: loss by position in windows of {longest}",
                   f"position in the window (mean over {buckets} positions)", "loss (nats per token)",

@@ -71,7 +71,7 @@ def prompt(run, model, filler, key, n, depth, cache):
 
 def methods(names, train_len, dynamic_factor):
     scale = lambda n: str(max(1.0, n / train_len))
-    known = {"none": lambda n: [],
+    known = {"none": lambda n: ["--rope-scaling", "none"],
              "linear": lambda n: ["--rope-scaling", "linear", "--rope-scale", scale(n)],
              "yarn": lambda n: ["--rope-scaling", "yarn", "--yarn-orig-ctx", str(train_len), "--rope-scale", scale(n)],
              "ntk": lambda n: ["--rope-scaling", "ntk", "--rope-scale", scale(n)],

@@ -35,7 +35,7 @@ typedef __m128 f4;
 static ALWAYS_INLINE f4 f4_load(const float *p) { return _mm_loadu_ps(p); }
 static ALWAYS_INLINE void f4_store(float *p, f4 v) { _mm_storeu_ps(p, v); }
 static ALWAYS_INLINE f4 f4_add(f4 a, f4 b) { return _mm_add_ps(a, b); }
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define KERNELS_NAME "avx512"
 #define HAVE_AVX512 1
 enum { VL = 16 };

@@ -198,7 +198,8 @@ def wall_cell(engines, stream_file, threads, rounds, progress=None):
 def row_widths(binary, model):
     """the --row-bits this build takes (decoding's weight rows: 512 and 256 on AVX-512)"""
     return [w for w in ("512", "256", "128") if subprocess.run(
-        [binary, model, "-m", "tokenize", "-i", "", "--row-bits", w], capture_output=True).returncode == 0]
+        [binary, model, "-m", "logits", "--ids", "1", "-o", os.devnull, "-c", "16", "--row-bits", w],
+        capture_output=True).returncode == 0]
 
 
 def wall_table(a):

@@ -223,13 +223,13 @@ def gguf_mutations(rng):
         g = f.read()
     infos = g.index(b"token_embd.weight") - 8  # (the tensor infos follow the metadata)
 
-    def at(offset, fmt, value):
+    def at(offset, fmt, *values):
         b = bytearray(g)
-        struct.pack_into(fmt, b, offset, value)
+        struct.pack_into(fmt, b, offset, *values)
         return bytes(b)
 
-    def info_field(tensor, skip, fmt, value):  # a field of a tensor's info: skip bytes after its name
-        return at(g.index(tensor.encode()) + len(tensor) + skip, fmt, value)
+    def info_field(tensor, skip, fmt, *values):  # fields of a tensor's info: skip bytes after its name
+        return at(g.index(tensor.encode()) + len(tensor) + skip, fmt, *values)
 
     cases = [("gguf truncated", d) for d in truncations(g, 6)]
     cases += [("gguf count bit flip", d) for d in flips(g, rng, 8, 4, 24)]
@@ -244,6 +244,8 @@ def gguf_mutations(rng):
         ("gguf tensor offset 2^62", info_field("output_norm.weight", 4 + 8 + 4, "<Q", 2**62)),
         ("gguf tensor dims 2^40", info_field("blk.1.ffn_norm.weight", 4, "<Q", 2**40)),
         ("gguf architecture gemma", g.replace(b"qwen3moe", b"gemma3xx", 1)),
+        ("gguf tensor of 0 x 2^40", info_field("blk.0.attn_q.weight", 4, "<2Q", 0, 2**40)),
+        ("gguf experts 2^40 of 0 x 0", info_field("blk.0.ffn_gate_exps.weight", 4, "<3Q", 0, 0, 2**40)),
     ]
     return [(label, {"model.gguf": d}) for label, d in cases]
 

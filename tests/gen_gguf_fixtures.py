@@ -5,7 +5,7 @@ each one checked with llama.cpp itself.
     python3 tests/gen_gguf_fixtures.py --llama PATH_TO_LLAMA_CPP
 
 The files are written with the Python standard library (the checkpoints read by export.py's own
-readers), the way llama.cpp's convert_hf_to_gguf.py and llama-quantize lay them out:
+readers), laid out as llama.cpp's convert_hf_to_gguf.py and llama-quantize lay theirs out:
 
   m2_dense.q8_0.gguf   MiniMind2 (tests/fixtures/m2_dense.pth), arch llama: the rows of every
                        q_proj and k_proj reordered for llama.cpp's RoPE (per head, the two halves of
@@ -287,7 +287,7 @@ def main():
         for file, twin, arch, kind in CASES:
             case = cases[twin]
             meta, tensors = gguf_of(case, arch, kind)
-            path = os.path.join(OUT, file)
+            path = os.path.join(work, file)  # (moved into tests/fixtures/gguf once llama.cpp agrees)
             write_gguf(path, meta, tensors)
             out = os.path.join(work, "logits.f32")
             p = subprocess.run([verifier, path, out] + [str(i) for i in case["ids"]], capture_output=True, text=True)
@@ -303,6 +303,7 @@ def main():
                   f"{'agrees' if ok else 'DISAGREES'} with the PyTorch reference of {twin}")
             if not ok:
                 sys.exit(f"gen_gguf_fixtures: llama.cpp's logits for {file} disagree with {twin}'s reference")
+            os.replace(path, os.path.join(OUT, file))
             record["cases"].append({"name": file.rsplit(".", 2)[0] + "_gguf_" + kind, "gguf": file, "twin": twin,
                                     "arch": arch, "weights": kind, "export_dtype": "q8_0" if kind == "q8_0" else "f32",
                                     "llama_cpp_top1": f"{top1}/{len(rows)}", "llama_cpp_rel_diff": float(f"{diff:.3e}")})

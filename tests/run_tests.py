@@ -1256,7 +1256,7 @@ def extrapolate_tests(binary):
         ok = (names == ["none", "linear", "yarn", "ntk", "dynamic", "base=1e+07"] and table[0] == ["method", "16", "64"]
               and {r["method"] for r in per} == set(names) and counts == 300 - math.ceil(300 / 64)  # (BOS + 299 tokens in windows of 64)
               and files == ["extrapolation.csv", "extrapolation.md", "extrapolation.svg", "frequencies.csv",
-                            "frequencies.svg", "loss_by_position.csv", "loss_by_position.svg"]
+                            "frequencies.svg", "loss_by_position.csv", "loss_by_position.md", "loss_by_position.svg"]
               and one.returncode == 0 and "[12/12]" in p.stderr)
         return ok, f"{names}, {len(per)} per-position rows, none's counts {counts}, files {files}"
 

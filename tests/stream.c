@@ -8,7 +8,7 @@
  * It reads the file over and over, at least 10 times and for at least half a second: SUSTAINED is
  * all the bytes over all the time, what a decoding run (a mean over its tokens, for about as
  * long) can be set beside; BEST, the fastest single pass, catches this shared machine's quiet
- * moments and runs 10-40% above it. THREADS (default 1) read contiguous shares, as ./run's
+ * moments and ran 20-60% above it in docs/speed.md's tables. THREADS (default 1) read contiguous shares, as ./run's
  * threads take contiguous rows. */
 #define _DEFAULT_SOURCE
 #include <fcntl.h>
