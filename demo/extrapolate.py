@@ -172,22 +172,23 @@ def line_plot(series, path, title, xlabel, ylabel, mark=None, log_y=False, hline
         f.write("\n".join(out) + "\n")
 
 
-def methods(a):
-    """{name: flags for a context of n}"""
-    scale = lambda n: str(max(1.0, n / a.train_len))
+def methods(names, train_len, yarn_factor=None, dynamic_factor=2.0, bases=""):
+    """{name: ./run's flags for a context of n} for the comma-separated method names and RoPE bases
+    (demo/passkey.py takes them from here too)"""
+    scale = lambda n: str(max(1.0, n / train_len))
     known = {"none": lambda n: ["--rope-scaling", "none"],
              "linear": lambda n: ["--rope-scaling", "linear", "--rope-scale", scale(n)],
-             "yarn": lambda n: ["--rope-scaling", "yarn", "--yarn-orig-ctx", str(a.train_len), "--rope-scale",
-                                str(a.yarn_factor) if a.yarn_factor else scale(n)],
+             "yarn": lambda n: ["--rope-scaling", "yarn", "--yarn-orig-ctx", str(train_len), "--rope-scale",
+                                str(yarn_factor) if yarn_factor else scale(n)],
              "ntk": lambda n: ["--rope-scaling", "ntk", "--rope-scale", scale(n)],
-             "dynamic": lambda n: ["--rope-scaling", "dynamic", "--rope-scale", str(a.dynamic_factor),
-                                   "--yarn-orig-ctx", str(a.train_len)]}
+             "dynamic": lambda n: ["--rope-scaling", "dynamic", "--rope-scale", str(dynamic_factor),
+                                   "--yarn-orig-ctx", str(train_len)]}
     out = {}
-    for m in filter(None, a.methods.split(",")):
+    for m in filter(None, names.split(",")):
         if m not in known:
             raise Failure(f"--methods: unknown method {m!r} (of {', '.join(known)})")
         out[m] = known[m]
-    for b in filter(None, a.bases.split(",")):
+    for b in filter(None, bases.split(",")):
         try:
             if not float(b) > 1:
                 raise ValueError
@@ -252,7 +253,7 @@ def experiment(a, ap):
     if a.train_len < 1 or a.max_tokens < 2 or a.dynamic_factor <= 0 or (a.yarn_factor is not None and
                                                                           a.yarn_factor <= 0):
         raise Failure("--train-len, --max-tokens and the factors must be positive")
-    runs = methods(a)
+    runs = methods(a.methods, a.train_len, a.yarn_factor, a.dynamic_factor, a.bases)
     out = a.out or f"extrapolation-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     series, per = {}, {}
     longest = contexts[-1]

@@ -18,28 +18,15 @@ Standard library only.
 import argparse
 import os
 import random
-import subprocess
 import sys
+
+from extrapolate import Failure, methods, run_cmd  # (demo/extrapolate.py: the methods' flags)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there. ")
 QUESTION = " What is the pass key? The pass key is"
-
-
-class Failure(Exception):
-    """a one-line error for the user"""
-
-
-def run_cmd(cmd):
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as e:
-        raise Failure(f"cannot run {cmd[0]}: {e.strerror}")
-    if p.returncode != 0:
-        raise Failure(f"{' '.join(cmd[:4])} ... failed: {(p.stderr.strip().splitlines() or ['(no message)'])[-1]}")
-    return p.stdout
 
 
 def n_tokens(run, model, text):
@@ -67,24 +54,6 @@ def prompt(run, model, filler, key, n, depth, cache):
     fill = [units[i % len(units)] for i in range(count)]
     before = int(round(count * depth))
     return INTRO + "".join(fill[:before]) + needle + "".join(fill[before:]) + QUESTION
-
-
-def methods(names, train_len, dynamic_factor):
-    scale = lambda n: str(max(1.0, n / train_len))
-    known = {"none": lambda n: ["--rope-scaling", "none"],
-             "linear": lambda n: ["--rope-scaling", "linear", "--rope-scale", scale(n)],
-             "yarn": lambda n: ["--rope-scaling", "yarn", "--yarn-orig-ctx", str(train_len), "--rope-scale", scale(n)],
-             "ntk": lambda n: ["--rope-scaling", "ntk", "--rope-scale", scale(n)],
-             "dynamic": lambda n: ["--rope-scaling", "dynamic", "--rope-scale", str(dynamic_factor),
-                                   "--yarn-orig-ctx", str(train_len)]}
-    out = {}
-    for m in filter(None, names.split(",")):
-        if m not in known:
-            raise Failure(f"--methods: unknown method {m!r} (of {', '.join(known)})")
-        out[m] = known[m]
-    if not out:
-        raise Failure("--methods: none given")
-    return out
 
 
 def numbers(text, what, kind):
@@ -136,7 +105,7 @@ def passkey(a):
             filler = " ".join(f.read().split()) + " "
         if not filler.strip():
             raise Failure(f"{a.filler}: no text")
-    runs = methods(a.methods, a.train_len, a.dynamic_factor)
+    runs = methods(a.methods, a.train_len, dynamic_factor=a.dynamic_factor)
     rng = random.Random(a.seed)
     keys = {(n, d, t): str(rng.randrange(10000, 100000)) for n in contexts for d in depths for t in range(a.trials)}
     cache, score = {}, {}
