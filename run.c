@@ -1785,6 +1785,7 @@ typedef struct {
     float temperature, top_p, repeat_penalty;
     unsigned long long seed;
     bool seed_given, steps_given;
+    const char *sampling_flag;  /* the first of -t -p -k -s --repeat-penalty given, or NULL */
     int history;                /* --history N; -1: all */
     bool verbose_prompt;
     const char *kv;             /* KV cache type: "f32" or "f16" */
@@ -1951,6 +1952,9 @@ static void parse_args(Options *o, int argc, char **argv) {
         if (!takes_value) die("unknown option '%s' (see --help)", a);
         if (i + 1 >= argc) die("%s needs a value (see --help)", a);
         const char *v = argv[++i];
+        static const char *SAMPLING[] = {"-t", "-p", "-k", "-s", "--repeat-penalty"};
+        for (size_t k = 0; k < sizeof SAMPLING / sizeof SAMPLING[0] && !o->sampling_flag; k++)
+            if (!strcmp(a, SAMPLING[k])) o->sampling_flag = SAMPLING[k];
         if (!strcmp(a, "-m")) o->mode = v;
         else if (!strcmp(a, "-i")) o->text = v;
         else if (!strcmp(a, "-f")) o->text_file = v;
@@ -2007,6 +2011,11 @@ static void parse_args(Options *o, int argc, char **argv) {
                           : o->verbose_prompt ? "--verbose-prompt" : NULL;
     if (!chat && chat_flag) die("%s applies to -m chat only", chat_flag);
     if (o->per_position && strcmp(o->mode, "ppl")) die("--per-position applies to -m ppl only");
+    bool samples = chat || !strcmp(o->mode, "generate");
+    if (!samples && o->sampling_flag)
+        die("%s applies to the modes that sample tokens (generate, chat), not -m %s", o->sampling_flag, o->mode);
+    if (!samples && o->steps_given && strcmp(o->mode, "bench"))
+        die("-n applies to generate, chat and bench, not -m %s", o->mode);
     bool runs_model = strcmp(o->mode, "tokenize") && strcmp(o->mode, "decode") && strcmp(o->mode, "rope") &&
                       strcmp(o->mode, "bench");
     if (!runs_model && (o->pos_offset || o->no_rope))
