@@ -38,7 +38,7 @@ GEN_MINIMIND2, GEN_MINIMIND3 = 2, 3
 FLAG_QK_NORM, FLAG_TIED_EMBED, FLAG_MOE = 1, 2, 4
 MOE_NORM_NEVER, MOE_NORM_IF_K_GT_1, MOE_NORM_ALWAYS = 0, 1, 2
 ROPE_NONE, ROPE_LINEAR, ROPE_YARN = 0, 1, 2
-CHAT_NONE, CHAT_CHATML, CHAT_MINIMIND2, CHAT_MINIMIND3 = 0, 1, 2, 3
+CHAT_NONE, CHAT_CHATML, CHAT_MINIMIND2, CHAT_MINIMIND3, CHAT_MINIMIND2_NO_TOOLS = 0, 1, 2, 3, 4
 DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3}
 TOKEN_NORMAL, TOKEN_ADDED, TOKEN_SPECIAL = 0, 1, 2
 
@@ -1031,7 +1031,8 @@ def tokenizer_block(tok, tcfg, tok_path, cfg_path, vocab_size):
     # MiniMind2's template has a default system prompt (and a <think> only for
     # enable_thinking=false); minimind-3's renders reasoning_content in <think> blocks
     chat = (CHAT_NONE if "<|im_start|>" not in template else
-            CHAT_MINIMIND2 if "You are a helpful assistant" in template else
+            (CHAT_MINIMIND2 if "<tool_call>" in template else CHAT_MINIMIND2_NO_TOOLS)
+            if "You are a helpful assistant" in template else
             CHAT_MINIMIND3 if "reasoning_content" in template or "<think>" in template else CHAT_CHATML)
     block = bytearray(struct.pack("<II", vocab_size, len(merges)))
     for i in range(vocab_size):

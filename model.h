@@ -48,12 +48,15 @@ enum mm_rope_scaling {
     MM_ROPE_YARN = 2,           /* MiniMind's YaRN: per-pair frequency ramp, see spec */
 };
 
-/* Which chat template the checkpoint's tokenizer_config.json carries. */
+/* Which chat template the checkpoint's tokenizer_config.json carries. MiniMind2's and
+ * minimind-3's list tools in a "# Tools" system block, print tool calls as <tool_call> blocks and
+ * tool results as <tool_response> turns; the others render no tools. */
 enum mm_chat_template {
     MM_CHAT_NONE = 0,           /* no template: pretrained model, prompt is BOS + text */
     MM_CHAT_CHATML = 1,         /* plain ChatML, system block only when given */
     MM_CHAT_MINIMIND2 = 2,      /* ChatML, default system "You are a helpful assistant" */
     MM_CHAT_MINIMIND3 = 3,      /* ChatML, <think> blocks on assistant turns */
+    MM_CHAT_MINIMIND2_NO_TOOLS = 4,  /* MiniMind2's without tools (an earlier one) */
 };
 
 /* Tensor element types. Norm weights are always F32. */

@@ -91,6 +91,12 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
     return memset(p, 0, bytes);
 }
 
+static char *xstrdup(const char *s) {
+    char *copy = strdup(s);
+    if (!copy) die("out of memory copying %zu bytes of text", strlen(s));
+    return copy;
+}
+
 /* The KV cache: anonymous memory, whose zeroed pages the kernel maps in when they are first
  * written: the cache's pages of positions (kernels.h) take memory as the positions are reached.
  * Where the kernel offers 2 MB pages on request, ask for all but the first 2 MB (long contexts
@@ -284,7 +290,7 @@ static void check_config(const Model *m) {
         IN_RANGE(hidden_dim, 1, 1u << 20);
     }
     IN_RANGE(rope_scaling, 0, MM_ROPE_YARN);
-    IN_RANGE(chat_template, 0, MM_CHAT_MINIMIND3);
+    IN_RANGE(chat_template, 0, MM_CHAT_MINIMIND2_NO_TOOLS);
     REQUIRE(h->bos_id < h->vocab_size && h->eos_id < h->vocab_size && h->pad_id < h->vocab_size,
             "%s: bos/eos/pad ids %u/%u/%u outside the vocab of %u", p, h->bos_id, h->eos_id, h->pad_id,
             h->vocab_size);
@@ -1596,78 +1602,168 @@ static int *encode_text(const Tokenizer *tok, const uint8_t *text, size_t len, i
     return ids;
 }
 
-/* -m chat: one user turn per line of stdin. The KV cache keeps the conversation: each turn's
- * prompt is rendered whole by the chat template, and only the tokens after the part already
- * cached are run. When a turn does not fit, the oldest turns are dropped (said on stderr). */
+/* the whole of a file ("-": standard input), NUL-terminated; *len its size */
+static char *read_file(const char *path, size_t *len) {
+    bool std_in = !strcmp(path, "-");
+    FILE *f = std_in ? stdin : fopen(path, "rb");
+    if (!f) die("%s: cannot open (%s)", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) die("%s: is a folder, not a file", path);
+    size_t cap = 1 << 16, n = 0, got;
+    char *buf = xcalloc(cap, 1, "file contents");
+    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
+        n += got;
+        if (n + 1 == cap) {
+            char *bigger = realloc(buf, cap *= 2);
+            if (!bigger) die("%s: out of memory reading it", path);
+            buf = bigger;
+        }
+    }
+    if (ferror(f)) die("%s: read failed", std_in ? "standard input" : path);
+    if (!std_in) fclose(f);
+    buf[n] = 0;
+    *len = n;
+    return buf;
+}
+
+/* A conversation: its messages, and the tools the template lists (each its JSON text). From
+ * --messages FILE.json and --tools FILE.json (OpenAI's formats), or from -y and the text given. */
+typedef struct {
+    ChatMessage *msgs;          /* [n], room for cap */
+    int n, cap;
+    char **tools;               /* [n_tools] */
+    int n_tools;
+} Conversation;
+
+static void conversation_add(Conversation *cv, ChatMessage msg) {
+    if (cv->n == cv->cap) {
+        cv->cap = cv->cap ? 2 * cv->cap : 16;
+        ChatMessage *bigger = realloc(cv->msgs, sizeof *bigger * (size_t)cv->cap);
+        if (!bigger) die("out of memory growing the conversation");
+        cv->msgs = bigger;
+    }
+    cv->msgs[cv->n++] = msg;
+}
+
+static void conversation_drop(Conversation *cv, int at, int count) {  /* messages [at, at + count) */
+    for (int i = at; i < at + count; i++) chat_message_free(&cv->msgs[i]);
+    memmove(cv->msgs + at, cv->msgs + at + count, sizeof *cv->msgs * (size_t)(cv->n - at - count));
+    cv->n -= count;
+}
+
+static void conversation_free(Conversation *cv) {
+    for (int i = 0; i < cv->n; i++) chat_message_free(&cv->msgs[i]);
+    for (int i = 0; i < cv->n_tools; i++) free(cv->tools[i]);
+    free(cv->msgs);
+    free(cv->tools);
+}
+
+static const char *TEMPLATE_NAMES[] = {"none", "plain ChatML", "MiniMind2", "minimind-3", "MiniMind2 without tools"};
+
+/* the conversation that chat starts from and -m prompt renders: --messages, else -y's system
+ * prompt (and, for -m prompt, the text as the user's message); --tools; checked against what
+ * the model's template can render */
+static Conversation conversation_load(const char *model_path, int template, const char *messages_path,
+                                      const char *tools_path, const char *system, const char *user, bool think) {
+    Conversation cv = {0};
+    if (template == MM_CHAT_NONE)
+        die("%s: this model has no chat template (a pretrained checkpoint?); use -m generate", model_path);
+    if (think && template != MM_CHAT_MINIMIND3)
+        die("--think opens minimind-3's thinking block; this model's template (%s) has none",
+            TEMPLATE_NAMES[template]);
+    if (messages_path) {
+        size_t len;
+        char *json = read_file(messages_path, &len);
+        ChatMessage *msgs;
+        int n;
+        const char *err = chat_parse_messages(json, len, &msgs, &n, tools_path ? NULL : &cv.tools, &cv.n_tools);
+        if (err) die("%s: %s", messages_path, err);
+        for (int i = 0; i < n; i++) conversation_add(&cv, msgs[i]);
+        free(msgs);
+        free(json);
+        if (system && !strcmp(cv.msgs[0].role, "system"))
+            die("-y gives a system prompt, and %s starts with one too: give one of them", messages_path);
+    }
+    if (tools_path) {
+        size_t len;
+        char *json = read_file(tools_path, &len);
+        const char *err = chat_parse_tools(json, len, &cv.tools, &cv.n_tools);
+        if (err) die("%s: %s", tools_path, err);
+        free(json);
+    }
+    if (system) {  /* it goes first */
+        conversation_add(&cv, (ChatMessage){0});
+        memmove(cv.msgs + 1, cv.msgs, sizeof *cv.msgs * (size_t)(cv.n - 1));
+        cv.msgs[0] = (ChatMessage){.role = "system", .content = xstrdup(system)};
+    }
+    if (user) conversation_add(&cv, (ChatMessage){.role = "user", .content = xstrdup(user)});
+    const char *err = chat_check(template, cv.msgs, cv.n, cv.n_tools);
+    if (err) die("%s: %s", messages_path && strstr(err, "message") ? messages_path : model_path, err);
+    return cv;
+}
+
+/* -m chat: one user turn per line of stdin (a line "/tool TEXT" is a tool's result instead). The
+ * conversation may start from --messages: when it ends with a user's or a tool's message, the
+ * reply to it comes first. The KV cache keeps the conversation: each turn's prompt is rendered
+ * whole by the chat template, and only the tokens after the part already cached are run. When a
+ * turn does not fit, the oldest turns are dropped (said on stderr). */
 #define CHAT_MAX_REPLY 8192  /* chat's -n: a reply runs to its end, as MiniMind's eval_llm.py lets it */
 
 /* what chat takes from the command line */
 typedef struct {
-    const char *system;         /* -y: the system prompt, NULL: the template's default */
     bool think;                 /* --think: open minimind-3's thinking block */
     int max_reply;              /* -n */
     int history;                /* --history: earlier messages kept, -1: all */
     bool show_prompt, verbose;  /* --verbose-prompt, -v */
 } ChatSettings;
 
-static void chat(const Model *m, State *s, const Tokenizer *tok, Sampler *sp, Context *c,
+static void chat(const Model *m, State *s, const Tokenizer *tok, Sampler *sp, Context *c, Conversation *cv,
                  const ChatSettings *cs) {
-    const char *system = cs->system;
-    bool think = cs->think, verbose = cs->verbose;
     int max_new = cs->max_reply;
     int template = (int)m->cfg.chat_template;
-    if (template == MM_CHAT_NONE)
-        die("%s: this model has no chat template (a pretrained checkpoint?); use -m generate", m->path);
-    int cap = 16, n_msgs = 0;
-    ChatMessage *msgs = xcalloc((size_t)cap, sizeof *msgs, "conversation");
-    if (system) msgs[n_msgs++] = (ChatMessage){"system", strdup(system)};
-    int first_turn = n_msgs;
+    int first_turn = cv->n > 0 && !strcmp(cv->msgs[0].role, "system");  /* the system prompt stays */
+    bool answer_first = cv->n > first_turn && (!strcmp(cv->msgs[cv->n - 1].role, "user") ||
+                                               !strcmp(cv->msgs[cv->n - 1].role, "tool"));
     bool tty = isatty(0);
     char *line = NULL;
     size_t line_cap = 0;
     Stats total = {0};
     for (;;) {
-        if (tty) { fputs("> ", stdout); fflush(stdout); }
-        ssize_t got = getline(&line, &line_cap, stdin);
-        if (got < 0) break;
-        while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
-        if (got == 0) continue;
-        if (n_msgs + 2 > cap) {
-            ChatMessage *bigger = realloc(msgs, sizeof *msgs * (size_t)(cap *= 2));
-            if (!bigger) die("out of memory growing the conversation");
-            msgs = bigger;
+        if (!answer_first) {  /* the next turn from standard input */
+            if (tty) { fputs("> ", stdout); fflush(stdout); }
+            ssize_t got = getline(&line, &line_cap, stdin);
+            if (got < 0) break;
+            while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
+            if (got == 0) continue;
+            bool tool = !strncmp(line, "/tool ", 6);
+            if (tool && !chat_has_tools(template)) {
+                fprintf(stderr, "[this model's chat template has no tool messages]\n");
+                continue;
+            }
+            conversation_add(cv, (ChatMessage){.role = tool ? "tool" : "user", .content = xstrdup(line + (tool ? 6 : 0))});
         }
-        msgs[n_msgs++] = (ChatMessage){"user", strdup(line)};
-        while (cs->history >= 0 && n_msgs - 1 - first_turn > cs->history) {  /* --history: in pairs */
-            int drop = n_msgs - 1 - first_turn >= 2 ? 2 : 1;
-            for (int i = 0; i < drop; i++) free((char *)msgs[first_turn + i].content);
-            memmove(msgs + first_turn, msgs + first_turn + drop,
-                    sizeof *msgs * (size_t)(n_msgs - first_turn - drop));
-            n_msgs -= drop;
-        }
+        answer_first = false;
+        while (cs->history >= 0 && cv->n - 1 - first_turn > cs->history)  /* --history: in pairs */
+            conversation_drop(cv, first_turn, cv->n - 1 - first_turn >= 2 ? 2 : 1);
         int n_ids, *ids;
-        for (;;) {  /* render; drop the oldest user/assistant pair while it does not fit */
-            char *prompt = chat_render(template, msgs, n_msgs, true, think);
+        for (;;) {  /* render; drop the oldest pair of messages while it does not fit */
+            char *prompt = chat_render(template, cv->msgs, cv->n, cv->tools, cv->n_tools, true, cs->think);
             if (!prompt) die("out of memory rendering the chat prompt");
             ids = encode_text(tok, (const uint8_t *)prompt, strlen(prompt), &n_ids);
-            bool fits = n_ids < s->ctx || n_msgs - first_turn <= 1;
+            bool fits = n_ids < s->ctx || cv->n - first_turn <= 1;
             if (fits && cs->show_prompt)
                 fprintf(stderr, "[prompt, %d tokens]\n%s\n[end of prompt]\n", n_ids, prompt);
             free(prompt);
             if (fits) break;
             free(ids);
             fprintf(stderr, "[context of %d tokens is full: dropping the oldest turn]\n", s->ctx);
-            free((char *)msgs[first_turn].content);
-            free((char *)msgs[first_turn + 1].content);
-            memmove(msgs + first_turn, msgs + first_turn + 2,
-                    sizeof *msgs * (size_t)(n_msgs - first_turn - 2));
-            n_msgs -= 2;
+            conversation_drop(cv, first_turn, 2);
         }
         if (n_ids >= s->ctx) {
             fprintf(stderr, "[this message is %d tokens with the template; the context holds %d (-c)]\n",
                     n_ids, s->ctx);
             free(ids);
-            free((char *)msgs[--n_msgs].content);
+            conversation_drop(cv, cv->n - 1, 1);
             continue;
         }
         /* keep the cached prefix that the new prompt shares, run the rest */
@@ -1686,16 +1782,16 @@ static void chat(const Model *m, State *s, const Tokenizer *tok, Sampler *sp, Co
         if (!ended && st.generated == max_new)
             fprintf(stderr, "[the reply stopped at -n %d tokens]\n", max_new);
         if (reply.oom) die("out of memory keeping the reply");
-        msgs[n_msgs++] = (ChatMessage){"assistant", reply.s};
-        if (verbose) print_stats(&st);
+        /* the reply as the model wrote it, <tool_call> blocks included: rendered again, it is the
+         * same text, so the next turn reuses its cache */
+        conversation_add(cv, (ChatMessage){.role = "assistant", .content = reply.s});
+        if (cs->verbose) print_stats(&st);
         total.prompt += st.prompt; total.generated += st.generated;
         total.prefill_s += st.prefill_s; total.decode_s += st.decode_s;
         if (interrupted) break;
     }
     free(line);
-    for (int i = 0; i < n_msgs; i++) free((char *)msgs[i].content);
-    free(msgs);
-    if (verbose) print_stats(&total);
+    if (cs->verbose) print_stats(&total);
 }
 
 /* peak resident memory of this process so far, MB */
@@ -1780,6 +1876,7 @@ static void print_token_text(const uint8_t *b, size_t n) {
 
 typedef struct {
     const char *model_path, *mode, *ids_arg, *out_path, *text, *text_file, *system;
+    const char *messages_path, *tools_path;  /* --messages, --tools */
     int ctx, threads, batch, steps, top_k;
     bool verbose, think, show_tokens, csv;
     float temperature, top_p, repeat_penalty;
@@ -1816,7 +1913,8 @@ static const char *kernels_line(void) {
 static void usage(FILE *f) {
     fputs(
 "usage: run MODEL.bin [options]\n"
-"  -m MODE                generate | chat | tokenize | decode | logits | ppl | rope | bench\n"
+"  -m MODE                generate | chat | prompt | tokenize | decode | logits | ppl | rope |\n"
+"                         bench\n"
 "                         [generate]\n"
 "  -i TEXT                input text: the prompt (generate), the text (tokenize, logits, ppl)\n"
 "  -f FILE                input text read from FILE, byte for byte (-: standard input, which\n"
@@ -1833,8 +1931,17 @@ static void usage(FILE *f) {
 "  --repeat-penalty F     divide positive / multiply negative logits of tokens in the context\n"
 "                         by F; 1 = off  [1.0]\n"
 "  -s N                   random seed  [from the clock]\n"
-"  -y TEXT                chat: system prompt  [the template's default]\n"
-"  --think                chat: open minimind-3's thinking block\n"
+"  -y TEXT                chat, prompt: system prompt  [the template's default]\n"
+"  --think                chat, prompt: open minimind-3's thinking block\n"
+"  --messages FILE        chat, prompt: start from this conversation, OpenAI's messages format\n"
+"                         (JSON: a list of {role, content}, roles system, user, assistant (with\n"
+"                         reasoning_content, tool_calls) and tool; or an object with \"messages\"\n"
+"                         and \"tools\"); chat answers its last message first when a user's or a\n"
+"                         tool's\n"
+"  --tools FILE           chat, prompt: the tools the model may call, as OpenAI's API lists them\n"
+"                         (JSON: [{\"type\": \"function\", \"function\": {name, description,\n"
+"                         parameters}}]); a reply's <tool_call> is printed as the model wrote it,\n"
+"                         and a chat line \"/tool TEXT\" gives a tool's result\n"
 "  --history N            chat: keep only the last N messages of the conversation, in pairs\n"
 "                         (eval_llm.py's --historys); 0 = none  [all that fit the context]\n"
 "  --verbose-prompt       chat: print each turn's prompt, as the template renders it, on stderr\n"
@@ -1870,7 +1977,9 @@ static void usage(FILE *f) {
 "  --version              the build: its commit, the model file format, kernels and threads\n"
 "  -h, --help             this text\n"
 "generate feeds <|im_start|> + the text, as MiniMind does for pretrained checkpoints; chat\n"
-"renders each turn with the checkpoint's chat template. YaRN defaults are MiniMind's\n"
+"renders each turn with the checkpoint's chat template; prompt prints what the template renders\n"
+"for --messages (or -y and the text as the user's message) with --tools, ready for the\n"
+"assistant's reply, and exits. YaRN defaults are MiniMind's\n"
 "inference_rope_scaling=True; values from the checkpoint's config.json (stored at export)\n"
 "come next; explicit flags win. rope prints the frequency of each dimension pair as CSV,\n"
 "and what the scaling makes of it. bench times a 512-token prompt and -n decoded tokens after\n"
@@ -1896,13 +2005,14 @@ static float parse_float(const char *flag, const char *v, float lo, float hi) {
     return x;
 }
 
-static const char *MODES[] = {"generate", "chat", "tokenize", "decode", "logits", "ppl", "rope", "bench"};
+static const char *MODES[] = {"generate", "chat", "prompt", "tokenize", "decode", "logits", "ppl", "rope", "bench"};
 
 /* the options that take a value (parse_args) */
 static const char *VALUE_FLAGS[] = {
     "-m", "-i", "-f", "--ids", "-o", "-n", "-t", "-p", "-k", "--repeat-penalty", "-s", "-y", "-c", "--ctx",
     "--threads", "--batch", "--rope-base", "--kv", "--rope-scaling", "--rope-scale", "--yarn-orig-ctx",
     "--yarn-beta-fast", "--yarn-beta-slow", "--yarn-attn-factor", "--history", "--row-bits", "--per-position",
+    "--messages", "--tools",
     "--pos-offset"};
 
 #ifndef MINIMIND_VERSION
@@ -1973,6 +2083,8 @@ static void parse_args(Options *o, int argc, char **argv) {
             o->seed_given = true;
         } else if (!strcmp(a, "-y"))
             o->system = v;
+        else if (!strcmp(a, "--messages")) o->messages_path = v;
+        else if (!strcmp(a, "--tools")) o->tools_path = v;
         else if (!strcmp(a, "--history")) o->history = (int)parse_int(a, v, 0, 1 << 24);
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) o->ctx = (int)parse_int(a, v, 1, 1 << 24);
         else if (!strcmp(a, "--threads")) o->threads = (int)parse_int(a, v, 1, 1024);
@@ -2001,14 +2113,21 @@ static void parse_args(Options *o, int argc, char **argv) {
     if (!o->model_path) { usage(stderr); die("no model file given"); }
     bool known = false;
     for (size_t i = 0; i < sizeof MODES / sizeof MODES[0]; i++) known |= !strcmp(o->mode, MODES[i]);
-    if (!known) die("-m expects generate, chat, tokenize, decode, logits, ppl, rope or bench, got '%s'", o->mode);
+    if (!known) die("-m expects generate, chat, prompt, tokenize, decode, logits, ppl, rope or bench, got '%s'", o->mode);
     if (o->text && o->text_file) die("give the input text with -i or -f, not both");
     bool chat = !strcmp(o->mode, "chat");  /* flags of chat alone, and flags chat has no use for */
+    bool prompt = !strcmp(o->mode, "prompt");
     if (chat && (o->text || o->text_file || o->ids_arg))
         die("-m chat reads each turn from standard input; %s applies to the other modes",
             o->text ? "-i" : o->text_file ? "-f" : "--ids");
-    const char *chat_flag = o->system ? "-y" : o->think ? "--think" : o->history >= 0 ? "--history"
-                          : o->verbose_prompt ? "--verbose-prompt" : NULL;
+    if (prompt && o->messages_path && (o->text || o->text_file))
+        die("-m prompt renders --messages, or the text (%s) as the user's message: give one of them",
+            o->text ? "-i" : "-f");
+    if (prompt && o->ids_arg) die("-m prompt renders text; --ids applies to logits, ppl and decode");
+    const char *template_flag = o->system ? "-y" : o->think ? "--think" : o->messages_path ? "--messages"
+                              : o->tools_path ? "--tools" : NULL;
+    if (!chat && !prompt && template_flag) die("%s applies to -m chat and -m prompt only", template_flag);
+    const char *chat_flag = o->history >= 0 ? "--history" : o->verbose_prompt ? "--verbose-prompt" : NULL;
     if (!chat && chat_flag) die("%s applies to -m chat only", chat_flag);
     if (o->per_position && strcmp(o->mode, "ppl")) die("--per-position applies to -m ppl only");
     bool samples = chat || !strcmp(o->mode, "generate");
@@ -2017,7 +2136,7 @@ static void parse_args(Options *o, int argc, char **argv) {
     if (!samples && o->steps_given && strcmp(o->mode, "bench"))
         die("-n applies to generate, chat and bench, not -m %s", o->mode);
     bool runs_model = strcmp(o->mode, "tokenize") && strcmp(o->mode, "decode") && strcmp(o->mode, "rope") &&
-                      strcmp(o->mode, "bench");
+                      strcmp(o->mode, "bench") && !prompt;
     if (!runs_model && (o->pos_offset || o->no_rope))
         die("%s applies to the modes that run the model (generate, chat, logits, ppl), not -m %s",
             o->pos_offset ? "--pos-offset" : "--no-rope", o->mode);
@@ -2120,30 +2239,6 @@ static void print_rope(const mm_header *h, const Rope *r, int ctx) {
     free(used);
 }
 
-/* the whole of a file ("-": standard input), NUL-terminated; *len its size */
-static char *read_file(const char *path, size_t *len) {
-    bool std_in = !strcmp(path, "-");
-    FILE *f = std_in ? stdin : fopen(path, "rb");
-    if (!f) die("%s: cannot open (%s)", path, strerror(errno));
-    struct stat st;
-    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) die("%s: is a folder, not a file", path);
-    size_t cap = 1 << 16, n = 0, got;
-    char *buf = xcalloc(cap, 1, "file contents");
-    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (n + 1 == cap) {
-            char *bigger = realloc(buf, cap *= 2);
-            if (!bigger) die("%s: out of memory reading it", path);
-            buf = bigger;
-        }
-    }
-    if (ferror(f)) die("%s: read failed", std_in ? "standard input" : path);
-    if (!std_in) fclose(f);
-    buf[n] = 0;
-    *len = n;
-    return buf;
-}
-
 /* The ids in text p, checked, written to ids when it is not NULL; their count. */
 static size_t scan_ids(const char *p, int *ids, uint32_t vocab) {
     size_t n = 0;
@@ -2221,10 +2316,15 @@ int main(int argc, char **argv) {
         return 0;
     }
 
+    Conversation conversation = {0};  /* chat's: read first, so that a bad file fails at once */
+    if (chatting)
+        conversation = conversation_load(o.model_path, (int)h->chat_template, o.messages_path, o.tools_path,
+                                         o.system, NULL, o.think);
+
     /* the input: token ids, or text (which generate, logits and ppl start with BOS) */
     size_t text_len = 0;
     const char *text_file = o.text_file;
-    bool reads_text = !chatting && !benching && strcmp(o.mode, "decode");
+    bool reads_text = !chatting && !benching && strcmp(o.mode, "decode") && !o.messages_path;
     if (!text_file && !o.text && !o.ids_arg && reads_text && !isatty(STDIN_FILENO))
         text_file = "-";  /* echo TEXT | ./run MODEL: the text comes from standard input */
     char *text = text_file ? read_file(text_file, &text_len) : NULL;
@@ -2234,6 +2334,23 @@ int main(int argc, char **argv) {
     }
     if (o.text) text_len = strlen(o.text);
     const char *input = text ? text : o.text;
+    if (!strcmp(o.mode, "prompt")) {  /* the text the template renders, as it goes to the model */
+        if (!o.messages_path && !input)
+            die("-m prompt needs --messages FILE, or the user's message (-i TEXT or -f FILE)");
+        if (input && memchr(input, 0, text_len)) die("%s: the message holds a NUL byte", text_file ? text_file : "-i");
+        Conversation cv = conversation_load(o.model_path, (int)h->chat_template, o.messages_path, o.tools_path,
+                                            o.system, input, o.think);
+        char *prompt = chat_render((int)h->chat_template, cv.msgs, cv.n, cv.tools, cv.n_tools, true, o.think);
+        if (!prompt) die("out of memory rendering the chat prompt");
+        fputs(prompt, stdout);
+        if (o.verbose) {
+            int n;
+            free(encode_text(&tok, (const uint8_t *)prompt, strlen(prompt), &n));
+            fprintf(stderr, "[%d messages, %d tools: %d tokens]\n", cv.n, cv.n_tools, n);
+        }
+        free(prompt); conversation_free(&cv); free(text); tokenizer_free(&tok); model_free(&m);
+        return 0;
+    }
     if (!strcmp(o.mode, "tokenize")) {
         if (!input) die("-m tokenize needs -i TEXT or -f FILE");
         int n;
@@ -2326,10 +2443,11 @@ int main(int argc, char **argv) {
             fflush(stdout);  /* the text before the stats, also when both go to one pipe */
             print_stats(&st);
         } else {
-            ChatSettings cs = {.system = o.system, .think = o.think, .history = o.history,
+            ChatSettings cs = {.think = o.think, .history = o.history,
                                .max_reply = o.steps_given ? o.steps : CHAT_MAX_REPLY,
                                .show_prompt = o.verbose_prompt, .verbose = o.verbose};
-            chat(&m, &s, &tok, &sp, &c, &cs);
+            chat(&m, &s, &tok, &sp, &c, &conversation, &cs);
+            conversation_free(&conversation);
         }
         free(c.tokens); free(c.seen); free(sp.cand); free(sp.kth);
         if (interrupted) fputs("[interrupted]\n", stderr);

@@ -12,6 +12,8 @@
  * run.c includes this file (one translation unit, like llama2.c); its exports are tokenizer_*,
  * utf8_* and chat_*, and everything else is static.
  */
+#include <math.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -565,9 +567,20 @@ done:
  * Chat templates: what each checkpoint's tokenizer_config.json chat_template renders
  * ============================================================================================ */
 
+/* a tool call of an assistant turn */
 typedef struct {
-    const char *role;           /* "system", "user" or "assistant" */
-    const char *content;
+    char *name;                 /* the function's name */
+    char *arguments;            /* its arguments as the template prints them: given as a string,
+                                   that string; given as JSON, that JSON as Jinja's tojson writes it */
+} ChatToolCall;
+
+/* one message of a conversation (OpenAI's messages format) */
+typedef struct {
+    const char *role;           /* "system", "user", "assistant" or "tool" */
+    const char *content;        /* its text; NULL when null or not given (the template prints "") */
+    const char *reasoning;      /* assistant: reasoning_content; NULL when not given */
+    ChatToolCall *tool_calls;   /* assistant: the calls it made, [n_tool_calls] */
+    int n_tool_calls;
 } ChatMessage;
 
 typedef struct { char *s; size_t len, cap; bool oom; } Str;
@@ -602,57 +615,575 @@ static const char *find_last(const char *s, const char *e, const char *needle) {
     return NULL;
 }
 
-/* minimind-3 renders an assistant turn as <think>\n{reasoning}\n</think>\n\n{answer}, taking the
- * reasoning out of content that already holds a </think>, as its template does */
-static void render_minimind3_assistant(Str *b, const char *content) {
-    const char *end = content + strlen(content);
-    const char *close = strstr(content, "</think>");
+/* ============================================================================================
+ * Conversations and tools in JSON (OpenAI's format), read as JSON.parse reads them
+ * ============================================================================================ */
+
+typedef struct Json Json;
+struct Json {
+    enum { JSON_NULL, JSON_FALSE, JSON_TRUE, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT } type;
+    double number;
+    char *string;               /* JSON_STRING: UTF-8, NUL-terminated (a \u0000 is refused) */
+    Json *items;                /* JSON_ARRAY: [n]; JSON_OBJECT: the values, [n] */
+    char **keys;                /* JSON_OBJECT: the keys, [n], in first-seen order (a repeated key
+                                   keeps its first place and its last value, as JSON.parse does) */
+    int n;
+};
+
+typedef struct {
+    const char *s, *at, *end;
+    char error[160];
+} JsonParser;
+
+enum { JSON_MAX_DEPTH = 200 };
+
+static bool json_fail(JsonParser *p, const char *what) {
+    if (p->error[0]) return false;
+    int line = 1, column = 1;
+    for (const char *c = p->s; c < p->at; c++) {
+        if (*c == '\n') line++, column = 1;
+        else if (((unsigned char)*c & 0xC0) != 0x80) column++;
+    }
+    snprintf(p->error, sizeof p->error, "JSON at line %d, column %d: %s", line, column, what);
+    return false;
+}
+
+static void json_skip_space(JsonParser *p) {
+    while (p->at < p->end && (*p->at == ' ' || *p->at == '\t' || *p->at == '\n' || *p->at == '\r')) p->at++;
+}
+
+static int hex_digit(char c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+static bool json_u16(JsonParser *p, uint32_t *u) {  /* the XXXX of \uXXXX */
+    *u = 0;
+    for (int i = 0; i < 4; i++) {
+        int d = p->at < p->end ? hex_digit(*p->at) : -1;
+        if (d < 0) return json_fail(p, "\\u needs four hex digits");
+        *u = *u << 4 | (uint32_t)d;
+        p->at++;
+    }
+    return true;
+}
+
+static bool json_string(JsonParser *p, char **out) {
+    Str b = {0};
+    str_add(&b, "", 0);
+    p->at++;  /* the opening quote */
+    for (;;) {
+        if (p->at >= p->end) { free(b.s); return json_fail(p, "a string is not closed"); }
+        unsigned char c = (unsigned char)*p->at;
+        if (c == '"') break;
+        if (c < 0x20) { free(b.s); return json_fail(p, "a control character inside a string (write it as \\n, \\t or \\u00XX)"); }
+        if (c != '\\') {
+            bool complete;
+            uint32_t cp;
+            size_t k = utf8_prefix((const uint8_t *)p->at, (size_t)(p->end - p->at), &complete, &cp);
+            if (!complete) { free(b.s); return json_fail(p, "text that is not UTF-8"); }
+            str_add(&b, p->at, k);
+            p->at += k;
+            continue;
+        }
+        p->at++;
+        char e = p->at < p->end ? *p->at++ : 0;
+        const char *simple = strchr("\"\\/bfnrt", e);
+        if (e && simple) {
+            str_add(&b, &"\"\\/\b\f\n\r\t"[simple - "\"\\/bfnrt"], 1);
+            continue;
+        }
+        uint32_t u, low;
+        if (e != 'u') { free(b.s); return json_fail(p, "an unknown escape in a string"); }
+        if (!json_u16(p, &u)) { free(b.s); return false; }
+        if (u >= 0xD800 && u < 0xDC00) {  /* a surrogate pair: \uD8xx\uDCxx */
+            if (p->end - p->at < 2 || p->at[0] != '\\' || p->at[1] != 'u') { free(b.s); return json_fail(p, "a lone surrogate \\u escape"); }
+            p->at += 2;
+            if (!json_u16(p, &low)) { free(b.s); return false; }
+            if (low < 0xDC00 || low >= 0xE000) { free(b.s); return json_fail(p, "a lone surrogate \\u escape"); }
+            u = 0x10000 + ((u - 0xD800) << 10) + (low - 0xDC00);
+        } else if (u >= 0xDC00 && u < 0xE000) {
+            free(b.s);
+            return json_fail(p, "a lone surrogate \\u escape");
+        }
+        if (u == 0) { free(b.s); return json_fail(p, "a \\u0000 in a string (text may not hold NUL)"); }
+        char utf8[4];
+        int k = u < 0x80 ? 1 : u < 0x800 ? 2 : u < 0x10000 ? 3 : 4;
+        if (k == 1) utf8[0] = (char)u;
+        else {
+            for (int i = k - 1; i > 0; i--, u >>= 6) utf8[i] = (char)(0x80 | (u & 0x3F));
+            utf8[0] = (char)((0xF0 << (4 - k)) | u);
+        }
+        str_add(&b, utf8, (size_t)k);
+    }
+    p->at++;  /* the closing quote */
+    if (b.oom) { free(b.s); return json_fail(p, "out of memory"); }
+    *out = b.s;
+    return true;
+}
+
+static bool json_number_text(JsonParser *p, double *x) {  /* -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? */
+    const char *s = p->at, *c = s;
+    #define DIGITS(c) ((c) < p->end && *(c) >= '0' && *(c) <= '9')
+    if (c < p->end && *c == '-') c++;
+    if (!DIGITS(c)) return json_fail(p, "a number needs digits");
+    if (*c == '0') c++;
+    else while (DIGITS(c)) c++;
+    if (c < p->end && *c == '.') {
+        if (!DIGITS(c + 1)) return json_fail(p, "a number needs digits after its point");
+        for (c++; DIGITS(c); c++) {}
+    }
+    if (c < p->end && (*c == 'e' || *c == 'E')) {
+        c++;
+        if (c < p->end && (*c == '+' || *c == '-')) c++;
+        if (!DIGITS(c)) return json_fail(p, "a number needs digits in its exponent");
+        while (DIGITS(c)) c++;
+    }
+    #undef DIGITS
+    char buf[64];
+    if (c - s >= (long)sizeof buf) return json_fail(p, "a number of more than 63 characters");
+    memcpy(buf, s, (size_t)(c - s));
+    buf[c - s] = 0;
+    *x = strtod(buf, NULL);
+    if (!isfinite(*x)) return json_fail(p, "a number beyond a double's range");
+    p->at = c;
+    return true;
+}
+
+static void json_free(Json *v) {
+    if (v->type == JSON_STRING) free(v->string);
+    for (int i = 0; i < v->n; i++) {
+        json_free(&v->items[i]);
+        if (v->keys) free(v->keys[i]);
+    }
+    free(v->items);
+    free(v->keys);
+    *v = (Json){0};
+}
+
+static bool json_value(JsonParser *p, Json *v, int depth);
+
+/* the items of an array, or the members of an object: [ v, v ] or { "k": v, "k": v } */
+static bool json_members(JsonParser *p, Json *v, int depth, bool object) {
+    char close = object ? '}' : ']';
+    p->at++;
+    json_skip_space(p);
+    if (p->at < p->end && *p->at == close) { p->at++; return true; }
+    int cap = 0;
+    for (;;) {
+        json_skip_space(p);
+        char *key = NULL;
+        if (object) {
+            if (p->at >= p->end || *p->at != '"') return json_fail(p, "expected a key in quotes");
+            if (!json_string(p, &key)) return false;
+            json_skip_space(p);
+            if (p->at >= p->end || *p->at != ':') { free(key); return json_fail(p, "expected ':' after a key"); }
+            p->at++;
+        }
+        Json item = {0};
+        if (!json_value(p, &item, depth + 1)) { json_free(&item); free(key); return false; }
+        int at = v->n;
+        for (int i = 0; object && i < v->n; i++)
+            if (!strcmp(v->keys[i], key)) at = i;
+        if (at < v->n) {  /* a repeated key: the last value, in the first place */
+            json_free(&v->items[at]);
+            v->items[at] = item;
+            free(key);
+        } else {
+            if (v->n == cap) {
+                cap = cap ? 2 * cap : 4;
+                Json *items = realloc(v->items, sizeof *items * (size_t)cap);
+                if (items) v->items = items;
+                char **keys = object ? realloc(v->keys, sizeof *keys * (size_t)cap) : NULL;
+                if (keys) v->keys = keys;
+                if (!items || (object && !keys)) { json_free(&item); free(key); return json_fail(p, "out of memory"); }
+            }
+            v->items[v->n] = item;
+            if (object) v->keys[v->n] = key;
+            v->n++;
+        }
+        json_skip_space(p);
+        if (p->at < p->end && *p->at == ',') { p->at++; continue; }
+        if (p->at < p->end && *p->at == close) { p->at++; return true; }
+        return json_fail(p, object ? "expected ',' or '}'" : "expected ',' or ']'");
+    }
+}
+
+static bool json_value(JsonParser *p, Json *v, int depth) {
+    json_skip_space(p);
+    if (depth > JSON_MAX_DEPTH) return json_fail(p, "nested more than 200 deep");
+    if (p->at >= p->end) return json_fail(p, "the text ends where a value was expected");
+    char c = *p->at;
+    size_t left = (size_t)(p->end - p->at);
+    if (c == '{' || c == '[') {
+        v->type = c == '{' ? JSON_OBJECT : JSON_ARRAY;
+        return json_members(p, v, depth, c == '{');
+    }
+    if (c == '"') {
+        v->type = JSON_STRING;
+        return json_string(p, &v->string);
+    }
+    if (c == '-' || (c >= '0' && c <= '9')) {
+        v->type = JSON_NUMBER;
+        return json_number_text(p, &v->number);
+    }
+    static const struct { const char *word; int type; } words[] = {
+        {"null", JSON_NULL}, {"true", JSON_TRUE}, {"false", JSON_FALSE}};
+    for (int i = 0; i < 3; i++) {
+        size_t n = strlen(words[i].word);
+        if (left >= n && !memcmp(p->at, words[i].word, n)) {
+            v->type = words[i].type;
+            p->at += n;
+            return true;
+        }
+    }
+    return json_fail(p, "expected a value: an object, array, string, number, true, false or null");
+}
+
+/* a whole JSON text; on failure, the problem in p->error */
+static bool json_parse(JsonParser *p, const char *text, size_t len, Json *v) {
+    *p = (JsonParser){.s = text, .at = text, .end = text + len};
+    *v = (Json){0};
+    if (len >= 3 && !memcmp(text, "\xEF\xBB\xBF", 3)) p->at += 3;  /* a byte order mark */
+    bool ok = json_value(p, v, 0);
+    json_skip_space(p);
+    if (ok && p->at < p->end) ok = json_fail(p, "more text after the JSON value");
+    if (!ok) json_free(v);
+    return ok;
+}
+
+static const Json *json_get(const Json *object, const char *key) {
+    for (int i = 0; object->type == JSON_OBJECT && i < object->n; i++)
+        if (!strcmp(object->keys[i], key)) return &object->items[i];
+    return NULL;
+}
+
+/* A number as JavaScript writes it (what @huggingface/jinja's tojson prints): the shortest digits
+ * that read back to the same double; 1e21 and up, and below 1e-6, with an exponent. */
+static void json_write_number(Str *b, double x) {
+    if (x == 0) { str_cat(b, "0"); return; }  /* -0 too */
+    char e[40], digits[24], out[48];
+    for (int precision = 1; precision <= 17; precision++) {
+        snprintf(e, sizeof e, "%.*e", precision - 1, x);
+        if (strtod(e, NULL) == x) break;
+    }
+    int k = 0, o = 0;  /* e is [-]d[.ddd]e[+-]dd: the digits, then where the point goes */
+    const char *c = e;
+    if (*c == '-') out[o++] = *c++;
+    for (; *c != 'e'; c++)
+        if (*c != '.') digits[k++] = *c;
+    int point = atoi(c + 1) + 1;
+    while (k > 1 && digits[k - 1] == '0') k--;
+    if (k <= point && point <= 21) {  /* an integer: 123000 */
+        for (int i = 0; i < point; i++) out[o++] = i < k ? digits[i] : '0';
+    } else if (0 < point && point <= 21) {  /* 12.5 */
+        for (int i = 0; i < k; i++) {
+            if (i == point) out[o++] = '.';
+            out[o++] = digits[i];
+        }
+    } else if (-6 < point && point <= 0) {  /* 0.00125 */
+        out[o++] = '0', out[o++] = '.';
+        for (int i = 0; i < -point; i++) out[o++] = '0';
+        for (int i = 0; i < k; i++) out[o++] = digits[i];
+    } else {  /* 1.25e+21, 1e-7 */
+        out[o++] = digits[0];
+        if (k > 1) out[o++] = '.';
+        for (int i = 1; i < k; i++) out[o++] = digits[i];
+        o += snprintf(out + o, sizeof out - (size_t)o, "e%c%d", point - 1 >= 0 ? '+' : '-', abs(point - 1));
+    }
+    str_add(b, out, (size_t)o);
+}
+
+static void json_write_string(Str *b, const char *s) {  /* JSON.stringify's escapes; all else as is */
+    str_cat(b, "\"");
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        const char *esc = c == '"' ? "\\\"" : c == '\\' ? "\\\\" : c == '\b' ? "\\b" : c == '\f' ? "\\f"
+                        : c == '\n' ? "\\n" : c == '\r' ? "\\r" : c == '\t' ? "\\t" : NULL;
+        char u[8];
+        if (!esc && c < 0x20) snprintf(u, sizeof u, "\\u%04x", c), esc = u;
+        if (esc) str_cat(b, esc);
+        else str_add(b, s, 1);
+    }
+    str_cat(b, "\"");
+}
+
+/* Jinja's `value | tojson` as @huggingface/jinja (and transformers' json.dumps) writes it: ", "
+ * between items and ": " after keys, keys in their order, no indentation */
+static void json_write(Str *b, const Json *v) {
+    switch (v->type) {
+    case JSON_NULL: str_cat(b, "null"); break;
+    case JSON_FALSE: str_cat(b, "false"); break;
+    case JSON_TRUE: str_cat(b, "true"); break;
+    case JSON_NUMBER: json_write_number(b, v->number); break;
+    case JSON_STRING: json_write_string(b, v->string); break;
+    case JSON_ARRAY:
+    case JSON_OBJECT:
+        str_cat(b, v->type == JSON_ARRAY ? "[" : "{");
+        for (int i = 0; i < v->n; i++) {
+            if (i) str_cat(b, ", ");
+            if (v->type == JSON_OBJECT) {
+                json_write_string(b, v->keys[i]);
+                str_cat(b, ": ");
+            }
+            json_write(b, &v->items[i]);
+        }
+        str_cat(b, v->type == JSON_ARRAY ? "]" : "}");
+    }
+}
+
+static char *json_text(const Json *v) {
+    Str b = {0};
+    str_add(&b, "", 0);
+    json_write(&b, v);
+    if (b.oom) { free(b.s); return NULL; }
+    return b.s;
+}
+
+static char *chat_strdup(const char *s) {
+    char *d = strdup(s);
+    if (!d) { fputs("error: out of memory reading a conversation\n", stderr); exit(1); }
+    return d;
+}
+
+void chat_message_free(ChatMessage *m) {
+    free((char *)m->content);
+    free((char *)m->reasoning);
+    for (int i = 0; i < m->n_tool_calls; i++) {
+        free(m->tool_calls[i].name);
+        free(m->tool_calls[i].arguments);
+    }
+    free(m->tool_calls);
+    *m = (ChatMessage){0};
+}
+
+static char chat_error[256];
+
+static const char *chat_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static const char *chat_fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(chat_error, sizeof chat_error, fmt, ap);
+    va_end(ap);
+    return chat_error;
+}
+
+/* one message object as the template reads it; i counts from 1 for the errors */
+static const char *chat_message(const Json *j, int i, ChatMessage *m) {
+    static const char *roles[] = {"system", "user", "assistant", "tool"};
+    *m = (ChatMessage){0};
+    if (j->type != JSON_OBJECT) return chat_fail("message %d is not an object", i);
+    const Json *role = json_get(j, "role"), *content = json_get(j, "content");
+    if (!role || role->type != JSON_STRING) return chat_fail("message %d has no \"role\" string", i);
+    for (int r = 0; r < 4; r++)
+        if (!strcmp(role->string, roles[r])) m->role = roles[r];
+    if (!m->role) return chat_fail("message %d: role \"%.40s\" is not system, user, assistant or tool", i, role->string);
+    /* the template prints a string content and nothing for null; parts (a list) it cannot print */
+    if (content && content->type != JSON_STRING && content->type != JSON_NULL)
+        return chat_fail("message %d: \"content\" is neither a string nor null (lists of parts are not read)", i);
+    if (content && content->type == JSON_STRING) m->content = chat_strdup(content->string);
+    const Json *reasoning = json_get(j, "reasoning_content"), *calls = json_get(j, "tool_calls");
+    if (reasoning && reasoning->type == JSON_STRING && m->role == roles[2])
+        m->reasoning = chat_strdup(reasoning->string);
+    if (!calls || calls->type == JSON_NULL || (calls->type == JSON_ARRAY && calls->n == 0)) return NULL;
+    if (m->role != roles[2]) return chat_fail("message %d: only an assistant's message has tool_calls", i);
+    if (calls->type != JSON_ARRAY) return chat_fail("message %d: \"tool_calls\" is not a list", i);
+    m->tool_calls = calloc((size_t)calls->n, sizeof *m->tool_calls);
+    if (!m->tool_calls) return chat_fail("out of memory");
+    for (int c = 0; c < calls->n; c++) {
+        const Json *call = &calls->items[c], *fn = json_get(call, "function");
+        if (call->type != JSON_OBJECT) return chat_fail("message %d: tool call %d is not an object", i, c + 1);
+        if (fn && fn->type == JSON_OBJECT && fn->n) call = fn;  /* {"type": "function", "function": {...}} */
+        const Json *name = json_get(call, "name"), *args = json_get(call, "arguments");
+        if (!name || name->type != JSON_STRING)
+            return chat_fail("message %d: tool call %d has no function \"name\" string", i, c + 1);
+        if (!args) return chat_fail("message %d: tool call %d has no \"arguments\"", i, c + 1);
+        ChatToolCall *tc = &m->tool_calls[m->n_tool_calls++];
+        tc->name = chat_strdup(name->string);
+        tc->arguments = args->type == JSON_STRING ? chat_strdup(args->string) : json_text(args);
+        if (!tc->arguments) return chat_fail("out of memory");
+    }
+    return NULL;
+}
+
+/* a list of tools (OpenAI's {"type": "function", "function": {...}} objects), each as its tojson text */
+static const char *chat_tools(const Json *list, char ***tools, int *n_tools) {
+    if (list->type != JSON_ARRAY) return chat_fail("\"tools\" is not a list");
+    *tools = calloc((size_t)list->n + 1, sizeof **tools);
+    if (!*tools) return chat_fail("out of memory");
+    for (int i = 0; i < list->n; i++) {
+        if (list->items[i].type != JSON_OBJECT) return chat_fail("tool %d is not an object", i + 1);
+        if (!((*tools)[(*n_tools)++] = json_text(&list->items[i]))) return chat_fail("out of memory");
+    }
+    return NULL;
+}
+
+/* A conversation: a JSON list of messages, or an object with "messages" (a request body, whose
+ * "tools" are read too when tools is not NULL). NULL on success, else what is wrong; either way
+ * the *n messages read are the caller's to free (chat_message_free, then free). */
+const char *chat_parse_messages(const char *text, size_t len, ChatMessage **msgs, int *n,
+                                char ***tools, int *n_tools) {
+    JsonParser p;
+    Json doc;
+    *msgs = NULL, *n = 0;
+    if (!json_parse(&p, text, len, &doc)) return chat_fail("%s", p.error);
+    const Json *list = doc.type == JSON_OBJECT ? json_get(&doc, "messages") : &doc;
+    const char *err = NULL;
+    if (!list || list->type != JSON_ARRAY)
+        err = chat_fail("expected a list of messages, or an object with \"messages\"");
+    else if (list->n == 0)
+        err = chat_fail("the list of messages is empty");
+    else if (!(*msgs = calloc((size_t)list->n, sizeof **msgs)))
+        err = chat_fail("out of memory");
+    for (int i = 0; !err && i < list->n; i++) {
+        err = chat_message(&list->items[i], i + 1, &(*msgs)[i]);
+        (*n)++;
+    }
+    const Json *t = doc.type == JSON_OBJECT ? json_get(&doc, "tools") : NULL;
+    if (!err && t && t->type != JSON_NULL) {
+        if (!tools) err = chat_fail("it holds \"tools\" too, and tools were given with --tools");
+        else err = chat_tools(t, tools, n_tools);
+    }
+    json_free(&doc);
+    return err;
+}
+
+/* Tools: a JSON list of tools or an object with "tools"; *tools gets each one's tojson text */
+const char *chat_parse_tools(const char *text, size_t len, char ***tools, int *n_tools) {
+    JsonParser p;
+    Json doc;
+    *tools = NULL, *n_tools = 0;
+    if (!json_parse(&p, text, len, &doc)) return chat_fail("%s", p.error);
+    const Json *list = doc.type == JSON_OBJECT ? json_get(&doc, "tools") : &doc;
+    const char *err = list ? chat_tools(list, tools, n_tools) : chat_fail("expected a list of tools, or an object with \"tools\"");
+    json_free(&doc);
+    return err;
+}
+
+/* ============================================================================================
+ * Rendering: the checkpoint's chat template, written out for each kind
+ * ============================================================================================ */
+
+static const char *text_of(const ChatMessage *m) { return m->content ? m->content : ""; }
+
+/* whether the template (enum mm_chat_template) renders tools, tool calls and tool messages */
+bool chat_has_tools(int template) {
+    return template == MM_CHAT_MINIMIND2 || template == MM_CHAT_MINIMIND3;
+}
+
+/* NULL when the template renders this conversation as its Jinja does, else why it cannot */
+const char *chat_check(int template, const ChatMessage *msgs, int n, int n_tools) {
+    if (n > 0 && !strcmp(msgs[0].role, "system") && !msgs[0].content)  /* (every template fails on it) */
+        return chat_fail("message 1: a system message with no content");
+    for (int i = 0; i < n; i++) {
+        if (chat_has_tools(template)) break;
+        if (msgs[i].n_tool_calls || !strcmp(msgs[i].role, "tool"))
+            return chat_fail("message %d: %s, which this model's chat template has no place for", i + 1,
+                             msgs[i].n_tool_calls ? "tool calls" : "a tool's result");
+        if (!msgs[i].content)  /* (the MiniMind templates print ""; the others fail on null) */
+            return chat_fail("message %d has no content, which this model's chat template needs", i + 1);
+    }
+    if (n_tools && !chat_has_tools(template)) return chat_fail("this model's chat template lists no tools");
+    return NULL;
+}
+
+/* the system block that lists the tools (both MiniMind templates): the system prompt first */
+static void render_tools(Str *b, const char *system, char *const *tools, int n_tools) {
+    str_cat(b, "<|im_start|>system\n");
+    if (system) {
+        str_cat(b, system);
+        str_cat(b, "\n\n");
+    }
+    str_cat(b, "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+               "You are provided with function signatures within <tools></tools> XML tags:\n<tools>");
+    for (int i = 0; i < n_tools; i++) {
+        str_cat(b, "\n");
+        str_cat(b, tools[i]);
+    }
+    str_cat(b, "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+               "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+               "\"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n");
+}
+
+/* an assistant turn's tool calls, after its text (content: whether that text is non-empty) */
+static void render_tool_calls(Str *b, const ChatMessage *m, bool content) {
+    for (int i = 0; i < m->n_tool_calls; i++) {
+        if (i > 0 || content) str_cat(b, "\n");
+        str_cat(b, "<tool_call>\n{\"name\": \"");
+        str_cat(b, m->tool_calls[i].name);
+        str_cat(b, "\", \"arguments\": ");
+        str_cat(b, m->tool_calls[i].arguments);
+        str_cat(b, "}\n</tool_call>");
+    }
+}
+
+/* minimind-3 renders an assistant turn as <think>\n{reasoning}\n</think>\n\n{answer}: the
+ * reasoning is reasoning_content when given, else taken out of content that holds a </think> */
+static void render_minimind3_assistant(Str *b, const ChatMessage *m) {
+    const char *content = text_of(m), *end = content + strlen(content);
     const char *r_s = "", *r_e = r_s, *a_s = content, *a_e = end;
-    if (close) {
+    if (m->reasoning) {
+        r_s = m->reasoning;
+        r_e = r_s + strlen(r_s);
+    } else if (strstr(content, "</think>")) {
         /* reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') */
         r_s = content;
-        r_e = close;
+        r_e = strstr(content, "</think>");
         strip_newlines(&r_s, &r_e, false, true);
         const char *open = find_last(r_s, r_e, "<think>");
         if (open) r_s = open + strlen("<think>");
         strip_newlines(&r_s, &r_e, true, false);
-        /* answer = content.split('</think>')[-1].lstrip('\n') */
+        /* content = content.split('</think>')[-1].lstrip('\n') */
         a_s = find_last(content, end, "</think>") + strlen("</think>");
         strip_newlines(&a_s, &a_e, true, false);
     }
-    strip_newlines(&r_s, &r_e, true, true);   /* reasoning_content.strip('\n') */
-    strip_newlines(&a_s, &a_e, true, false);  /* content.lstrip('\n') */
+    bool has_content = a_e > a_s;               /* (the test the template's tool calls make) */
+    strip_newlines(&r_s, &r_e, true, true);     /* reasoning_content.strip('\n') */
+    strip_newlines(&a_s, &a_e, true, false);    /* content.lstrip('\n') */
     str_cat(b, "<|im_start|>assistant\n<think>\n");
     str_add(b, r_s, (size_t)(r_e - r_s));
     str_cat(b, "\n</think>\n\n");
     str_add(b, a_s, (size_t)(a_e - a_s));
+    render_tool_calls(b, m, has_content);
     str_cat(b, "<|im_end|>\n");
 }
 
-/* The prompt text for a conversation, as the template names it (enum mm_chat_template).
- * add_generation_prompt opens the assistant's turn; think opens minimind-3's thinking block.
- * Returns a malloc'd string (NULL when out of memory). */
-char *chat_render(int template, const ChatMessage *msgs, int n, bool add_generation_prompt, bool think) {
+/* The prompt text for a conversation, as the template names it (enum mm_chat_template), with the
+ * tools (each its JSON text) listed in the system block when there are any. add_generation_prompt
+ * opens the assistant's turn; think opens minimind-3's thinking block. Tools, tool calls and tool
+ * messages need a MiniMind template (the caller checks). Returns a malloc'd string (NULL when out
+ * of memory). */
+char *chat_render(int template, const ChatMessage *msgs, int n, char *const *tools, int n_tools,
+                  bool add_generation_prompt, bool think) {
     Str b = {0};
     str_cat(&b, "");
     bool first_is_system = n > 0 && strcmp(msgs[0].role, "system") == 0;
-    if (first_is_system) {
+    if (n_tools > 0) {
+        render_tools(&b, first_is_system ? text_of(&msgs[0]) : NULL, tools, n_tools);
+    } else if (first_is_system) {
         str_cat(&b, "<|im_start|>system\n");
-        str_cat(&b, msgs[0].content);
+        str_cat(&b, text_of(&msgs[0]));
         str_cat(&b, "<|im_end|>\n");
-    } else if (template == MM_CHAT_MINIMIND2) {
+    } else if (template == MM_CHAT_MINIMIND2 || template == MM_CHAT_MINIMIND2_NO_TOOLS) {
         str_cat(&b, "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n");
     }
     for (int i = first_is_system ? 1 : 0; i < n; i++) {
-        if (template == MM_CHAT_MINIMIND3 && strcmp(msgs[i].role, "assistant") == 0) {
-            render_minimind3_assistant(&b, msgs[i].content);
-            continue;
+        const ChatMessage *m = &msgs[i];
+        if (!strcmp(m->role, "tool")) {  /* consecutive tool results share one user turn */
+            if (i == 0 || strcmp(msgs[i - 1].role, "tool")) str_cat(&b, "<|im_start|>user");
+            str_cat(&b, "\n<tool_response>\n");
+            str_cat(&b, text_of(m));
+            str_cat(&b, "\n</tool_response>");
+            if (i == n - 1 || strcmp(msgs[i + 1].role, "tool")) str_cat(&b, "<|im_end|>\n");
+        } else if (!strcmp(m->role, "assistant") && template == MM_CHAT_MINIMIND3) {
+            render_minimind3_assistant(&b, m);
+        } else {
+            str_cat(&b, "<|im_start|>");
+            str_cat(&b, m->role);
+            str_cat(&b, "\n");
+            str_cat(&b, text_of(m));
+            render_tool_calls(&b, m, text_of(m)[0] != 0);
+            str_cat(&b, "<|im_end|>\n");
         }
-        str_cat(&b, "<|im_start|>");
-        str_cat(&b, msgs[i].role);
-        str_cat(&b, "\n");
-        str_cat(&b, msgs[i].content);
-        str_cat(&b, "<|im_end|>\n");
     }
     if (add_generation_prompt) {
         str_cat(&b, "<|im_start|>assistant\n");

@@ -824,7 +824,8 @@ def cli_tests(binary, cases):
     def _():
         p = run([binary, "--help"])
         flags = ["-m", "-i", "-f", "-n", "-t", "-p", "-k", "--repeat-penalty", "-s", "-y", "--think",
-                 "--show-tokens", "--csv", "--history", "--verbose-prompt", "--ids", "-o", "--ctx", "--threads",
+                 "--show-tokens", "--csv", "--history", "--verbose-prompt", "--messages", "--tools", "--ids", "-o",
+                 "--ctx", "--threads",
                  "--batch", "--rope-base", "--ref-kernels", "--row-bits", "--per-position", "--pos-offset", "--no-rope",
                  "--rope-scaling", "--rope-scale", "--yarn-orig-ctx", "--yarn-beta-fast",
                  "--yarn-beta-slow", "--yarn-attn-factor", "--verbose", "--version", "--help"]
@@ -953,6 +954,122 @@ def tokenizer_models():
     return models
 
 
+def conversation_tests(binary, models, expected):
+    """-m prompt, --messages and --tools through ./run itself, against Jinja's renders"""
+    tag = os.path.basename(binary)
+    chats = json.load(open(os.path.join(ROOT, "tests", "reference", "chats.json"), encoding="utf-8"))
+    folder = os.path.join(TMP, "conversations")
+    os.makedirs(folder, exist_ok=True)
+
+    def files(i, c):  # the case's --messages and --tools files (a request object: both in one)
+        m, t = os.path.join(folder, f"{i}.messages.json"), os.path.join(folder, f"{i}.tools.json")
+        with open(m, "w", encoding="utf-8") as f:
+            json.dump({"messages": c["messages"], "tools": c["tools"]} if c.get("request") else c["messages"],
+                      f, ensure_ascii=False, indent=2)
+        with open(t, "w", encoding="utf-8") as f:
+            json.dump(c.get("tools"), f, ensure_ascii=False)
+        return ["--messages", m] + (["--tools", t] if "tools" in c and not c.get("request") else [])
+
+    for name in ("minimind2", "minimind-3"):
+        if name not in models:
+            report(f"{tag}: -m prompt renders {name}'s conversations as Jinja does", None, "../shared/minimind is absent")
+            continue
+        model, exp = models[name], expected["tokenizers"][name]["chat"]
+
+        @test(f"{tag}: -m prompt: {name}'s template renders --messages and --tools files as Jinja does, "
+              f"tools, tool calls and results, thinking or not")
+        def _():
+            done = 0
+            for i, c in enumerate(chats):
+                if not c.get("add_generation_prompt"):
+                    continue
+                think = ["--think"] if c.get("open_thinking") and name == "minimind-3" else []
+                p = run([binary, model, "-m", "prompt"] + files(i, c) + think)
+                if p.returncode != 0 or p.stdout != exp[i]["text"]:
+                    return False, f"{c['name']}: exit {p.returncode} {p.stderr.strip()[-120:]} {p.stdout[-80:]!r} vs {exp[i]['text'][-80:]!r}"
+                done += 1
+            return True, f"{done} conversations byte for byte"
+
+    if "minimind-3" in models:
+        model = models["minimind-3"]
+
+        @test(f"{tag}: -m prompt: -y and -i (or standard input) are a system and a user message; -v counts tokens")
+        def _():
+            p = run([binary, model, "-m", "prompt", "-y", "Be brief.", "-i", "Hi"])
+            q = run([binary, model, "-m", "prompt", "-v"], input="Hi")
+            want = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                    "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+            ids = len(run([binary, model, "-m", "tokenize", "-i", q.stdout]).stdout.split())
+            ok = p.stdout == want and q.stdout == want.split("<|im_end|>\n", 1)[1] and f"{ids} tokens" in q.stderr
+            return ok, f"{p.stdout!r} / {q.stdout!r} / {q.stderr.strip()}"
+
+        @test(f"{tag}: chat: from --messages it answers the last user message first; '/tool TEXT' is a tool's result")
+        def _():
+            m = os.path.join(folder, "chat.json")
+            with open(m, "w") as f:
+                json.dump([{"role": "user", "content": "Weather in Paris?"}], f)
+            t = files(0, chats[[c["name"] for c in chats].index("tools, one user turn")])[-1]
+            p = run([binary, model, "-m", "chat", "--messages", m, "--tools", t, "-n", "2", "-s", "1",
+                     "--verbose-prompt"], input="/tool {\"temp\": 18}\n")
+            prompts = re.findall(r"\[prompt, \d+ tokens\]\n(.*?)\n\[end of prompt\]", p.stderr, re.S)
+            ok = p.returncode == 0 and len(prompts) == 2 and prompts[0].startswith("<|im_start|>system\n# Tools") and \
+                prompts[0].endswith("Weather in Paris?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n") and \
+                "<|im_start|>user\n<tool_response>\n{\"temp\": 18}\n</tool_response><|im_end|>\n<|im_start|>assistant" in prompts[1]
+            return ok, f"exit {p.returncode}, {len(prompts)} prompts: {[x[-90:] for x in prompts]} {p.stderr[-200:]}"
+
+        def bad_file(text, name=None):  # each its own file: the cases run after all are written
+            path = os.path.join(folder, name or f"bad{len(os.listdir(folder))}.json")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            return path
+
+        msgs = bad_file('[{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]', "ok.json")
+        bad = [
+            ("JSON syntax", ["-m", "prompt", "--messages", bad_file('[{"role": "user",\n "content": "x"]')],
+             ["bad", ".json", "line 2", "column", "expected ',' or '}'"]),
+            ("unknown role", ["-m", "prompt", "--messages", bad_file('[{"role": "bot", "content": "x"}]')],
+             ["bad", ".json", "message 1", "bot"]),
+            ("content as a list of parts", ["-m", "prompt", "--messages",
+                                            bad_file('[{"role": "user", "content": [{"type": "text"}]}]')],
+             ["message 1", "content"]),
+            ("a tool call without a name", ["-m", "prompt", "--messages", bad_file(
+                '[{"role": "assistant", "content": null, "tool_calls": [{"function": {"arguments": "{}"}}]}]')],
+             ["tool call 1", "name"]),
+            ("an empty conversation", ["-m", "prompt", "--messages", bad_file("[]")], ["empty"]),
+            ("a lone surrogate", ["-m", "prompt", "--messages", bad_file('[{"role": "user", "content": "\\ud800"}]')],
+             ["surrogate"]),
+            ("tools not a list", ["-m", "prompt", "--messages", msgs, "--tools", bad_file('{"type": "function"}')],
+             ["tools"]),
+            ("tools twice", ["-m", "prompt", "--messages", bad_file('{"messages": [{"role": "user", "content": "x"}], '
+                                                                    '"tools": []}'), "--tools", bad_file("[]", "t.json")],
+             ["--tools"]),
+            ("-y beside a system message", ["-m", "prompt", "--messages", msgs, "-y", "other"], ["-y", "system"]),
+            ("--messages and -i", ["-m", "prompt", "--messages", msgs, "-i", "x"], ["--messages", "-i"]),
+            ("--messages outside chat and prompt", ["--messages", msgs, "-i", "x"], ["--messages", "chat"]),
+            ("--tools outside chat and prompt", ["-m", "tokenize", "--tools", msgs, "-i", "x"], ["--tools"]),
+            ("-m prompt without a conversation", ["-m", "prompt"], ["--messages", "-i"]),
+            ("a missing messages file", ["-m", "prompt", "--messages", os.path.join(folder, "nope.json")],
+             ["nope.json", "cannot open"]),
+        ]
+        for what, args, words in bad:
+            @test(f"{tag}: conversation errors: {what}")
+            def _(args=args, words=words):
+                return expect_error(run([binary, model] + args), *words)
+
+    if "minimind2" in models:
+        @test(f"{tag}: conversation errors: --think on MiniMind2's template, which opens no thinking block")
+        def _():
+            return expect_error(run([binary, models["minimind2"], "-m", "prompt", "-i", "x", "--think"]),
+                                "--think", "MiniMind2")
+
+    @test(f"{tag}: conversation errors: tools for a template without them (MiniMind2's earlier one)")
+    def _():
+        t = os.path.join(folder, "tools.json")
+        with open(t, "w") as f:
+            json.dump([{"type": "function", "function": {"name": "f"}}], f)
+        return expect_error(run([binary, models["fixture"], "-m", "prompt", "-i", "x", "--tools", t]), "no tools")
+
+
 def write_cases(path, chunks):
     with open(path, "wb") as f:
         f.write(struct.pack("<I", len(chunks)) + b"".join(chunks))
@@ -969,10 +1086,12 @@ def tokenizer_tests(binary, driver, models, expected):
     enc_cases = os.path.join(TMP, "corpus.cases")
     write_cases(enc_cases, [blob(t.encode("utf-8")) for t in corpus])
     chat_cases = os.path.join(TMP, "chat.cases")
-    write_cases(chat_cases, [struct.pack("<BBI", bool(c.get("add_generation_prompt")), bool(c.get("open_thinking")),
-                                         len(c["messages"])) +
-                             b"".join(blob(m["role"].encode()) + blob(m["content"].encode()) for m in c["messages"])
-                             for c in chats])
+    def chat_case(c):  # the messages and tools as JSON text, for tokenizer.c's JSON reader
+        messages = {"messages": c["messages"], "tools": c["tools"]} if c.get("request") else c["messages"]
+        tools = json.dumps(c["tools"], ensure_ascii=False) if "tools" in c and not c.get("request") else ""
+        return (struct.pack("<BB", bool(c.get("add_generation_prompt")), bool(c.get("open_thinking"))) +
+                blob(json.dumps(messages, ensure_ascii=False).encode()) + blob(tools.encode()))
+    write_cases(chat_cases, [chat_case(c) for c in chats])
     for name in ("fixture", "demo", "minimind2", "minimind-3"):
         if name not in models:
             report(f"{tag}: tokenizer {name}", None, "../shared/minimind is absent")
@@ -996,23 +1115,33 @@ def tokenizer_tests(binary, driver, models, expected):
             if not exp["chat"]:
                 return None, "the tokenizer has no chat template"
             p = subprocess.run([driver, model, "chat", chat_cases], capture_output=True, env=ENV, timeout=60)
+            p.stderr = p.stderr.decode("utf-8", "replace")
             out, at, texts = p.stdout, 0, []
-            while at + 4 <= len(out):
+            while at + 4 <= len(out):  # each a render, or (length's top bit set) the driver's refusal
                 n = struct.unpack_from("<I", out, at)[0]
-                texts.append(out[at + 4:at + 4 + n].decode("utf-8"))
+                refused, n = bool(n >> 31), n & 0x7FFFFFFF
+                body = out[at + 4:at + 4 + n].decode("utf-8")
+                texts.append({"refused": body} if refused else body)
                 at += 4 + n
-            bad = [i for i, (g, e) in enumerate(zip(texts, exp["chat"])) if g != e["text"]]
-            if p.returncode != 0 or len(texts) != len(chats):
-                return False, f"driver exit {p.returncode}, {len(texts)} renders"
+            if p.returncode != 0 or len(texts) != len(chats) or not sanitizer_clean(p):
+                return False, f"driver exit {p.returncode}, {len(texts)} renders: {p.stderr[-200:]}"
+            # Jinja's render where it renders; where Jinja fails, or the template has no tools for
+            # the conversation's, a refusal
+            bad = [i for i, (g, e) in enumerate(zip(texts, exp["chat"]))
+                   if (isinstance(g, dict)) != ("error" in e) or ("text" in e and g != e["text"])]
             if bad:
-                return False, f"{len(bad)} differ; first {chats[bad[0]]['name']}: {texts[bad[0]][-80:]!r} vs {exp['chat'][bad[0]]['text'][-80:]!r}"
+                i = bad[0]
+                return False, (f"{len(bad)} differ; first {chats[i]['name']}: {str(texts[i])[-80:]!r} vs "
+                               f"{str(exp['chat'][i].get('text', exp['chat'][i]))[-80:]!r}")
+            rendered = [(i, t) for i, t in enumerate(texts) if isinstance(t, str)]
             # and the rendered prompts tokenize to the reference's ids
             rc = os.path.join(TMP, "rendered.cases")
-            write_cases(rc, [blob(t.encode("utf-8")) for t in texts])
+            write_cases(rc, [blob(t.encode("utf-8")) for _, t in rendered])
             q = run([driver, model, "encode", rc])
-            ids = [[int(x) for x in line.split()] for line in q.stdout.split("\n")[:len(texts)]]
-            bad_ids = [i for i, e in enumerate(exp["chat"]) if ids[i] != e["ids"]]
-            return not bad_ids, f"texts and ids equal" if not bad_ids else f"ids differ for {len(bad_ids)}"
+            ids = [[int(x) for x in line.split()] for line in q.stdout.split("\n")[:len(rendered)]]
+            bad_ids = [i for k, (i, _) in enumerate(rendered) if ids[k] != exp["chat"][i]["ids"]]
+            return not bad_ids, (f"{len(rendered)} texts and ids equal, {len(texts) - len(rendered)} refused as "
+                                 f"Jinja or the template does" if not bad_ids else f"ids differ for {len(bad_ids)}")
 
         @test(f"{tag}: tokenizer {name}: decode(encode(bytes)) == bytes on 1500 random byte strings, streaming == lossy decode")
         def _():
@@ -1700,6 +1829,7 @@ def main():
         conformance_tests(binary)
         if driver:  # a build given without a tokenizer driver gets the numerical tests only
             tokenizer_tests(binary, driver, models, expected)
+            conversation_tests(binary, models, expected)
             hostile_tests(binary)
             limits_tests(binary)
             machine_tests(binary)

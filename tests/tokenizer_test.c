@@ -8,9 +8,10 @@
  *
  * CASES files are little-endian binary, written by run_tests.py:
  *   encode: uint32 n, then n times (uint32 len, bytes)
- *   chat:   uint32 n, then n times (uint8 add_generation_prompt, uint8 think, uint32 n_msgs,
- *                                   n_msgs times (uint32 len, role, uint32 len, content))
- * chat writes, per case, uint32 len then the rendered bytes.
+ *   chat:   uint32 n, then n times (uint8 add_generation_prompt, uint8 think, uint32 len, the
+ *           messages as JSON, uint32 len, the tools as JSON or nothing), read by tokenizer.c's
+ *           JSON reader as run's --messages and --tools are
+ * chat writes, per case, uint32 len then the rendered bytes (or an error's text, len | 1 << 31).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <time.h>
@@ -50,14 +51,6 @@ static const uint8_t *get_bytes(Reader *r, uint32_t n) {
     const uint8_t *p = r->p;
     r->p += n; r->left -= n;
     return p;
-}
-
-static char *get_string(Reader *r) {
-    uint32_t n = get_u32(r);
-    char *s = malloc(n + 1);
-    memcpy(s, get_bytes(r, n), n);
-    s[n] = 0;
-    return s;
 }
 
 /* Python's bytes.decode("utf-8", "replace") in C, one shot: the reference for the stream */
@@ -154,22 +147,25 @@ int main(int argc, char **argv) {
                 continue;
             }
             const uint8_t *flags = get_bytes(&r, 2);
-            uint32_t n_msgs = get_u32(&r);
-            ChatMessage *msgs = calloc(n_msgs + 1, sizeof *msgs);
-            for (uint32_t i = 0; i < n_msgs; i++) {
-                msgs[i].role = get_string(&r);
-                msgs[i].content = get_string(&r);
-            }
-            char *out = chat_render((int)h.chat_template, msgs, (int)n_msgs, flags[0], flags[1]);
-            uint32_t ol = (uint32_t)strlen(out);
+            uint32_t ml = get_u32(&r);
+            const char *messages = (const char *)get_bytes(&r, ml);
+            uint32_t tl = get_u32(&r);
+            const char *tools_json = (const char *)get_bytes(&r, tl);
+            ChatMessage *msgs = NULL;
+            int n_msgs = 0, n_tools = 0;
+            char **tools = NULL;
+            const char *err = chat_parse_messages(messages, ml, &msgs, &n_msgs, tl ? NULL : &tools, &n_tools);
+            if (!err && tl) err = chat_parse_tools(tools_json, tl, &tools, &n_tools);
+            if (!err) err = chat_check((int)h.chat_template, msgs, n_msgs, n_tools);
+            char *out = err ? strdup(err) : chat_render((int)h.chat_template, msgs, n_msgs, tools, n_tools, flags[0], flags[1]);
+            uint32_t ol = (uint32_t)strlen(out) | (err ? 1u << 31 : 0);
             fwrite(&ol, 4, 1, stdout);
-            fwrite(out, 1, ol, stdout);
+            fwrite(out, 1, strlen(out), stdout);
             free(out);
-            for (uint32_t i = 0; i < n_msgs; i++) {
-                free((char *)msgs[i].role);
-                free((char *)msgs[i].content);
-            }
+            for (int i = 0; i < n_msgs; i++) chat_message_free(&msgs[i]);
+            for (int i = 0; i < n_tools; i++) free(tools[i]);
             free(msgs);
+            free(tools);
         }
         free(cases);
     } else if (!strcmp(what, "roundtrip") && argc == 5) {

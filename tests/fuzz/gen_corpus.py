@@ -121,17 +121,16 @@ def tokenizer_seeds(out):
 
 
 def chat_seeds(out):
-    """chat_fuzz.c's input: one byte of settings (template in bits 0-1, bit 2 add_generation_prompt,
-    bit 3 think), then messages separated by NUL bytes, each a role byte ('s', 'a', else user)
-    and its content."""
+    """chat_fuzz.c's input: one byte of settings (the template in bits 0-2, bit 3
+    add_generation_prompt, bit 4 think), then the conversation as JSON, messages and tools."""
     with open(os.path.join(REF, "chats.json"), encoding="utf-8") as f:
         chats = json.load(f)
     for i, chat in enumerate(chats):
         for template in (2, 3):
-            flags = template | (4 if chat.get("add_generation_prompt") else 0) | (8 if i % 2 else 0)
-            msgs = [m["role"][0].encode() + m["content"].encode() for m in chat["messages"]]
+            flags = template | (8 if chat.get("add_generation_prompt") else 0) | (16 if i % 2 else 0)
+            text = json.dumps({"messages": chat["messages"], "tools": chat.get("tools")}, ensure_ascii=i % 3 == 0)
             with open(os.path.join(out, f"chat{i:02d}_t{template}"), "wb") as f:
-                f.write(bytes([flags]) + b"\0".join(msgs))
+                f.write(bytes([flags]) + text.encode("utf-8"))
 
 
 ARGS = [  # after `run model.bin`

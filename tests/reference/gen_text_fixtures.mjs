@@ -50,7 +50,20 @@ for (const [name, dir] of Object.entries(sources)) {
     const vars = { messages: c.messages, add_generation_prompt: c.add_generation_prompt,
                    bos_token: cfg.bos_token, eos_token: cfg.eos_token };
     if ("open_thinking" in c) vars.open_thinking = c.open_thinking;
-    const text = template.render(vars);
+    if ("tools" in c) vars.tools = c.tools;
+    // A template without tools renders a conversation with tools, tool calls or tool results as if
+    // they were not there, and Jinja fails on what a template cannot print (a null content): run
+    // refuses both, so the expectation is a refusal
+    const toolUse = (c.tools || []).length > 0 ||
+      c.messages.some((m) => m.role === "tool" || (m.tool_calls || []).length > 0);
+    let text;
+    try {
+      if (toolUse && !cfg.chat_template.includes("<tool_call>")) throw new Error("the template has no tools");
+      text = template.render(vars);
+    } catch (e) {
+      entry.chat.push({ name: c.name, error: e.message });
+      continue;
+    }
     entry.chat.push({ name: c.name, text, ids: await encode(text) });
   }
   out.tokenizers[name] = entry;
