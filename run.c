@@ -1979,11 +1979,11 @@ static void usage(FILE *f) {
 "generate feeds <|im_start|> + the text, as MiniMind does for pretrained checkpoints; chat\n"
 "renders each turn with the checkpoint's chat template; prompt prints what the template renders\n"
 "for --messages (or -y and the text as the user's message) with --tools, ready for the\n"
-"assistant's reply, and exits. YaRN defaults are MiniMind's\n"
-"inference_rope_scaling=True; values from the checkpoint's config.json (stored at export)\n"
-"come next; explicit flags win. rope prints the frequency of each dimension pair as CSV,\n"
-"and what the scaling makes of it. bench times a 512-token prompt and -n decoded tokens after\n"
-"16, 2048 and 4096 tokens of context on random ids, and prints one CSV row (make bench).\n", f);
+"assistant's reply, and exits. YaRN defaults are MiniMind's inference_rope_scaling=True;\n"
+"values from the checkpoint's config.json (stored at export) come next; explicit flags win.\n"
+"rope prints the frequency of each dimension pair as CSV, and what the scaling makes of it.\n"
+"bench times a 512-token prompt and -n decoded tokens after 16, 2048 and 4096 tokens of\n"
+"context on random ids, and prints one CSV row (make bench).\n", f);
     fprintf(f, "this build: kernels %s, %s\n", kernels_line(), BUILD_THREADS);
 }
 
