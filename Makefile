@@ -22,7 +22,15 @@ SRC   = run.c tokenizer.c model.h kernels.h kernels/vector.h kernels/matmul.c ke
 VERSION := $(shell git describe --always --dirty 2>/dev/null || echo unknown)
 BUILD = $(CC) $(WARN) $(CFLAGS) $(ARCH) $(OMP) -DMINIMIND_VERSION='"$(VERSION)"'
 
-all: .run-built
+all: .run-built quantize
+
+# export.py's converter (quantize.c): f16 to q8_0 and the like, in C. Rounding is export.py's
+# own, so no fused multiply-adds
+quantize: quantize.c model.h
+	$(CC) $(WARN) $(CFLAGS) -ffp-contract=off -o $@ quantize.c -lm
+
+quantize-asan: quantize.c model.h
+	$(CC) $(WARN) $(WERROR) $(SANITIZE) -ffp-contract=off -o $@ quantize.c -lm
 
 # The program ./run. Its target is a stamp, so that `make run` can mean "build and run the demo";
 # it is rebuilt when ./run is missing, a source changed, or the compiler or its flags changed
@@ -145,7 +153,7 @@ fuzz-corpus:
 	$(PYTHON) tests/fuzz/gen_corpus.py
 
 TEST_BINARIES = .run-built run-asan run-portable run-noomp tests/tokenizer_test tests/tokenizer_test-asan \
-                tests/kernel_test tests/kernel_test-asan
+                tests/kernel_test tests/kernel_test-asan quantize quantize-asan
 TEST_SPECS = ./run:tests/tokenizer_test:tests/kernel_test ./run-asan:tests/tokenizer_test-asan:tests/kernel_test-asan \
              ./run-portable ./run-noomp
 ifeq ($(shell uname -m),x86_64)
@@ -174,9 +182,10 @@ test:  # the builds in parallel (about 25 s on two cores), the fuzz targets when
 # The tokenizer: encoding MB/s on 16 MB of mixed text, with MiniMind's real tokenizers when
 # ../shared/minimind is there, else the project's fixture one.
 BENCH_RUNS ?= 3
-bench: .run-built tests/tokenizer_test tests/stream
+bench: .run-built quantize tests/tokenizer_test tests/stream
 	@mkdir -p tests/tmp
 	$(PYTHON) tests/bench.py --runs $(BENCH_RUNS) $(BENCH_ARGS)
+	$(PYTHON) tests/bench.py --export --runs $(BENCH_RUNS)
 	@for tok in ../shared/minimind/minimind2 ../shared/minimind/minimind-3 tests/fixtures/tokenizer; do \
 	  [ -d $$tok ] || continue; \
 	  $(PYTHON) export.py tests/fixtures/vocab6400.pth tests/tmp/bench_tok.bin --tokenizer $$tok >/dev/null; \

@@ -13,6 +13,11 @@ CHECKPOINT is one of
     carries its own config, tokenizer and chat template (--tokenizer overrides the tokenizer).
 Python standard library only: no torch, no numpy. A .pth is read with a restricted unpickler
 that admits only the few globals a state dict needs, so a malicious file cannot run code.
+
+The file is written tensor by tensor. Converting the weights (f16 to q8_0, say) is ./quantize's
+work when it is built (make; quantize.c), beside this file, and this file's own Python
+otherwise: the same bytes either way, the Python a hundred times slower. MINIMIND_QUANTIZE=PATH
+names another quantize program; MINIMIND_QUANTIZE= (empty) uses the Python.
 """
 import argparse
 import array
@@ -20,10 +25,12 @@ import collections
 import io
 import json
 import math
+import mmap
 import os
 import pickle
 import re
 import struct
+import subprocess
 import sys
 import tempfile
 import zipfile
@@ -94,21 +101,22 @@ class Tensor:
 
     def floats(self):
         """The values as array('f') (float32)."""
+        data = self.data
         if self.dtype == "f32":
             out = array.array("f")
-            out.frombytes(self.data)
+            out.frombytes(data)
         elif self.dtype == "f16":
-            out = array.array("f", struct.unpack("<%de" % (len(self.data) // 2), self.data))
+            out = array.array("f", struct.unpack("<%de" % (len(data) // 2), data))
         elif self.dtype == "bf16":  # bf16 is the top half of an f32: put its 2 bytes on top
-            wide = bytearray(2 * len(self.data))
-            wide[2::4], wide[3::4] = self.data[0::2], self.data[1::2]
+            wide = bytearray(2 * len(data))
+            wide[2::4], wide[3::4] = data[0::2], data[1::2]
             out = array.array("f")
             out.frombytes(bytes(wide))
         elif self.dtype == "q8_0":  # each value its code times its block's scale (exact in f32)
-            n_blocks = len(self.data) // Q8_BLOCK
+            n_blocks = len(data) // Q8_BLOCK
             scales = struct.unpack(f"<{n_blocks}e", b"".join(
-                self.data[b * Q8_BLOCK:b * Q8_BLOCK + 2] for b in range(n_blocks)))
-            codes = array.array("b", b"".join(self.data[b * Q8_BLOCK + 2:(b + 1) * Q8_BLOCK]
+                data[b * Q8_BLOCK:b * Q8_BLOCK + 2] for b in range(n_blocks)))
+            codes = array.array("b", b"".join(data[b * Q8_BLOCK + 2:(b + 1) * Q8_BLOCK]
                                               for b in range(n_blocks)))
             out = array.array("f", (codes[i] * scales[i // MM_Q8_GROUP] for i in range(len(codes))))
         else:
@@ -304,16 +312,35 @@ def read_torch_zip(path):
 _ST_DTYPES = {"F16": "f16", "BF16": "bf16", "F32": "f32"}
 
 
-def read_safetensors(path):
+MAPPED = []  # the checkpoint files read, mapped: their pages leave memory after each tensor written
+
+
+def map_file(path):
+    """the file's bytes, mapped (no copy: a tensor's data is a view of its part)"""
     with open(path, "rb") as f:
-        raw = f.read()
+        if os.fstat(f.fileno()).st_size == 0:
+            return memoryview(b"")
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    MAPPED.append(m)
+    return memoryview(m)
+
+
+def release_mapped():
+    """drop the mapped files' pages from this process's memory (the page cache keeps them)"""
+    for m in MAPPED:
+        if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            m.madvise(mmap.MADV_DONTNEED)
+
+
+def read_safetensors(path):
+    raw = map_file(path)
     if len(raw) < 8:
         fail(f"{path}: too short for a safetensors file ({len(raw)} bytes)")
     (hlen,) = struct.unpack("<Q", raw[:8])
     if hlen > len(raw) - 8:
         fail(f"{path}: safetensors header length {hlen} exceeds the file ({len(raw)} bytes)")
     try:
-        header = json.loads(raw[8: 8 + hlen].decode("utf-8"))
+        header = json.loads(bytes(raw[8: 8 + hlen]).decode("utf-8"))
     except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested past Python's stack
         fail(f"{path}: safetensors header is not valid JSON ({type(e).__name__}: {e})")
     if not isinstance(header, dict):
@@ -333,8 +360,7 @@ def read_safetensors(path):
                 or not all(isinstance(o, int) for o in offs) or not 0 <= offs[0] <= offs[1] <= len(body)):
             fail(f"{path}: tensor {name}: shape {shape} or data_offsets {offs} invalid for a "
                  f"{len(body)}-byte data section")
-        state[name] = Tensor(_ST_DTYPES[info["dtype"]], shape, bytes(body[offs[0]:offs[1]]),
-                             f"{path}:{name}")
+        state[name] = Tensor(_ST_DTYPES[info["dtype"]], shape, body[offs[0]:offs[1]], f"{path}:{name}")
     return state
 
 
@@ -411,9 +437,8 @@ def read_gguf(path):
     as tokenizer.json and tokenizer_config.json would hold it). Architectures llama (MiniMind2: the
     q/k rows llama.cpp's converter permuted are put back), qwen3 and qwen3moe (minimind-3, dense and
     MoE); tensors F32, F16, BF16 and Q8_0."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    r = _GGUFReader(memoryview(raw), path)
+    raw = map_file(path)
+    r = _GGUFReader(raw, path)
     if r.take("<4s") != b"GGUF":
         fail(f"{path}: not a GGUF file (no GGUF magic)")
     version = r.take("<I")
@@ -688,6 +713,8 @@ def merge_lora(weights, lora_path):
             fail(f"{lora_path}: {module}: A {list(A.shape)} and B {list(B.shape)} do not fit "
                  f"weight [{out_f}, {in_f}]")
         rank = A.shape[0]
+        if weights[target]["values"] is None:  # (merged in f32; written from these values)
+            weights[target]["values"] = weights[target]["tensor"].floats()
         a, b, w = A.floats(), B.floats(), weights[target]["values"]
         a_rows = [a[k * in_f:(k + 1) * in_f] for k in range(rank)]
         for o in range(out_f):
@@ -1065,6 +1092,58 @@ def tokenizer_path(args):
     fail(f"{args.checkpoint}: no tokenizer.json in {folder}; give --tokenizer (tokenizer.json or its folder)")
 
 
+def encoded_bytes(dtype, shape):
+    """a tensor's bytes in the model file (q8_0: model.h's panels of 16 rows, padded)"""
+    if dtype != "q8_0":
+        return tensor_bytes(dtype, shape)
+    rows, cols = shape
+    return (rows + MM_Q8_PANEL - 1) // MM_Q8_PANEL * (MM_Q8_PANEL * cols + 2 * cols // MM_Q8_GROUP * MM_Q8_PANEL)
+
+
+def quantize_program():
+    """./quantize (quantize.c) beside this file, MINIMIND_QUANTIZE's, or None: the Python encodes"""
+    path = os.environ.get("MINIMIND_QUANTIZE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "quantize"))
+    return path if path and os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
+def write_tensors(f, path, entries, weights):
+    """Each tensor's encoding at its offset: the bytes as they are where the type does not change,
+    ./quantize's conversion (one frame each: NAME SRC DST ROWS COLS OFFSET NBYTES, then the data)
+    or the Python's where it does. One tensor's data in memory at a time."""
+    program, helper = quantize_program(), None
+    try:
+        for name, dtype, shape, off, size in entries:
+            t, values = weights[name]["tensor"], weights[name]["values"]
+            src, data = ("f32", memoryview(values).cast("B")) if values is not None else (t.dtype, t.data)
+            if src == dtype and dtype != "q8_0":
+                f.seek(off)
+                f.write(data)
+            elif program and len(shape) == 2:
+                if helper is None:
+                    f.flush()
+                    helper = subprocess.Popen([program, path], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+                try:
+                    helper.stdin.write(f"{name} {src} {dtype} {shape[0]} {shape[1]} {off} {len(data)}\n".encode())
+                    helper.stdin.write(data)
+                except BrokenPipeError:
+                    break  # its error is read below
+            else:
+                out = q8_panels(data, shape) if src == "q8_0" and dtype == "q8_0" else \
+                    encode(values if values is not None else t.floats(), dtype, shape, name)
+                f.seek(off)
+                f.write(out)
+            release_mapped()
+    finally:
+        if helper is not None:
+            try:
+                helper.stdin.close()
+            except BrokenPipeError:
+                pass
+            err = helper.stderr.read().decode("utf-8", "replace").strip()
+            if helper.wait() != 0:
+                fail(err.splitlines()[-1] if err else f"{program} failed (exit {helper.returncode})")
+
+
 def export(args):
     out_dir = os.path.dirname(os.path.abspath(args.out))  # before the work: a bad path fails at once
     if os.path.isdir(args.out):
@@ -1088,24 +1167,18 @@ def export(args):
     if extra:
         fail(f"{args.checkpoint}: unexpected tensors for this architecture: {', '.join(extra[:5])}")
 
-    # everything as f32 values first: LoRA merges in f32, then one encoding for all matrices; but
-    # q8_0 weights (a GGUF's) exported as q8_0 keep their codes and scales as they are
-    def kept_q8(t):
-        return t.dtype == "q8_0" and args.dtype == "q8_0" and not args.lora
-
-    weights = {n: {"shape": state[n].shape, "values": None if kept_q8(state[n]) else state[n].floats()}
-               for n, _ in table}
+    # the values are read tensor by tensor as they are written; LoRA merges into f32 values first
+    weights = {n: {"shape": state[n].shape, "tensor": state[n], "values": None} for n, _ in table}
     tied = True
     if "lm_head.weight" in state:
         head, embed = state["lm_head.weight"], state["model.embed_tokens.weight"]
         if head.shape != (c["vocab_size"], c["dim"]):
             fail(f"{args.checkpoint}: lm_head.weight has shape {list(head.shape)}, "
                  f"expected {[c['vocab_size'], c['dim']]}")
-        same = head.data == embed.data if head.dtype == embed.dtype else \
-            head.floats() == weights["model.embed_tokens.weight"]["values"]
+        same = head.data == embed.data if head.dtype == embed.dtype else head.floats() == embed.floats()
         if not same:
             tied = False
-            weights["lm_head.weight"] = {"shape": head.shape, "values": None if kept_q8(head) else head.floats()}
+            weights["lm_head.weight"] = {"shape": head.shape, "tensor": head, "values": None}
             table.append(("lm_head.weight", head.shape))
     n_lora = merge_lora(weights, args.lora) if args.lora else 0
 
@@ -1119,7 +1192,7 @@ def export(args):
     flags = (FLAG_QK_NORM if c["generation"] == GEN_MINIMIND3 else 0) | \
         (FLAG_TIED_EMBED if tied else 0) | (FLAG_MOE if c["n_experts"] else 0)
 
-    entries, blobs, notes = [], [], []
+    entries, notes = [], []
     table_offset = (HEADER_SIZE + len(tok_block) + 7) // 8 * 8  # the table's uint64s stay aligned
     offset = align(table_offset + ENTRY_SIZE * len(table))
     for name, shape in table:
@@ -1129,15 +1202,11 @@ def export(args):
         elif dtype == "q8_0" and shape[1] % MM_Q8_GROUP:
             notes.append(f"{name}: {shape[1]} columns is not a multiple of {MM_Q8_GROUP}, kept f32")
             dtype = "f32"
-        if weights[name]["values"] is None and dtype == "q8_0":
-            data = q8_panels(state[name].data, shape)
-        else:
-            values = weights[name]["values"]
-            data = encode(values if values is not None else state[name].floats(), dtype, shape, name)
-        entries.append((name, DTYPES[dtype], shape, offset, len(data)))
-        blobs.append((offset, data))
-        offset = align(offset + len(data))
-    file_size = blobs[-1][0] + len(blobs[-1][1])
+        size = encoded_bytes(dtype, shape)
+        entries.append((name, dtype, shape, offset, size))
+        offset = align(offset + size)
+    last = entries[-1]
+    file_size = last[3] + last[4]
 
     hdr = dict(c, magic=MM_MAGIC, version=MM_VERSION, header_size=HEADER_SIZE, flags=flags,
                n_tensors=len(table), reserved0=0, tokenizer_offset=HEADER_SIZE,
@@ -1155,10 +1224,9 @@ def export(args):
             f.write(b"\0" * (table_offset - f.tell()))
             for name, dt, shape, off, size in entries:
                 dims = list(shape) + [0] * (4 - len(shape))
-                f.write(struct.pack("<64sII4IQQ", name.encode(), dt, len(shape), *dims, off, size))
-            for off, data in blobs:
-                f.write(b"\0" * (off - f.tell()))
-                f.write(data)
+                f.write(struct.pack("<64sII4IQQ", name.encode(), DTYPES[dt], len(shape), *dims, off, size))
+            f.truncate(file_size)  # the gaps between tensors read as zeros
+            write_tensors(f, tmp, entries, weights)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode

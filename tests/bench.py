@@ -36,6 +36,12 @@ mean, as a decoding run's tokens/s is, where the fastest pass catches the machin
 moments).
 tests/sidebyside.py --wall does the same beside llama.cpp or another build.
 
+--export (make bench runs it after the speed table) times export.py itself: the minimind-3-MoE
+shape's random fp16 safetensors (198M parameters) to each dtype, --runs times, with ./quantize (the
+default) and, once each, with the Python encodings alone (MINIMIND_QUANTIZE=, --export-python); the
+table gives the median seconds and the peak resident memory of the largest process (export.py or
+./quantize, from wait4), beside the output's size.
+
 --busy (make bench-busy) measures what other work on the machine does to the default thread
 count (measured as the program runs, run.c's "Threads") beside --threads 1: for each model and 0,
 1 and 2 busy processes (a Python loop each, started before and stopped after the pair), the
@@ -68,6 +74,9 @@ SHAPES = {
                ffn=2432, qk_norm=True),
     "m2": dict(label="minimind2 104M", dim=768, layers=16, heads=8, kv_heads=2, head_dim=96,
                ffn=2048, qk_norm=False),
+    # minimind-3-MoE: 4 experts of minimind-3's FFN, top-1 (export's speed: make bench times it)
+    "m3moe": dict(label="minimind-3-MoE 198M", dim=768, layers=8, heads=8, kv_heads=4, head_dim=96,
+                  ffn=2432, qk_norm=True, experts=4),
 }
 VOCAB = 6400
 
@@ -98,10 +107,15 @@ def write_checkpoint(path, shape, seed=5):
         if shape["qk_norm"]:
             tensors += [(p + "self_attn.q_norm.weight", "F32", (hd,)),
                         (p + "self_attn.k_norm.weight", "F32", (hd,))]
-        tensors += [(p + "post_attention_layernorm.weight", "F32", (d,)),
-                    (p + "mlp.gate_proj.weight", "F16", (shape["ffn"], d)),
-                    (p + "mlp.up_proj.weight", "F16", (shape["ffn"], d)),
-                    (p + "mlp.down_proj.weight", "F16", (d, shape["ffn"]))]
+        tensors.append((p + "post_attention_layernorm.weight", "F32", (d,)))
+        ffns = [p + "mlp."]
+        if shape.get("experts"):
+            tensors.append((p + "mlp.gate.weight", "F16", (shape["experts"], d)))
+            ffns = [f"{p}mlp.experts.{e}." for e in range(shape["experts"])]
+        for q in ffns:
+            tensors += [(q + "gate_proj.weight", "F16", (shape["ffn"], d)),
+                        (q + "up_proj.weight", "F16", (shape["ffn"], d)),
+                        (q + "down_proj.weight", "F16", (d, shape["ffn"]))]
     tensors.append(("model.norm.weight", "F32", (d,)))
     header, blobs, offset = {}, [], 0
     for name, dt, dims in tensors:
@@ -311,6 +325,47 @@ def busy_table(a):
     return lines + more
 
 
+def export_once(ckpt, out, dtype, quantize):
+    """seconds and the peak RSS (MB) of the largest process of one export.py run"""
+    env = dict(os.environ)
+    if not quantize:
+        env["MINIMIND_QUANTIZE"] = ""
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "export.py"), ckpt, out, "--tokenizer", TOKENIZER,
+                          "--dtype", dtype, "--n-heads", "8"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         env=env)
+    _, status, usage = os.wait4(p.pid, 0)
+    seconds = time.perf_counter() - t0
+    if status != 0:
+        sys.exit(f"bench: export.py --dtype {dtype} failed: {p.stderr.read().decode().strip()}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def export_table(a):
+    os.makedirs(MODELS, exist_ok=True)
+    ckpt = os.path.join(MODELS, "m3moe.safetensors")
+    if not os.path.exists(ckpt):
+        print(f"bench: writing random {SHAPES['m3moe']['label']} checkpoint", file=sys.stderr)
+        write_checkpoint(ckpt, SHAPES["m3moe"])
+    out = os.path.join(MODELS, "export-bench.bin")
+    if not os.path.exists(os.path.join(ROOT, "quantize")):
+        sys.exit("bench: ./quantize is not built (make)")
+    lines = ["", f"export.py: {SHAPES['m3moe']['label']}, fp16 safetensors "
+             f"({os.path.getsize(ckpt) / 1e6:.0f} MB) to each dtype",
+             "", "| dtype | encodings | seconds | peak RSS MB | output MB |", "|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for dtype in a.dtypes.split(","):
+        for quantize in (True, False) if a.export_python else (True,):
+            runs = [export_once(ckpt, out, dtype, quantize) for _ in range(a.runs if quantize else 1)]
+            line = (f"| {dtype} | {'./quantize' if quantize else 'Python alone'} | "
+                    f"{statistics.median(r[0] for r in runs):.2f} | {statistics.median(r[1] for r in runs):.0f} | "
+                    f"{os.path.getsize(out) / 1e6:.0f} |")
+            lines.append(line)
+            print(line, flush=True)
+    os.unlink(out)
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="runs per cell; the table shows medians")
@@ -328,9 +383,18 @@ def main():
     ap.add_argument("--wall", action="store_true",
                     help="decoding only (-c 600), each run between two of tests/stream's, at every row width "
                          "the build has (--row-bits): the share of the memory wall (see above)")
+    ap.add_argument("--export", action="store_true", help="export.py's time and memory only (see above)")
+    ap.add_argument("--export-python", action="store_true", help="--export: also the Python encodings alone, "
+                    "once per dtype (minutes)")
     ap.add_argument("extra", nargs="*", help="more flags for ./run (after --), e.g. --kv f16")
     a = ap.parse_args()
     print(build_line(a.binary), flush=True)
+    if a.export:
+        lines = export_table(a)
+        if a.md:
+            with open(a.md, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     if a.wall or a.busy:
         lines = [build_line(a.binary), ""] + (wall_table(a) if a.wall else busy_table(a))
         if a.md:

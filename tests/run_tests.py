@@ -1551,6 +1551,64 @@ def q8_0_matrix(data, name):
 
 
 def export_tests():
+    quantize, quantize_asan = os.path.join(ROOT, "quantize"), os.path.join(ROOT, "quantize-asan")
+
+    def export_with(program, checkpoint, out, dtype, tokenizer=None):
+        tok = [] if tokenizer == "" else ["--tokenizer", os.path.join(FIX, "tokenizer")]
+        return subprocess.run(EXPORT + [checkpoint, out, "--dtype", dtype] + tok, capture_output=True, text=True,
+                              env=dict(ENV, MINIMIND_QUANTIZE=program), cwd=FIX)
+
+    @test("export.py: ./quantize (and its ASan/UBSan build) and the Python encodings write the same bytes, "
+          "every dtype, from safetensors, .pth and GGUF f32/f16/bf16/q8_0 weights")
+    def _():
+        if not (os.path.exists(quantize) and os.path.exists(quantize_asan)):
+            return False, "./quantize or ./quantize-asan is not built (make test builds them)"
+        sources = [("m3_untied.safetensors", None), ("m2_dense.pth", None), ("m3_moe.pth", None)] + \
+            [(os.path.join("gguf", g["gguf"]), "") for g in gguf_cases()]
+        compared = 0
+        for src, tok in sources:
+            for dtype in ("f32", "f16", "bf16", "q8_0"):
+                outs = []
+                for k, program in enumerate((quantize, quantize_asan, "")):
+                    out = os.path.join(TMP, f"same.{k}.bin")
+                    p = export_with(program, os.path.join(FIX, src), out, dtype, tok)
+                    if p.returncode != 0 or "Sanitizer" in p.stderr or "runtime error" in p.stderr:
+                        return False, f"{src} {dtype} with {program or 'the Python'}: {p.stderr.strip()[-300:]}"
+                    outs.append(open(out, "rb").read())
+                if not outs[0] == outs[1] == outs[2]:
+                    return False, f"{src} --dtype {dtype}: the files differ"
+                compared += 1
+        return True, f"{compared} exports, each three ways"
+
+    def values_file(name, values):  # the first values of a bf16 matrix of a tiny checkpoint
+        ckpt = open(os.path.join(FIX, "m3_untied.safetensors"), "rb").read()
+        hlen = struct.unpack_from("<Q", ckpt)[0]
+        header = json.loads(ckpt[8:8 + hlen])
+        body = bytearray(ckpt[8 + hlen:])
+        info = header["model.layers.0.self_attn.q_proj.weight"]
+        start = info["data_offsets"][0]
+        assert info["dtype"] == "BF16"
+        for i, v in enumerate(values):  # bf16: the top half of the f32
+            body[start + 2 * i:start + 2 * i + 2] = struct.pack("<f", v)[2:]
+        path = os.path.join(TMP, name)
+        with open(path, "wb") as f:
+            f.write(ckpt[:8 + hlen] + bytes(body))
+        return path
+
+    for what, values, dtype, words in [
+            ("a value past f16's range, as f16", [70000.0], "f16", ["q_proj", "f16 range"]),
+            ("a weight past q8_0's scales", [1e7], "q8_0", ["q_proj", "q8_0", "scales"]),
+            ("an infinite weight, as q8_0", [float("inf")], "q8_0", ["q_proj", "not finite"])]:
+        @test(f"export.py: {what}: the same one-line error from ./quantize and from the Python")
+        def _(values=values, dtype=dtype, words=words):
+            path = values_file("bad_values.safetensors", values)
+            for program in (quantize, ""):
+                p = export_with(program, path, os.path.join(TMP, "bad_values.bin"), dtype)
+                ok, why = expect_error(p, *words)
+                if not ok:
+                    return False, f"{program or 'Python'}: {why}"
+            return True, p.stderr.strip().splitlines()[-1]
+
     @test("export.py: Q8_0 GGUF weights exported as q8_0 keep their codes and scales (no round trip)")
     def _():
         sys.path.insert(0, ROOT)
@@ -1735,7 +1793,8 @@ def export_tests():
             at += 5 + n
         ok = (n_vocab == 320 and n_merges == len(tok["model"]["merges"]) and
               kinds[1] == (2, b"<|im_start|>") and kinds[3 + ord("a")] == (0, b"a") and
-              hdr[F["bos_id"]] == 1 and hdr[F["eos_id"]] == 2 and hdr[F["chat_template"]] == 2)
+              hdr[F["bos_id"]] == 1 and hdr[F["eos_id"]] == 2 and
+              hdr[F["chat_template"]] == 4)  # MiniMind2's earlier template, without tools
         return ok, f"{n_vocab} tokens, {n_merges} merges, bos {hdr[F['bos_id']]}, template {hdr[F['chat_template']]}"
 
 
