@@ -220,6 +220,51 @@ def _contiguous_strides(size):
     return tuple(reversed(strides))
 
 
+MAPPED = []  # the checkpoint files read, mapped: their pages leave memory after each tensor written
+
+
+def map_file(path):
+    """the file's bytes, mapped (no copy: a tensor's data is a view of its part)"""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return memoryview(b"")
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    MAPPED.append(m)
+    return memoryview(m)
+
+
+def release_mapped():
+    """drop the mapped files' pages from this process's memory (the page cache keeps them)"""
+    for m in MAPPED:
+        if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            m.madvise(mmap.MADV_DONTNEED)
+
+
+def stored_entry(zf, name, path):
+    """an archive member's bytes: for a stored (uncompressed) one, as torch.save writes them, a
+    view of the mapped file, its CRC checked; else read"""
+    info = zf.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        return zf.read(name)
+    raw = stored_entry.maps.get(path)
+    if raw is None:
+        raw = stored_entry.maps[path] = map_file(path)
+    at = info.header_offset
+    if at + 30 > len(raw) or bytes(raw[at:at + 4]) != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"no local header for {name}")
+    start = at + 30 + struct.unpack_from("<H", raw, at + 26)[0] + struct.unpack_from("<H", raw, at + 28)[0]
+    if start + info.file_size > len(raw):
+        raise zipfile.BadZipFile(f"{name} runs past the end of the file")
+    data = raw[start:start + info.file_size]
+    if zlib.crc32(data) != info.CRC:
+        raise zipfile.BadZipFile(f"Bad CRC-32 for file {name!r}")
+    release_mapped()
+    return data
+
+
+stored_entry.maps = {}
+
+
 def read_torch_zip(path):
     """The state dict of a torch.save zip file: {name: Tensor}, or the whole object for resume files."""
     try:
@@ -247,7 +292,7 @@ def read_torch_zip(path):
             es = ELEM_SIZE[st.dtype]
             if st.key not in storages:
                 try:
-                    storages[st.key] = zf.read(prefix + "data/" + st.key)
+                    storages[st.key] = stored_entry(zf, prefix + "data/" + st.key, path)
                 except KeyError:
                     fail(f"{path}: tensor {name} refers to storage {st.key}, missing from the archive")
                 except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
@@ -310,26 +355,6 @@ def read_torch_zip(path):
 # safetensors
 
 _ST_DTYPES = {"F16": "f16", "BF16": "bf16", "F32": "f32"}
-
-
-MAPPED = []  # the checkpoint files read, mapped: their pages leave memory after each tensor written
-
-
-def map_file(path):
-    """the file's bytes, mapped (no copy: a tensor's data is a view of its part)"""
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return memoryview(b"")
-        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    MAPPED.append(m)
-    return memoryview(m)
-
-
-def release_mapped():
-    """drop the mapped files' pages from this process's memory (the page cache keeps them)"""
-    for m in MAPPED:
-        if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            m.madvise(mmap.MADV_DONTNEED)
 
 
 def read_safetensors(path):
