@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there. ")
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = " What is the pass key? The pass key is"
 
 
@@ -41,7 +42,7 @@ def sentences(filler):
 
 def prompt(run, model, filler, key, n, depth, cache):
     """a prompt of about n tokens (BOS included) with the key after that share of the filler"""
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    needle = NEEDLE.format(key=key)
     units = sentences(filler)
     if (n, filler) not in cache:  # how many filler sentences fit beside the intro, needle and question
         fixed = n_tokens(run, model, INTRO + needle + QUESTION) + 1

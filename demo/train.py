@@ -343,6 +343,85 @@ def main():
                                        context=CONTEXT, final_loss=round(loss.item(), 4)))
 
 
+# ----------------------------------------------------------------------------------------------
+# --passkey: the same model trained at a context of 512 on poems and passkey.py's task mixed
+
+PASSKEY_CONTEXT = 512
+PASSKEY_STEPS = int(os.environ.get("PASSKEY_STEPS", 600))
+PASSKEY_BATCH = 8
+
+
+def passkey_row(enc, units, rng, bos, n):
+    """one trial of demo/passkey.py as training text, with poem sentences as the filler: at most n
+    ids (<|im_start|> first) ending in the answer, and how many ids the answer is"""
+    from passkey import INTRO, NEEDLE, QUESTION  # demo/passkey.py: the very prompt it asks
+    key = str(rng.randrange(10000, 100000))
+    answer = enc.encode(f" {key}.")
+    while True:  # a run of sentences from a random start; another start when its sentences are too long
+        count = (n - 240) // 12  # the question is about 245 tokens, a sentence 14: start long, then trim
+        start = rng.randrange(len(units) - count)
+        depth = rng.random()
+        while count > 0:
+            fill = units[start:start + count]
+            before = int(round(count * depth))
+            text = INTRO + "".join(fill[:before]) + NEEDLE.format(key=key) + "".join(fill[before:]) + QUESTION
+            ids = [bos] + enc.encode(text) + answer
+            if len(ids) <= n:
+                return ids, len(answer)
+            count -= max(1, (len(ids) - n) // 16)
+
+
+def train_passkey():
+    """Every row is a passkey trial whose filler is training poems, so the model still learns the
+    poems from it. Loss: next-token cross-entropy over all tokens, plus the answer's cross-entropy
+    (its few tokens would otherwise be lost among 512)"""
+    sys.path.insert(0, HERE)
+    from passkey import sentences
+    torch.manual_seed(SEED)
+    t0 = time.time()
+    with open(os.path.join(HERE, "tokenizer", "tokenizer.json"), encoding="utf-8") as f:
+        tok = json.load(f)["model"]
+    enc = Encoder(tok["vocab"], tok["merges"])
+    bos = enc.vocab["<|im_start|>"]
+    train_poems, _ = load_poems()
+    units = sentences(" ".join("".join(train_poems).split()) + " ")  # as passkey.py --filler reads a file
+    print(f"{len(units)} filler sentences ({time.time() - t0:.0f} s)", flush=True)
+    model = MiniMind(CONFIG)
+    for n, p in model.named_parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.02)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.95))
+    rng = random.Random(SEED)
+    T = PASSKEY_CONTEXT
+    for step in range(PASSKEY_STEPS):
+        lr = LR * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / PASSKEY_STEPS))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = torch.zeros(PASSKEY_BATCH, T - 1, dtype=torch.long)
+        y = torch.full((PASSKEY_BATCH, T - 1), -100, dtype=torch.long)
+        key_y = torch.full((PASSKEY_BATCH, T - 1), -100, dtype=torch.long)
+        for b in range(PASSKEY_BATCH):  # passkey trials of 320 to 512 tokens, padded
+            ids, n_answer = passkey_row(enc, units, rng, bos, rng.randrange(320, T + 1))
+            row = torch.tensor(ids)
+            x[b, :len(ids) - 1], y[b, :len(ids) - 1] = row[:-1], row[1:]
+            key_y[b, len(ids) - 1 - n_answer:len(ids) - 1] = row[-n_answer:]
+        logits = model(x).reshape(-1, VOCAB)
+        lm = F.cross_entropy(logits, y.reshape(-1), ignore_index=-100)
+        key = F.cross_entropy(logits, key_y.reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        (lm + key).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0 or step == PASSKEY_STEPS - 1:
+            print(f"step {step}/{PASSKEY_STEPS} loss {lm.item():.3f} answer {key.item():.3f} lr {lr:.2e} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+        if step % 100 == 99:  # a checkpoint to try while it trains
+            torch.save(state_dict_as_minimind(model), os.path.join(HERE, "passkey_192.pth"))
+    torch.save(state_dict_as_minimind(model), os.path.join(HERE, "passkey_192.pth"))
+    print(f"trained in {time.time() - t0:.0f} s; now: python3 export.py demo/passkey_192.pth "
+          f"demo/passkey.bin --tokenizer demo/tokenizer --dtype f16")
+
+
 def write_reference(enc, heldout, info):
     """What the C engine must reproduce, from the weights exactly as saved (fp16) in fp32:
     a greedy continuation, the perplexity of the first held-out window, and token ids."""
@@ -383,4 +462,9 @@ def reference_only():
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    reference_only() if sys.argv[1:] == ["--reference-only"] else main()
+    if sys.argv[1:] == ["--reference-only"]:
+        reference_only()
+    elif sys.argv[1:] == ["--passkey"]:
+        train_passkey()
+    else:
+        main()
