@@ -46,7 +46,9 @@ def prompt(run, model, filler, key, n, depth, cache):
     units = sentences(filler)
     if (n, filler) not in cache:  # how many filler sentences fit beside the intro, needle and question
         fixed = n_tokens(run, model, INTRO + needle + QUESTION) + 1
-        per_unit = n_tokens(run, model, "".join(units) * 10) / (10 * len(units))
+        sample = units[:200]  # (a long --filler file: its first sentences, repeated to 50 or more)
+        reps = max(1, -(-50 // len(sample)))
+        per_unit = n_tokens(run, model, "".join(sample) * reps) / (reps * len(sample))
         if n < fixed + per_unit:
             raise Failure(f"a context of {n} tokens: the question alone takes {fixed} of this model's tokens, "
                           f"a sentence of filler {per_unit:.0f}; give longer --contexts")

@@ -15,6 +15,14 @@ Writes, all in demo/:
   reference.json         greedy continuation ids and the held-out perplexity, computed here in
                          PyTorch, that tests/run_tests.py checks the C engine against
 (`train.py --reference-only` rewrites reference.json from a saved checkpoint.)
+
+`train.py --passkey` trains the same model again, from scratch, at a context of 512 on
+demo/passkey.py's task: every row is a passkey trial (320 to 512 tokens) whose filler is
+training poems, the loss the next token's everywhere plus the answer's. It keeps the tokenizer
+in demo/tokenizer/ and writes demo/passkey_192.pth (also every 100 steps while it trains; not
+committed), for
+    python3 export.py demo/passkey_192.pth demo/passkey.bin --tokenizer demo/tokenizer --dtype f16
+PASSKEY_STEPS sets its steps (600: about an hour and a half on the 2 cores).
 Then run:  python3 export.py demo/pretrain_192.pth demo/model.bin --tokenizer demo/tokenizer --dtype f16
 
 Needs Debian's PyTorch and OpenBLAS (apt-get install python3-torch libopenblas0-pthread: without
