@@ -1698,7 +1698,7 @@ static Conversation conversation_load(const char *model_path, int template, cons
     }
     if (user) conversation_add(&cv, (ChatMessage){.role = "user", .content = xstrdup(user)});
     const char *err = chat_check(template, cv.msgs, cv.n, cv.n_tools);
-    if (err) die("%s: %s", messages_path && strstr(err, "message") ? messages_path : model_path, err);
+    if (err) die("%s: %s", model_path, err);  /* (what its template cannot render) */
     return cv;
 }
 
