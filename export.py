@@ -16,7 +16,7 @@ that admits only the few globals a state dict needs, so a malicious file cannot 
 
 The file is written tensor by tensor. Converting the weights (f16 to q8_0, say) is ./quantize's
 work when it is built (make; quantize.c), beside this file, and this file's own Python
-otherwise: the same bytes either way, the Python a hundred times slower. MINIMIND_QUANTIZE=PATH
+otherwise: the same bytes either way, the Python 10 to 50 times slower where it converts. MINIMIND_QUANTIZE=PATH
 names another quantize program; MINIMIND_QUANTIZE= (empty) uses the Python.
 """
 import argparse
@@ -1278,7 +1278,7 @@ def export(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Convert a MiniMind checkpoint to a minimind.c model file.",
                                  epilog="Weights are converted by ./quantize (make builds it) when it is there, "
-                                 "else by this file's Python: the same bytes, 10 to 50 times slower. "
+                                 "else by this file's Python: the same bytes, 10 to 50 times slower where it converts. "
                                  "MINIMIND_QUANTIZE=PATH names another, MINIMIND_QUANTIZE= forces the Python.")
     ap.add_argument("checkpoint", help=".pth, *_resume.pth, .safetensors, .gguf, or a transformers folder")
     ap.add_argument("out", help="output model file")

@@ -115,12 +115,7 @@ def svg_plot(series, contexts, path, title):
         col = colors[i % len(colors)]
         pts = " ".join(f"{xs[c]:.1f},{y(v):.1f}" for c, v in zip(contexts, vals) if v and math.isfinite(v))
         out.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="{pts}"/>')
-        ly = T + 18 * i
-        out.append(f'<line x1="{W - R + 12}" y1="{ly}" x2="{W - R + 32}" y2="{ly}" stroke="{col}" stroke-width="2"/>')
-        out.append(f'<text x="{W - R + 38}" y="{ly + 4}">{name}</text>')
-    out.append("</svg>")
-    with open(path, "w") as f:
-        f.write("\n".join(out) + "\n")
+    finish_svg(out, series, colors, W - R, T, path)
 
 
 def line_plot(series, path, title, xlabel, ylabel, mark=None, log_y=False, hline=None):
@@ -164,9 +159,16 @@ def line_plot(series, path, title, xlabel, ylabel, mark=None, log_y=False, hline
         col = colors[i % len(colors)]
         line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts if math.isfinite(y))
         out.append(f'<polyline fill="none" stroke="{col}" stroke-width="1.5" points="{line}"/>')
-        ly = T + 18 * i
-        out.append(f'<line x1="{W - R + 12}" y1="{ly}" x2="{W - R + 32}" y2="{ly}" stroke="{col}" stroke-width="2"/>')
-        out.append(f'<text x="{W - R + 38}" y="{ly + 4}">{name}</text>')
+    finish_svg(out, series, colors, W - R, T, path)
+
+
+def finish_svg(out, names, colors, x, top, path):
+    """a plot's legend (each series' colour and name, in a column from (x, top)), then the file"""
+    for i, name in enumerate(names):
+        ly = top + 18 * i
+        out.append(f'<line x1="{x + 12}" y1="{ly}" x2="{x + 32}" y2="{ly}" stroke="{colors[i % len(colors)]}" '
+                   f'stroke-width="2"/>')
+        out.append(f'<text x="{x + 38}" y="{ly + 4}">{name}</text>')
     out.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(out) + "\n")
