@@ -84,6 +84,21 @@ def bos_id(model):
     return struct.unpack_from("<I", header, 26 * 4)[0]
 
 
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
+
+
+def start_svg(W, H, L, R, T, B, title, xlabel, ylabel):
+    """a plot's first elements: W x H, the plot area inset by L, R, T, B; title, axes and labels"""
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+            f'<rect width="{W}" height="{H}" fill="white"/>',
+            f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>',
+            f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+            f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
+            f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">{xlabel}</text>',
+            f'<text x="16" y="{(T + H - B) / 2}" transform="rotate(-90 16 {(T + H - B) / 2})" '
+            f'text-anchor="middle">{ylabel}</text>']
+
+
 def svg_plot(series, contexts, path, title):
     W, H, L, R, T, B = 720, 420, 70, 170, 40, 50
     ys = [v for s in series.values() for v in s if v and math.isfinite(v)]
@@ -92,14 +107,7 @@ def svg_plot(series, contexts, path, title):
     lo, hi = lo - 0.04 * (hi - lo), hi + 0.04 * (hi - lo)  # a margin, so no line runs on an axis
     xs = {c: L + (W - L - R) * i / max(len(contexts) - 1, 1) for i, c in enumerate(contexts)}
     y = lambda v: T + (H - T - B) * (1 - (math.log10(v) - lo) / (hi - lo))
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>',
-           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
-           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
-           f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">context length (tokens)</text>',
-           f'<text x="16" y="{(T + H - B) / 2}" transform="rotate(-90 16 {(T + H - B) / 2})" text-anchor="middle">perplexity (log scale)</text>']
+    out = start_svg(W, H, L, R, T, B, title, "context length (tokens)", "perplexity (log scale)")
     for c, x in xs.items():
         out.append(f'<text x="{x}" y="{H - B + 16}" text-anchor="middle">{c}</text>')
     # gridlines at 10^e on a long range, 1, 2, 5 x 10^e on a shorter one, finer within a decade
@@ -112,10 +120,10 @@ def svg_plot(series, contexts, path, title):
                 out.append(f'<line x1="{L - 4}" y1="{y(v):.1f}" x2="{W - R}" y2="{y(v):.1f}" stroke="#ddd"/>')
                 out.append(f'<text x="{L - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{label}</text>')
     for i, (name, vals) in enumerate(series.items()):
-        col = colors[i % len(colors)]
+        col = COLORS[i % len(COLORS)]
         pts = " ".join(f"{xs[c]:.1f},{y(v):.1f}" for c, v in zip(contexts, vals) if v and math.isfinite(v))
         out.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="{pts}"/>')
-    finish_svg(out, series, colors, W - R, T, path)
+    finish_svg(out, series, W - R, T, path)
 
 
 def line_plot(series, path, title, xlabel, ylabel, mark=None, log_y=False, hline=None):
@@ -130,15 +138,7 @@ def line_plot(series, path, title, xlabel, ylabel, mark=None, log_y=False, hline
     lo, hi = lo - 0.04 * (hi - lo), hi + 0.04 * (hi - lo)
     px = lambda x: L + (W - L - R) * (x - x0) / max(x1 - x0, 1)
     py = lambda y: T + (H - T - B) * (1 - (f(y) - lo) / (hi - lo))
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>',
-           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
-           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
-           f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">{xlabel}</text>',
-           f'<text x="16" y="{(T + H - B) / 2}" transform="rotate(-90 16 {(T + H - B) / 2})" '
-           f'text-anchor="middle">{ylabel}</text>']
+    out = start_svg(W, H, L, R, T, B, title, xlabel, ylabel)
     for i in range(5):
         x = x0 + (x1 - x0) * i / 4
         out.append(f'<text x="{px(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:.0f}</text>')
@@ -156,17 +156,17 @@ def line_plot(series, path, title, xlabel, ylabel, mark=None, log_y=False, hline
                    f'stroke-dasharray="4 4"/>')
         out.append(f'<text x="{px(mark) + 4:.1f}" y="{T + 12}">training length {mark}</text>')
     for i, (name, pts) in enumerate(series.items()):
-        col = colors[i % len(colors)]
+        col = COLORS[i % len(COLORS)]
         line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts if math.isfinite(y))
         out.append(f'<polyline fill="none" stroke="{col}" stroke-width="1.5" points="{line}"/>')
-    finish_svg(out, series, colors, W - R, T, path)
+    finish_svg(out, series, W - R, T, path)
 
 
-def finish_svg(out, names, colors, x, top, path):
+def finish_svg(out, names, x, top, path):
     """a plot's legend (each series' colour and name, in a column from (x, top)), then the file"""
     for i, name in enumerate(names):
         ly = top + 18 * i
-        out.append(f'<line x1="{x + 12}" y1="{ly}" x2="{x + 32}" y2="{ly}" stroke="{colors[i % len(colors)]}" '
+        out.append(f'<line x1="{x + 12}" y1="{ly}" x2="{x + 32}" y2="{ly}" stroke="{COLORS[i % len(COLORS)]}" '
                    f'stroke-width="2"/>')
         out.append(f'<text x="{x + 38}" y="{ly + 4}">{name}</text>')
     out.append("</svg>")
