@@ -106,9 +106,10 @@ tests/kernel_test-avx2: tests/kernel_test.c $(SRC)
 tests/kernel_test-avxvnni: tests/kernel_test.c $(SRC)
 	$(KERNEL_TEST) -O2 $(AVXVNNI) $(OMP) -o $@ tests/kernel_test.c -lm
 
-# the memory ceiling of decoding: how fast a mapped model file reads, for make bench
-tests/stream: tests/stream.c
-	$(CC) $(WARN) $(CFLAGS) $(ARCH) $(OMP) -o $@ tests/stream.c
+# the memory ceiling of decoding: how fast a mapped model file reads, for make bench; and decoding
+# token by token beside it (tests/stream.c includes run.c)
+tests/stream: tests/stream.c $(SRC)
+	$(CC) $(WARN) $(WERROR) -Wno-unused-function $(CFLAGS) $(ARCH) $(OMP) -o $@ tests/stream.c -lm
 
 # the tokenizer test driver (tests/tokenizer_test.c includes tokenizer.c)
 tests/tokenizer_test: tests/tokenizer_test.c tokenizer.c model.h
@@ -153,7 +154,7 @@ fuzz-corpus:
 	$(PYTHON) tests/fuzz/gen_corpus.py
 
 TEST_BINARIES = .run-built run-asan run-portable run-noomp tests/tokenizer_test tests/tokenizer_test-asan \
-                tests/kernel_test tests/kernel_test-asan quantize quantize-asan
+                tests/kernel_test tests/kernel_test-asan tests/stream quantize quantize-asan
 TEST_SPECS = ./run:tests/tokenizer_test:tests/kernel_test ./run-asan:tests/tokenizer_test-asan:tests/kernel_test-asan \
              ./run-portable ./run-noomp
 ifeq ($(shell uname -m),x86_64)

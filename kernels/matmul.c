@@ -81,15 +81,15 @@ static void (*const full_tile[])(float *, int, const void *, int, const float *,
     [MM_F32] = full_tile_f32, [MM_F16] = full_tile_f16, [MM_BF16] = full_tile_bf16};
 
 /* w[:K] . x[:K] for one row when decoding a single token: the rows are read one after another, a
- * single stream through memory (four rows at a time, it is four short streams), prefetched ahead
- * (prefetch_weights), with four chains of FMAs so that their latency is hidden */
+ * single stream through memory (four rows at a time, it is four short streams), f16 and bf16 rows
+ * prefetched ahead (prefetch_weights), with four chains of FMAs so that their latency is hidden */
 static ALWAYS_INLINE float dot_row(int dtype, const void *w, const float *x, int K) {
     vf acc[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
     int k = 0;
     size_t elem = dtype == MM_F32 ? 4 : 2;
     for (; k + 4 * VL <= K; k += 4 * VL) {
-        for (size_t b = 0; b < 4 * VL * elem; b += 64)
-            prefetch_weights((const uint8_t *)w + k * elem + WEIGHTS_AHEAD + b);
+        for (size_t b = 0; dtype != MM_F32 && b < 4 * VL * elem; b += 64)
+            prefetch_weights((const uint8_t *)w + k * elem + HALF_ROWS_AHEAD + b);
         for (int j = 0; j < 4; j++)
             acc[j] = vf_fmadd(load_w(dtype, w, (size_t)(k + j * VL)), vf_load(x + k + j * VL), acc[j]);
     }
@@ -109,8 +109,8 @@ static ALWAYS_INLINE float dot_row_halves(int dtype, const void *w, const float 
     int k = 0;
     size_t elem = dtype == MM_F32 ? 4 : 2;
     for (; k + 4 * VL <= K; k += 4 * VL) {
-        for (size_t b = 0; b < 4 * VL * elem; b += 64)
-            prefetch_weights((const uint8_t *)w + k * elem + WEIGHTS_AHEAD + b);
+        for (size_t b = 0; dtype != MM_F32 && b < 4 * VL * elem; b += 64)
+            prefetch_weights((const uint8_t *)w + k * elem + HALF_ROWS_AHEAD + b);
         for (int j = 0; j < 4; j++) {
             size_t at = (size_t)(k + j * VL);
             lo[j] = vh_fmadd(load_wh(dtype, w, at), vh_load(x + at), lo[j]);
@@ -425,10 +425,12 @@ static void q8_rows(float *out, const Matrix *w, const int8_t *xq, const float *
  * contiguous share of the blocks. When the call's weights come to STEAL_MIN_BYTES or more a
  * thread, the blocks are cut into pieces of at most PIECE_BYTES of weights (or one block, if that
  * is more), and a thread that has done its own pieces takes pieces that another has not begun
- * (next_piece). Smaller calls keep fixed shares: passing the ranges' cache lines between the
- * cores costs about a microsecond a call, more than stealing wins back there. */
+ * (next_piece): the halves of a matrix do not read at one speed even on idle cores, and a fixed
+ * share kept one thread waiting for the other for a third of some calls. Smaller calls keep fixed
+ * shares: passing the ranges' cache lines between the cores costs about a microsecond a call,
+ * about what stealing wins back there (docs/kernels.md). */
 #define PIECE_BYTES 65536
-#define STEAL_MIN_BYTES (2 << 20)
+#define STEAL_MIN_BYTES (256 << 10)
 
 typedef struct {
     bool q8, prompt;              /* q8_0 matrices; a prompt block (units handed out dynamically) */

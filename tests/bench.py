@@ -33,7 +33,11 @@ processor), every run between two of tests/stream's; the table gives the median 
 and the median share (the run's reads over the mean of the walls either side of it), and the
 median share of tests/stream's sustained read (all its passes, over half a second or more: a
 mean, as a decoding run's tokens/s is, where the fastest pass catches the machine's quiet
-moments).
+moments). After each round, `tests/stream MODEL THREADS --decode 64` decodes 64 tokens at each
+width with run.c's forward pass, every token between two passes over the file, in one process:
+the last two columns are the median over the rounds of its median token share, and of its
+median pass (this wall, a few milliseconds from each token, is the one the machine's moods
+cannot tilt).
 tests/sidebyside.py --wall does the same beside llama.cpp or another build.
 
 --export (make bench runs it after the speed table) times export.py itself: the minimind-3-MoE
@@ -209,6 +213,21 @@ def wall_cell(engines, stream_file, threads, rounds, progress=None):
     return runs, walls
 
 
+def token_shares(model, threads, tokens=64):
+    """tests/stream MODEL THREADS --decode: each token decoded between two passes over the file, the
+    build's row widths in turn; {width ("512", "256"; "" for q8_0's panels): (median share, median
+    pass GB/s)}"""
+    p = subprocess.run([os.path.join(ROOT, "tests", "stream"), model, str(threads), "--decode", str(tokens)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"bench: tests/stream {model} {threads} --decode failed: {p.stderr.strip()} (make tests/stream)")
+    out = {}
+    for line in p.stdout.strip().splitlines():
+        bits, pass_gbs, _, share = line.split()
+        out["" if bits == "0" else bits] = (float(share), float(pass_gbs))
+    return out
+
+
 def row_widths(binary, model):
     """the --row-bits this build takes (decoding's weight rows: 512 and 256 on AVX-512)"""
     return [w for w in ("512", "256", "128") if subprocess.run(
@@ -219,7 +238,7 @@ def row_widths(binary, model):
 def wall_table(a):
     """--wall: decode tg128 and its share of the wall, for each cell and each row width the build has"""
     lines = ["| shape | dtype | threads | rows | decode tg128 tok/s | share of wall | share of sustained read "
-             "| wall GB/s |", "|---|---|---|---|---|---|---|---|"]
+             "| wall GB/s | share, token by token | pass GB/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for shape in a.shapes.split(","):
         for dtype in a.dtypes.split(","):
@@ -230,12 +249,16 @@ def wall_table(a):
                     flags = ["-c", "600"] + (["--row-bits", w] if w else []) + a.extra
                     return (w, lambda: bench_once(a.binary, model, threads, flags)["decode_tps"],
                             os.path.getsize(model))
-                runs, walls = wall_cell([engine(w) for w in widths], model, threads, a.runs)
+                tokens = []
+                runs, walls = wall_cell([engine(w) for w in widths], model, threads, a.runs,
+                                        lambda r: tokens.append(token_shares(model, threads)))
                 for w in widths:
                     line = (f"| {SHAPES[shape]['label']} | {dtype} | {threads} | {w + '-bit' if w else 'panels'} | "
                             f"{statistics.median(x[0] for x in runs[w]):.1f} | "
                             f"{statistics.median(x[1] for x in runs[w]):.2f} | "
-                            f"{statistics.median(x[2] for x in runs[w]):.2f} | {statistics.median(walls):.1f} |")
+                            f"{statistics.median(x[2] for x in runs[w]):.2f} | {statistics.median(walls):.1f} | "
+                            f"{statistics.median(t[w][0] for t in tokens):.2f} | "
+                            f"{statistics.median(t[w][1] for t in tokens):.1f} |")
                     lines.append(line)
                     print(line, flush=True)
     return lines

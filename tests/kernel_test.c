@@ -337,8 +337,8 @@ int main(void) {
             test_matmul(dt, f_shapes[i][0], f_shapes[i][1], f_shapes[i][2], false);
     for (size_t i = 0; i < sizeof q_shapes / sizeof q_shapes[0]; i++)
         test_matmul(MM_Q8_0, q_shapes[i][0], q_shapes[i][1], q_shapes[i][2], false);
-    /* 2 MB of weights a thread or more (4.2 MB in f16): decoding's two threads take pieces
-     * (RowShares), one token and a few */
+    /* 256 KB of weights a thread or more (4-8 MB here, many pieces): decoding's two threads take
+     * pieces (RowShares), one token and a few */
     for (int dt = MM_F32; dt <= MM_Q8_0; dt++) {
         int rows = dt == MM_Q8_0 ? 4000 : 2100, cols = dt == MM_Q8_0 ? 1056 : 1000;
         test_matmul(dt, rows, cols, 1, true);

@@ -1824,6 +1824,45 @@ def export_mutation_tests():
 # The fuzz targets (tests/fuzz/), a few seconds each on their committed corpora: every seed and
 # crash reproducer there runs first, then new inputs. make test builds them when clang can.
 
+def stream_tests():
+    """tests/stream, the memory wall of make bench and make bench-wall: its passes, and --decode's
+    tokens between passes (run.c's forward pass), give positive finite figures; bad input is refused"""
+    stream, demo = os.path.join(ROOT, "tests", "stream"), os.path.join(ROOT, "demo", "model.bin")
+
+    def figures(p, n_fields):
+        rows = [l.split() for l in p.stdout.strip().splitlines()]
+        try:
+            ok = p.returncode == 0 and rows and all(
+                len(r) == n_fields and all(math.isfinite(float(x)) and float(x) > 0 for x in r[n_fields - 3:])
+                for r in rows)
+        except ValueError:
+            ok = False
+        return ok, rows
+
+    @test("tests/stream: the passes of a file, and --decode's tokens between passes at each row width, "
+          "1 and 2 threads, positive figures; bad arguments and files refused")
+    def _():
+        if not os.path.exists(stream):
+            return False, "tests/stream is not built (make test builds it)"
+        for threads in ("1", "2"):
+            ok, rows = figures(run([stream, demo, threads]), 2)
+            if not ok:
+                return False, f"tests/stream demo/model.bin {threads}: {rows}"
+            ok, rows = figures(run([stream, demo, threads, "--decode", "3"]), 4)
+            widths = [r[0] for r in rows] if ok else []
+            if not ok or not widths or len(set(widths)) != len(widths) or \
+                    not set(widths) <= {"512", "256", "128", "0"}:
+                return False, f"tests/stream demo/model.bin {threads} --decode 3: {rows}"
+        for args, words in (([demo, "1", "--decode", "0"], ("--decode N must be 1..4096",)),
+                            ([demo, "0"], ("THREADS must be 1..1024",)),
+                            ([os.path.join(FIX, "cases.json"), "1", "--decode", "2"], ("cases.json",)),
+                            ([demo, "1", "--decoded", "2"], ("usage",))):
+            ok, detail = expect_error(run([stream] + args), *words)
+            if not ok:
+                return False, f"tests/stream {' '.join(args[1:])}: {detail}"
+        return True, f"row widths {', '.join(widths)}"
+
+
 def fuzz_tests():
     seconds = int(os.environ.get("FUZZ_SECONDS", "3"))
     for target in ("loader", "tokenizer", "chat", "args"):
@@ -1858,6 +1897,7 @@ def main():
         c["export_args"] = [os.path.join(FIX, a) if a.endswith(".pth") else a for a in c["export_args"]]
     export_tests()
     export_mutation_tests()
+    stream_tests()
     fuzz_tests()
     models = tokenizer_models()
     with open(os.path.join(FIX, "text_expected.json"), encoding="utf-8") as f:

@@ -2,32 +2,26 @@
  * way ./run maps it (MAP_POPULATE), start to end. Decoding one token reads every weight once, so
  * file bytes x decode tokens/s can be set beside this (tests/bench.py does, for make bench).
  *
- *     tests/stream FILE [THREADS]     prints "SUSTAINED BEST": GB/s over all passes, and of the
- *                                     fastest pass
+ *     tests/stream FILE [THREADS]
+ *         prints "SUSTAINED BEST": GB/s over all passes, and of the fastest pass
+ *     tests/stream MODEL.bin THREADS --decode N
+ *         decodes N tokens with run.c's forward pass, each between two passes, at each width the
+ *         build reads weight rows in (--row-bits; a q8_0 model: its panels, printed as 0), the
+ *         widths in turn token by token; prints a line per width, "BITS PASS TOKEN SHARE": the
+ *         median pass and the median token in GB/s (the file's bytes over its time), and the
+ *         median of the tokens' shares (a token's reads over the mean of the passes either side)
  *
- * It reads the file over and over, at least 10 times and for at least half a second: SUSTAINED is
- * all the bytes over all the time, what a decoding run (a mean over its tokens, for about as
- * long) can be set beside; BEST, the fastest single pass, catches this shared machine's quiet
- * moments and ran 20-60% above it in docs/speed.md's tables. THREADS (default 1) read contiguous shares, as ./run's
- * threads take contiguous rows. */
+ * The first reads the file over and over, at least 10 times and for at least half a second:
+ * SUSTAINED is all the bytes over all the time, what a decoding run (a mean over its tokens, for
+ * about as long) can be set beside; BEST, the fastest single pass, catches this shared machine's
+ * quiet moments and ran 20-60% above it in docs/speed.md's tables. --decode sets each token
+ * beside the passes just before and after it, a few milliseconds apart: what the machine's
+ * moods do to one they do to the other, so its share is the kernels' own, the same from one run
+ * to the next within a few percent where runs of separate programs differ by a third. THREADS
+ * (default 1) read contiguous shares, as ./run's threads take contiguous rows. */
 #define _DEFAULT_SOURCE
-#include <fcntl.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <time.h>
-#include <unistd.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-static double now_seconds(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
+#define MINIMIND_NO_MAIN
+#include "../run.c"
 
 /* the sum of n 64-bit words: the loads are the work, the sum keeps them from being dropped */
 static uint64_t sum_words(const uint64_t *p, size_t n) {
@@ -37,47 +31,105 @@ static uint64_t sum_words(const uint64_t *p, size_t n) {
     return s;
 }
 
-int main(int argc, char **argv) {
-    if (argc < 2 || argc > 3) {
-        fprintf(stderr, "usage: %s FILE [THREADS]\n", argv[0]);
-        return 2;
-    }
-    int threads = argc == 3 ? atoi(argv[2]) : 1;
-    if (threads < 1 || threads > 1024) {
-        fprintf(stderr, "stream: THREADS must be 1..1024, not %s\n", argv[2]);
-        return 2;
-    }
-    int fd = open(argv[1], O_RDONLY);
-    struct stat st;
-    if (fd < 0 || fstat(fd, &st) != 0 || st.st_size < 64) {
-        fprintf(stderr, "stream: cannot read %s (or it is under 64 bytes)\n", argv[1]);
-        return 1;
-    }
-    size_t words = (size_t)st.st_size / 8;
-    const uint64_t *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-    if (p == MAP_FAILED) {
-        fprintf(stderr, "stream: cannot map %s\n", argv[1]);
-        return 1;
-    }
-#ifdef _OPENMP
-    omp_set_num_threads(threads);
-#endif
-    double best = 0, start = now_seconds();
-    volatile uint64_t sink = 0;
-    int pass = 0;
-    for (; pass < 10 || now_seconds() - start < 0.5; pass++) {
-        uint64_t total = 0;
-        double t0 = now_seconds();
+/* one pass over words 64-bit words at p, threads contiguous shares; seconds */
+static double read_pass(const uint64_t *p, size_t words, int threads) {
+    static volatile uint64_t sink;
+    uint64_t total = 0;
+    double t0 = now_seconds();
+    if (threads == 1) total = sum_words(p, words);  /* (no OpenMP region: as ./run at one thread) */
+    else {
         #pragma omp parallel for reduction(+:total)
         for (int t = 0; t < threads; t++) {
             size_t w0 = words * (size_t)t / (size_t)threads, w1 = words * (size_t)(t + 1) / (size_t)threads;
             total += sum_words(p + w0, w1 - w0);
         }
-        double gbs = (double)words * 8 / (now_seconds() - t0) / 1e9;
-        if (gbs > best) best = gbs;
-        sink += total;
     }
-    (void)sink;
+    sink += total;
+    return now_seconds() - t0;
+}
+
+static int compare_doubles(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, compare_doubles);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+/* --decode: n tokens at each row width, alternated token by token, every token between two passes */
+static int decode_beside_passes(const char *path, int threads, int n) {
+    threads_init(threads, false);
+    Model m;
+    model_load(&m, path);
+    int bits[2], n_widths = kernel_row_widths(bits);
+    bool q8 = m.layers[0].wq.dtype == MM_Q8_0;
+    if (n_widths == 0 || q8) n_widths = 1, bits[0] = 0;  /* (one way to read: a build without the
+                                                             kernels, or q8_0's panels) */
+    int ctx = 1 + n * n_widths;
+    Rope rope = {.scaling = MM_ROPE_NONE, .theta = m.cfg.rope_theta};
+    State s;
+    state_init(&s, &m, 1, ctx, &rope, MM_F32, false);
+    threads_start();
+    const uint64_t *words = m.map;
+    size_t n_words = m.map_size / 8;
+    double bytes = (double)m.map_size;
+    double *pass = xcalloc((size_t)n * n_widths + 1, sizeof(double), "passes");
+    double *token = xcalloc((size_t)n * n_widths, sizeof(double), "tokens");
+    double *share = xcalloc((size_t)n * n_widths, sizeof(double), "shares");
+    int id = 1, pos = 0;
+    const float *logits = forward(&m, &s, &id, 1, pos++, false);  /* a warm-up token */
+    pass[0] = read_pass(words, n_words, threads);
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < n_widths; k++) {
+            int w = i % 2 ? n_widths - 1 - k : k;  /* (each width first in turn) */
+            if (bits[w]) kernel_set_row_bits(bits[w]);
+            id = argmax(logits, (int)m.cfg.vocab_size);
+            double t0 = now_seconds();
+            logits = forward(&m, &s, &id, 1, pos++, false);
+            int at = i * n_widths + k;
+            token[w * n + i] = now_seconds() - t0;
+            pass[at + 1] = read_pass(words, n_words, threads);
+            share[w * n + i] = (pass[at] + pass[at + 1]) / 2 / token[w * n + i];
+        }
+    double pass_s = median(pass, n * n_widths + 1);
+    for (int w = 0; w < n_widths; w++)
+        printf("%d %.2f %.2f %.3f\n", bits[w], bytes / pass_s / 1e9, bytes / median(token + w * n, n) / 1e9,
+               median(share + w * n, n));
+    free(pass), free(token), free(share);
+    state_free(&s);
+    model_free(&m);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    bool decode = argc == 5 && !strcmp(argv[3], "--decode");
+    if (!decode && (argc < 2 || argc > 3))
+        die("usage: tests/stream FILE [THREADS], or tests/stream MODEL.bin THREADS --decode N");
+    int threads = argc >= 3 ? atoi(argv[2]) : 1;
+    if (threads < 1 || threads > 1024) die("tests/stream: THREADS must be 1..1024, not %s", argv[2]);
+    if (decode) {
+        int n = atoi(argv[4]);
+        if (n < 1 || n > 4096) die("tests/stream: --decode N must be 1..4096, not %s", argv[4]);
+        return decode_beside_passes(argv[1], threads, n);
+    }
+    int fd = open(argv[1], O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0 || st.st_size < 64)
+        die("tests/stream: cannot read %s (or it is under 64 bytes)", argv[1]);
+    size_t words = (size_t)st.st_size / 8;
+    const uint64_t *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+    if (p == MAP_FAILED) die("tests/stream: cannot map %s", argv[1]);
+#ifdef _OPENMP
+    omp_set_num_threads(threads);
+#endif
+    double best = 0, start = now_seconds();
+    int pass = 0;
+    for (; pass < 10 || now_seconds() - start < 0.5; pass++) {
+        double gbs = (double)words * 8 / read_pass(p, words, threads) / 1e9;
+        if (gbs > best) best = gbs;
+    }
     printf("%.2f %.2f\n", (double)words * 8 * pass / (now_seconds() - start) / 1e9, best);
     return 0;
 }
