@@ -425,10 +425,10 @@ static void q8_rows(float *out, const Matrix *w, const int8_t *xq, const float *
  * contiguous share of the blocks. When the call's weights come to STEAL_MIN_BYTES or more a
  * thread, the blocks are cut into pieces of at most PIECE_BYTES of weights (or one block, if that
  * is more), and a thread that has done its own pieces takes pieces that another has not begun
- * (next_piece): the halves of a matrix do not read at one speed even on idle cores, and a fixed
- * share kept one thread waiting for the other for a third of some calls. Smaller calls keep fixed
- * shares: passing the ranges' cache lines between the cores costs about a microsecond a call,
- * about what stealing wins back there (docs/kernels.md). */
+ * (next_piece): two halves of a matrix need not read at one speed, and a fixed share would keep
+ * the faster thread waiting. Smaller calls keep fixed shares: passing the ranges' cache lines
+ * between the cores costs about a microsecond a call, about what stealing wins back there
+ * (docs/kernels.md, Threads). */
 #define PIECE_BYTES 65536
 #define STEAL_MIN_BYTES (256 << 10)
 
