@@ -17,9 +17,9 @@
  * quiet moments and ran 20-60% above it in docs/speed.md's tables. --decode sets each token
  * beside the passes just before and after it, a few milliseconds apart: what the machine's
  * moods do to one they do to the other, so the middle half of the tokens' shares lies within a
- * few percent of their median (docs/speed.md: the same cell moved up to 7% from one spell to the
- * next, where separate programs' shares moved by half). THREADS (default 1) read contiguous
- * shares, as ./run's threads take contiguous rows. */
+ * few percent of their median, and settings alternated token by token compare reliably (the
+ * level still moves from run to run: docs/speed.md). THREADS (default 1) read contiguous shares,
+ * as ./run's threads take contiguous rows. */
 #define _DEFAULT_SOURCE
 #define MINIMIND_NO_MAIN
 #include "../run.c"
