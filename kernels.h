@@ -24,6 +24,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sched.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -176,6 +177,73 @@ static inline int team_size(void) {  /* the threads of the region this runs in (
 #else
     return 1;
 #endif
+}
+
+/* ---- a decoded token's team ----
+ * libgomp forks and joins the threads at every parallel region, microseconds each, and a decoded
+ * token makes some 40 calls of tens of microseconds (docs/kernels.md, Threads). So a single
+ * token's forward pass runs inside one region (kernel_team): its first thread runs the pass, the
+ * others wait for work, and the kernels hand them their parts of each call (team_work) instead of
+ * forking. The waiting threads spin on one counter: a pass lasts milliseconds, and a thread that
+ * slept would wake later than the work it was woken for. */
+typedef void (*TeamWork)(void *arg, int id, int nth);
+
+static struct {
+    _Alignas(64) _Atomic unsigned posted;   /* work posted so far (the waiting threads watch it) */
+    _Alignas(64) _Atomic unsigned finished; /* threads done with the work posted last */
+    TeamWork work;                          /* the work posted last, and its argument */
+    void *arg;
+    bool quit;                              /* with the last post: the pass is over */
+    int size;                               /* the threads of the team; 0: no team is up */
+} team;
+
+/* spin until *v equals value (until_equal) or differs from it; after a long wait, yield the CPU
+ * at every turn: another process wants it when the thread waited for is not running */
+static void team_spin(_Atomic unsigned *v, unsigned value, bool until_equal) {
+    for (long spins = 0;; spins++) {
+        unsigned now = atomic_load_explicit(v, memory_order_acquire);
+        if (until_equal ? now == value : now != value) return;
+        if (spins > 100000) sched_yield();
+    }
+}
+
+#if KERNELS_BUILT  /* (the kernels post work; a build without them has a team that waits for none) */
+/* work(arg, id, nth) on every thread of the team, the caller as id 0; back when all are done */
+static void team_work(TeamWork work, void *arg) {
+    atomic_store_explicit(&team.finished, 0, memory_order_relaxed);
+    team.work = work, team.arg = arg;
+    atomic_fetch_add_explicit(&team.posted, 1, memory_order_release);
+    work(arg, 0, team.size);
+    team_spin(&team.finished, (unsigned)team.size - 1, true);
+}
+#endif
+
+/* body(arg) on this thread while a team of n_threads() waits for its kernels' work (no team at
+ * one thread, or in a build without OpenMP) */
+static void kernel_team(void (*body)(void *), void *arg) {
+    if (n_threads() == 1 || team.size) {
+        body(arg);
+        return;
+    }
+    unsigned first = atomic_load(&team.posted);
+    #pragma omp parallel
+    {
+        if (thread_id() == 0) {
+            team.size = team_size();  /* (the system may give fewer threads than asked) */
+            team.quit = false;
+            body(arg);
+            team.quit = true;
+            atomic_fetch_add_explicit(&team.posted, 1, memory_order_release);
+            team.size = 0;
+        } else {
+            for (unsigned seen = first;; seen++) {
+                team_spin(&team.posted, seen, false);
+                if (team.quit) break;
+                team.work(team.arg, thread_id(), team_size());
+                atomic_fetch_add_explicit(&team.finished, 1, memory_order_release);
+            }
+        }
+    }
 }
 
 /* ---- the kernels ---- */

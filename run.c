@@ -1263,18 +1263,14 @@ static void moe_ffn(const Model *m, const Layer *L, State *s, int n) {
     }
 }
 
-/* n tokens at positions pos0 .. pos0+n-1 (n <= max_tokens), after the pos0 before them in the KV
- * cache: every layer of the model for all n at once, each weight matrix read once for the block.
- * Returns the logits of the last token [vocab], or with all_logits of every token [n, vocab]. */
-static float *forward(const Model *m, State *s, const int *tokens, int n, int pos0, bool all_logits) {
+/* n tokens at positions pos0 .. pos0+n-1, after the pos0 before them in the KV cache: every layer
+ * of the model for all n at once, each weight matrix read once for the block; the logits of the
+ * last token into s->logits [vocab], or with all_logits of every token [n, vocab] */
+static void forward_pass(const Model *m, State *s, const int *tokens, int n, int pos0, bool all_logits) {
     const mm_header *h = &m->cfg;
     int dim = (int)h->dim, hd = (int)h->head_dim, half = hd / 2, n_heads = (int)h->n_heads;
     int n_kv_heads = (int)h->n_kv_heads, q_dim = n_heads * hd, kv_dim = n_kv_heads * hd;
     float eps = h->rms_eps;
-    if (n < 1 || n > s->max_tokens || pos0 < 0 || pos0 + n > s->ctx)
-        die("internal: forward of %d tokens at position %d (block %d, context %d)", n, pos0, s->max_tokens,
-            s->ctx);
-    team_begin(n);  /* how many threads (above) */
 
     for (int t = 0; t < n; t++) {  /* each token's embedding, and the rotation of its position */
         memcpy(s->x + (size_t)t * dim, matrix_row(&m->embed, tokens[t], s->row_buf),
@@ -1323,6 +1319,32 @@ static float *forward(const Model *m, State *s, const int *tokens, int n, int po
     int first = all_logits ? 0 : n - 1;
     rmsnorm_rows(s->xb, s->x + (size_t)first * dim, m->final_norm, n - first, dim, eps);
     matmul(s, s->logits, s->xb, &m->head, n - first);
+}
+
+typedef struct {                /* forward_pass's arguments, for kernel_team */
+    const Model *m;
+    State *s;
+    const int *tokens;
+    int n, pos0;
+    bool all_logits;
+} ForwardCall;
+
+static void forward_call(void *arg) {
+    const ForwardCall *c = arg;
+    forward_pass(c->m, c->s, c->tokens, c->n, c->pos0, c->all_logits);
+}
+
+/* The forward pass of n tokens (n <= max_tokens) at positions pos0..: the logits of the last
+ * token [vocab], or with all_logits of every token [n, vocab]. A single token's pass keeps its
+ * threads for the whole pass (kernel_team, kernels.h); a block's forks them at each kernel. */
+static float *forward(const Model *m, State *s, const int *tokens, int n, int pos0, bool all_logits) {
+    if (n < 1 || n > s->max_tokens || pos0 < 0 || pos0 + n > s->ctx)
+        die("internal: forward of %d tokens at position %d (block %d, context %d)", n, pos0, s->max_tokens,
+            s->ctx);
+    team_begin(n);  /* how many threads (above) */
+    if (n == 1 && fast_kernels())
+        kernel_team(forward_call, &(ForwardCall){m, s, tokens, n, pos0, all_logits});
+    else forward_pass(m, s, tokens, n, pos0, all_logits);
     team_end(n);
     return s->logits;
 }

@@ -286,24 +286,48 @@ static void attention_group(float *out, const float *q, int n, int pos0, const K
         }
 }
 
+/* unit u of a kernel_attention call (below), on thread id */
+static void attention_unit(float *out, const float *q, int n, int pos0, const KvLayer *c, KernelScratch *ks,
+                           int u, int id) {
+    int q_dim = c->n_kv_heads * c->group * c->head_dim;
+    int t0 = u / c->n_kv_heads * ATT_TOKENS, len = n - t0 < ATT_TOKENS ? n - t0 : ATT_TOKENS;
+    attention_group(out + (size_t)t0 * q_dim, q + (size_t)t0 * q_dim, len, pos0 + t0, c, u % c->n_kv_heads,
+                    ks->att + (size_t)id * ks->att_len);
+}
+
+/* a kernel_attention call as a decoded token's team takes it (team_work): units as threads come
+ * free */
+typedef struct {
+    float *out;
+    const float *q;
+    int n, pos0;
+    const KvLayer *c;
+    KernelScratch *ks;
+    int units;
+    _Atomic int next;           /* the next unit not taken */
+} AttentionCall;
+
+static void attention_work(void *arg, int id, int nth) {
+    AttentionCall *a = arg;
+    (void)nth;
+    for (int u; (u = atomic_fetch_add(&a->next, 1)) < a->units;)
+        attention_unit(a->out, a->q, a->n, a->pos0, a->c, a->ks, u, id);
+}
+
 /* Units of work: one kv head with its query heads, for a run of up to ATT_TOKENS tokens; handed
  * out as threads come free (a plain loop at one thread: see kernel_matmuls) */
 static void kernel_attention(float *out, const float *q, int n, int pos0, const KvLayer *c,
                              KernelScratch *ks) {
-    int units = (n + ATT_TOKENS - 1) / ATT_TOKENS * c->n_kv_heads,
-        q_dim = c->n_kv_heads * c->group * c->head_dim;
-#define UNIT(u) do {                                                                                    \
-        int t0 = (u) / c->n_kv_heads * ATT_TOKENS, len = n - t0 < ATT_TOKENS ? n - t0 : ATT_TOKENS;    \
-        attention_group(out + (size_t)t0 * q_dim, q + (size_t)t0 * q_dim, len, pos0 + t0, c,            \
-                        (u) % c->n_kv_heads, ks->att + (size_t)thread_id() * ks->att_len);              \
-    } while (0)
+    int units = (n + ATT_TOKENS - 1) / ATT_TOKENS * c->n_kv_heads;
     if (n_threads() == 1)
-        for (int u = 0; u < units; u++) UNIT(u);
-    else {
+        for (int u = 0; u < units; u++) attention_unit(out, q, n, pos0, c, ks, u, 0);
+    else if (team.size > 1) {  /* a decoded token's team is waiting (kernels.h) */
+        AttentionCall call = {out, q, n, pos0, c, ks, units, 0};
+        team_work(attention_work, &call);
+    } else {
         #pragma omp parallel for schedule(dynamic, 1)
-        for (int u = 0; u < units; u++) UNIT(u);
+        for (int u = 0; u < units; u++) attention_unit(out, q, n, pos0, c, ks, u, thread_id());
     }
-#undef UNIT
 }
 
 #else  /* a build without the kernels: run.c never calls this */

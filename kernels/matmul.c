@@ -546,6 +546,21 @@ static void matmul_share(const MatmulJob *jobs, int n_jobs, const float *x, int 
     }
 }
 
+/* a kernel_matmuls call, as the team's threads take it (team_work) */
+typedef struct {
+    const MatmulJob *jobs;
+    int n_jobs;
+    const float *x;
+    int n;
+    KernelScratch *ks;
+    const RowShares *sh;
+} MatmulCall;
+
+static void matmul_work(void *arg, int id, int nth) {
+    const MatmulCall *c = arg;
+    matmul_share(c->jobs, c->n_jobs, c->x, c->n, c->ks, c->sh, id, nth);
+}
+
 /* the codes of token t's activations for the q8_0 tiles: ks->xq and ks->xs and, where the tiles
  * multiply w + 128 (Q8_VNNI), minus 128 x each group's sum of codes (ks->xqsum) */
 static void quantize_token(KernelScratch *ks, const float *x, int t, int cols) {
@@ -585,6 +600,11 @@ static void kernel_matmuls(const MatmulJob *jobs, int n_jobs, const float *x, in
                                                           (uint32_t)((long)sh.n_pieces * (t + 1) / nth)));
     if (nth == 1) {
         matmul_share(jobs, n_jobs, x, n_tokens, ks, &sh, 0, 1);
+        return;
+    }
+    if (team.size > 1 && !sh.prompt) {  /* a decoded token's team is waiting (kernels.h) */
+        MatmulCall call = {jobs, n_jobs, x, n_tokens, ks, &sh};
+        team_work(matmul_work, &call);
         return;
     }
     #pragma omp parallel

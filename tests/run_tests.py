@@ -284,12 +284,14 @@ def consistency_tests(binary, cases):
             @test(f"{tag}: threads 1 and 2 give identical logits, {cname} {dtype}")
             def _():
                 model = export(c["checkpoint"], f"{c['name']}.{dtype}.bin", dtype, c["export_args"])
-                for b in ("7", "64"):  # dot-product tiles; prompt tiles (every fixture prompt has 16+ tokens)
+                # single tokens (a decoded token's team, kernels.h); dot-product tiles; prompt tiles
+                # (every fixture prompt has 16+ tokens)
+                for b in ("1", "7", "64"):
                     t1 = logits(binary, model, c["ids"], ["--threads", "1", "--batch", b], "t1")
                     t2 = logits(binary, model, c["ids"], ["--threads", "2", "--batch", b], "t2")
                     if t1 != t2:
                         return False, f"outputs differ at --batch {b}"
-                return True, "bit-identical at --batch 7 and 64"
+                return True, "bit-identical at --batch 1, 7 and 64"
 
     c = next(x for x in cases if x["name"] == "m2_moe")
 
