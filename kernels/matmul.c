@@ -487,6 +487,15 @@ static ALWAYS_INLINE void matmul_blocks(const MatmulJob *jobs, int n_jobs, const
                                         const KernelScratch *ks, const RowShares *sh, int b0, int b1,
                                         int chunk) {
     int cols = jobs[0].w->cols;
+    if (n == 1 && b0 < b1 && (jobs[0].w->dtype == MM_F16 || jobs[0].w->dtype == MM_BF16)) {
+        /* a token's f16 and bf16 rows prefetch HALF_ROWS_AHEAD (dot_row): the range's first bytes,
+         * which no row before it prefetched, before its first row */
+        int j = n_jobs - 1;
+        while (b0 < sh->first_block[j]) j--;
+        size_t row0 = (size_t)(b0 - sh->first_block[j]) * sh->block_rows;
+        const uint8_t *start = (const uint8_t *)jobs[j].w->data + row0 * cols * 2;
+        for (size_t b = 0; b < HALF_ROWS_AHEAD; b += 64) prefetch_weights(start + b);
+    }
     for (int k0 = 0; k0 < cols; k0 += chunk)
         for (int b = b0; b < b1; b++) {
             int j = n_jobs - 1;
