@@ -19,8 +19,8 @@
  * beside the passes just before and after it, a few milliseconds apart: what the machine's
  * moods do to one they do to the other, so the middle half of the tokens' shares lies within a
  * few percent of their median, and settings alternated token by token compare reliably (the
- * level still moves from run to run: docs/speed.md). THREADS (default 1) read contiguous shares,
- * as ./run's threads take contiguous rows. */
+ * level still moves from run to run: docs/speed.md). THREADS (default 1) read the file in 2 MB
+ * chunks handed out as they come free (read_pass). */
 #define _DEFAULT_SOURCE
 #define MINIMIND_NO_MAIN
 #include "../run.c"
@@ -39,8 +39,13 @@ static uint64_t sum_share(const uint64_t *p, size_t words, size_t first, size_t 
     return n <= tail ? sum_words(p + at, n) : sum_words(p + at, tail) + sum_words(p, n - tail);
 }
 
-/* one pass over the words 64-bit words at p in that order (first: where decoding's reads begin,
- * below), threads taking contiguous shares of it; seconds */
+/* One pass over the words 64-bit words at p in that order (first: where decoding's reads begin,
+ * below); seconds. Threads take it in chunks of PASS_CHUNK bytes, each the next not taken as they
+ * come free: on this project's machines that read a file faster than any fixed cut did. Halves of
+ * the file read minimind2's f16 and f32 files 26-29% slower and minimind-3's 5-15% (one half of
+ * a file can read slower than the other, whichever thread reads it), and 1 or 4 MB chunks dealt
+ * out in turn 4-17% slower (docs/kernels.md). */
+#define PASS_CHUNK ((size_t)2 << 20)
 static uint64_t pass_sum;  /* the last pass's sum: every word once, in any order, the same sum */
 
 static double read_pass(const uint64_t *p, size_t words, size_t first, int threads) {
@@ -48,10 +53,10 @@ static double read_pass(const uint64_t *p, size_t words, size_t first, int threa
     double t0 = now_seconds();
     if (threads == 1) total = sum_share(p, words, first, 0, words);  /* (no OpenMP region: as ./run) */
     else {
-        #pragma omp parallel for reduction(+:total)
-        for (int t = 0; t < threads; t++)
-            total += sum_share(p, words, first, words * (size_t)t / (size_t)threads,
-                               words * (size_t)(t + 1) / (size_t)threads);
+        size_t chunk = PASS_CHUNK / 8, chunks = (words + chunk - 1) / chunk;
+        #pragma omp parallel for schedule(dynamic, 1) reduction(+:total)
+        for (size_t c = 0; c < chunks; c++)
+            total += sum_share(p, words, first, c * chunk, c * chunk + chunk < words ? c * chunk + chunk : words);
     }
     pass_sum = total;
     return now_seconds() - t0;
