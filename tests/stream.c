@@ -93,7 +93,7 @@ static int decode_beside_passes(const char *path, int threads, int n) {
      * from the end of the embedding table and then its start. In file order, the pass after a
      * token read the head just read (much of it from the cache) and the token the head read a
      * file and a half before, where every other matrix is one file's reads from its last read:
-     * minimind-3 f16's head read 20-25% slower than its layers, and in ./run at their speed. */
+     * minimind-3 f16's head read 11-26% slower than its layers, and in ./run at their speed. */
     size_t first = (size_t)(((const uint8_t *)m.embed.data - (const uint8_t *)m.map) +
                             tensor_bytes(m.embed.dtype, m.embed.rows, m.embed.cols)) / 8 % n_words;
     double bytes = (double)m.map_size;
