@@ -240,16 +240,6 @@ static void attention_group(float *out, const float *q, int n, int pos0, const K
     for (int r = 0; r < nq; r++) mx[r] = -INFINITY, sum[r] = 0;
     memset(O, 0, sizeof(float) * (size_t)nq * hd);
     int last = pos0 + n - 1;
-    {   /* the first tile's keys and values at once: the prefetches below run KV_AHEAD positions
-         * ahead of the loads, so nothing brought these in (decoding, where the whole pass's
-         * weights have evicted them since: docs/kernels.md) */
-        int first = last + 1 < KV_TILE ? last + 1 : KV_TILE;
-        size_t row_bytes = (size_t)hd * kv_elem_size(c->dtype);  /* (keys: whole blocks of them) */
-        size_t key_bytes = (size_t)(first + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK * row_bytes;
-        const uint8_t *k = kv_keys(c, g, 0), *v = kv_values(c, g, 0);
-        for (size_t b = 0; b < key_bytes; b += 64) prefetch(k + b);
-        for (size_t b = 0; b < (size_t)first * row_bytes; b += 64) prefetch(v + b);
-    }
     for (int t0 = 0; t0 <= last; t0 += KV_TILE) {
         int nt = last + 1 - t0 < KV_TILE ? last + 1 - t0 : KV_TILE;
         /* the positions from t0 on, to the end of its page: the run's first token prefetches them */
