@@ -482,26 +482,30 @@ static int next_piece(PieceRange *ranges, int n_ranges, int id) {
     return -1;
 }
 
+/* the job (matrix) that block b of a call (RowShares' numbering) lies in, and *r0 its first row */
+static ALWAYS_INLINE int block_job(const RowShares *sh, int n_jobs, int b, int *r0) {
+    int j = n_jobs - 1;
+    while (b < sh->first_block[j]) j--;
+    *r0 = (b - sh->first_block[j]) * sh->block_rows;
+    return j;
+}
+
 /* blocks b0 .. b1 of a call (RowShares' numbering), columns k0 .. in chunks of `chunk` */
 static ALWAYS_INLINE void matmul_blocks(const MatmulJob *jobs, int n_jobs, const float *x, int n,
                                         const KernelScratch *ks, const RowShares *sh, int b0, int b1,
                                         int chunk) {
-    int cols = jobs[0].w->cols;
+    int cols = jobs[0].w->cols, r0;
     if (n == 1 && b0 < b1 && (jobs[0].w->dtype == MM_F16 || jobs[0].w->dtype == MM_BF16)) {
         /* a token's f16 and bf16 rows prefetch HALF_ROWS_AHEAD (dot_row): the range's first bytes,
          * which no row before it prefetched, before its first row */
-        int j = n_jobs - 1;
-        while (b0 < sh->first_block[j]) j--;
-        size_t row0 = (size_t)(b0 - sh->first_block[j]) * sh->block_rows;
-        const uint8_t *start = (const uint8_t *)jobs[j].w->data + row0 * cols * 2;
+        int j = block_job(sh, n_jobs, b0, &r0);
+        const uint8_t *start = (const uint8_t *)jobs[j].w->data + (size_t)r0 * cols * 2;
         for (size_t b = 0; b < HALF_ROWS_AHEAD; b += 64) prefetch_weights(start + b);
     }
     for (int k0 = 0; k0 < cols; k0 += chunk)
         for (int b = b0; b < b1; b++) {
-            int j = n_jobs - 1;
-            while (b < sh->first_block[j]) j--;
+            int j = block_job(sh, n_jobs, b, &r0);
             const Matrix *w = jobs[j].w;
-            int r0 = (b - sh->first_block[j]) * sh->block_rows;
             int R = w->rows - r0 < sh->block_rows ? w->rows - r0 : sh->block_rows;
             if (sh->q8) {
                 q8_rows(jobs[j].out, w, ks->xq, ks->xs, ks->xqsum, n, r0, r0 + R);
