@@ -36,8 +36,8 @@ mean, as a decoding run's tokens/s is, where the fastest pass catches the machin
 moments). After each round, `tests/stream MODEL THREADS --decode 64` decodes 64 tokens at each
 width with run.c's forward pass, every token between two passes over the file, in one process:
 the last two columns are the median over the rounds of its median token share, and of its
-median pass (this wall, a few milliseconds from each token, is the one the machine's moods
-cannot tilt).
+median pass (this wall, a few milliseconds from each token, is the one the machine's moods tilt
+least, though its level still moves with them: docs/speed.md).
 tests/sidebyside.py --wall does the same beside llama.cpp or another build.
 
 --export (make bench runs it after the speed table) times export.py itself: the minimind-3-MoE
