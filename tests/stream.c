@@ -5,12 +5,13 @@
  *     tests/stream FILE [THREADS]
  *         prints "SUSTAINED BEST": GB/s over all passes, and of the fastest pass
  *     tests/stream MODEL.bin THREADS --decode N
- *         decodes N tokens with run.c's forward pass, each between two passes, at each width the
- *         build reads weight rows in (--row-bits; a q8_0 model: its panels, printed as 0), the
- *         widths in turn token by token; prints a line per width, "BITS PASS TOKEN SHARE": the
- *         median pass and the median token in GB/s (the file's bytes over its time), and the
- *         median of the tokens' shares (a token's reads over the mean of the passes either side);
- *         its passes read the file in the order a token does (below)
+ *         decodes N tokens with run.c's forward pass, each between two passes (and after a
+ *         token of its own: below), at each width the build reads weight rows in (--row-bits; a
+ *         q8_0 model: its panels, printed as 0), the widths in turn token by token; prints a line
+ *         per width, "BITS PASS TOKEN SHARE": the median pass and the median token in GB/s (the
+ *         file's bytes over its time), and the median of the tokens' shares (a token's reads
+ *         over the mean of the passes either side); its passes read the file in the order a
+ *         token does (below)
  *
  * The first reads the file over and over, at least 10 times and for at least half a second:
  * SUSTAINED is all the bytes over all the time, what a decoding run (a mean over its tokens, for
@@ -72,7 +73,15 @@ static double median(double *v, int n) {
     return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
 }
 
-/* --decode: n tokens at each row width, alternated token by token, every token between two passes */
+/* --decode: n tokens at each row width, alternated token by token, every token between two passes.
+ * In ./run a token follows a token; here each timed token follows one untimed token of the same
+ * width, decoded straight after the pass (the lead-in). A token straight after a pass read its
+ * first layers slower than the rest, f16 and bf16 most: timed call by call in a scratch build
+ * (minimind2 f16, one thread, AMD Zen 5), its calls read 25-29 GB/s at the first layer rising to
+ * 39-46 by the ninth, where a token after a token read 37-42 at every layer; alternated token by
+ * token, tokens after a token had shares 0.99-1.10 times those of tokens after a pass (median
+ * 1.04; f32 at one thread 0.99-1.01), over minimind-3 and minimind2 in f32, f16 and bf16 at one
+ * and two threads. */
 static int decode_beside_passes(const char *path, int threads, int n) {
     threads_init(threads, false);
     Model m;
@@ -81,7 +90,7 @@ static int decode_beside_passes(const char *path, int threads, int n) {
     bool q8 = m.layers[0].wq.dtype == MM_Q8_0;
     if (n_widths == 0 || q8) n_widths = 1, bits[0] = 0;  /* (one way to read: a build without the
                                                              kernels, or q8_0's panels) */
-    int ctx = 1 + n * n_widths;
+    int ctx = 1 + 2 * n * n_widths;  /* (a warm-up token, then a lead-in and a timed token each) */
     Rope rope = {.scaling = MM_ROPE_NONE, .theta = m.cfg.rope_theta};
     State s;
     state_init(&s, &m, 1, ctx, &rope, MM_F32, false);
@@ -108,6 +117,8 @@ static int decode_beside_passes(const char *path, int threads, int n) {
         for (int k = 0; k < n_widths; k++) {
             int w = i % 2 ? n_widths - 1 - k : k;  /* (each width first in turn) */
             if (bits[w]) kernel_set_row_bits(bits[w]);
+            id = argmax(logits, (int)m.cfg.vocab_size);
+            logits = forward(&m, &s, &id, 1, pos++, false);  /* the lead-in */
             id = argmax(logits, (int)m.cfg.vocab_size);
             double t0 = now_seconds();
             logits = forward(&m, &s, &id, 1, pos++, false);
