@@ -80,6 +80,15 @@ FULL_TILE(full_tile_bf16, MM_BF16)
 static void (*const full_tile[])(float *, int, const void *, int, const float *, int, int, bool) = {
     [MM_F32] = full_tile_f32, [MM_F16] = full_tile_f16, [MM_BF16] = full_tile_bf16};
 
+/* One line of the 4 KB page PAGES_AHEAD bytes ahead of a token's stream of weights, once a page:
+ * called every `step` bytes of the stream at p, in the step that starts in a page's first `step`
+ * bytes. Without it, the loads at the start of each page waited: decoding f32, f16 and bf16 ran
+ * 1.25-1.42 times as fast with it at one thread and 1.10-1.29 at two (minimind-3 and minimind2
+ * shapes; docs/kernels.md). q8_0's panels read no faster with it, and have none. */
+static ALWAYS_INLINE void prefetch_page_ahead(const void *p, size_t step) {
+    if (((uintptr_t)p & 4095) < step) prefetch_weights((const uint8_t *)p + PAGES_AHEAD);
+}
+
 /* w[:K] . x[:K] for one row when decoding a single token: the rows are read one after another, a
  * single stream through memory (four rows at a time, it is four short streams), f16 and bf16 rows
  * prefetched ahead (prefetch_weights), with four chains of FMAs so that their latency is hidden */
@@ -88,6 +97,7 @@ static ALWAYS_INLINE float dot_row(int dtype, const void *w, const float *x, int
     int k = 0;
     size_t elem = dtype == MM_F32 ? 4 : 2;
     for (; k + 4 * VL <= K; k += 4 * VL) {
+        prefetch_page_ahead((const uint8_t *)w + k * elem, 4 * VL * elem);
         for (size_t b = 0; dtype != MM_F32 && b < 4 * VL * elem; b += 64)
             prefetch_weights((const uint8_t *)w + k * elem + HALF_ROWS_AHEAD + b);
         for (int j = 0; j < 4; j++)
@@ -109,6 +119,7 @@ static ALWAYS_INLINE float dot_row_halves(int dtype, const void *w, const float 
     int k = 0;
     size_t elem = dtype == MM_F32 ? 4 : 2;
     for (; k + 4 * VL <= K; k += 4 * VL) {
+        prefetch_page_ahead((const uint8_t *)w + k * elem, 4 * VL * elem);
         for (size_t b = 0; dtype != MM_F32 && b < 4 * VL * elem; b += 64)
             prefetch_weights((const uint8_t *)w + k * elem + HALF_ROWS_AHEAD + b);
         for (int j = 0; j < 4; j++) {
