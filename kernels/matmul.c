@@ -90,8 +90,9 @@ static ALWAYS_INLINE void prefetch_page_ahead(const void *p, size_t step) {
 }
 
 /* w[:K] . x[:K] for one row when decoding a single token: the rows are read one after another, a
- * single stream through memory (four rows at a time, it is four short streams), f16 and bf16 rows
- * prefetched ahead (prefetch_weights), with four chains of FMAs so that their latency is hidden */
+ * single stream through memory (four rows at a time, it is four short streams), a line of each
+ * page ahead (prefetch_page_ahead) and f16 and bf16 rows line by line (prefetch_weights), with
+ * four chains of FMAs so that their latency is hidden */
 static ALWAYS_INLINE float dot_row(int dtype, const void *w, const float *x, int K) {
     vf acc[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
     int k = 0;
