@@ -38,6 +38,11 @@
 #define KERNELS_BUILT 0
 #endif
 
+/* How far ahead a stream of weights touches each 4 KB page, one line a page: decoding's rows
+ * (kernels/matmul.c, prefetch_page_ahead), and tests/stream's passes, which read the file as fast
+ * as decoding's rows can */
+#define PAGES_AHEAD 32768
+
 /* a linear weight [rows, cols] as in PyTorch (out = W x), pointing into the mapped model file */
 typedef struct {
     int dtype;                  /* enum mm_dtype */

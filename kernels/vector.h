@@ -331,12 +331,11 @@ static ALWAYS_INLINE void prefetch(const void *p) { __builtin_prefetch(p, 0, 3);
 /* the same for weights, which a token reads once each, start to end, with the non-temporal hint,
  * which keeps the stream from evicting the rest of the caches: the q8_0 tiles WEIGHTS_AHEAD bytes
  * ahead of their loads, decoding's f16 and bf16 rows HALF_ROWS_AHEAD; and decoding's f32, f16 and
- * bf16 rows one line of each 4 KB page PAGES_AHEAD bytes ahead (prefetch_page_ahead, matmul.c).
+ * bf16 rows one line of each 4 KB page PAGES_AHEAD bytes ahead (kernels.h; matmul.c).
  * Line by line, f32 rows are left to the hardware prefetcher, which read them as fast as any
  * distance did at two threads and faster at one (docs/kernels.md) */
 #define WEIGHTS_AHEAD 2048
 #define HALF_ROWS_AHEAD 8192
-#define PAGES_AHEAD 32768
 static ALWAYS_INLINE void prefetch_weights(const void *p) { __builtin_prefetch(p, 0, 0); }
 
 /* exp(r) for r in [-87, 88.7], within 2 ulp of expf (and inf for r in [88.7, 89]): r = k ln2 + f

@@ -26,10 +26,6 @@
 #define MINIMIND_NO_MAIN
 #include "../run.c"
 
-#if !KERNELS_BUILT
-#define PAGES_AHEAD 32768  /* (kernels/vector.h's, which a build without the kernels leaves out) */
-#endif
-
 /* the sum of n 64-bit words: the loads are the work, the sum keeps them from being dropped. Each
  * 4 KB of them first prefetches a line PAGES_AHEAD bytes ahead, as decoding's rows do (their
  * prefetch_page_ahead): that read files of minimind-3 and minimind2 1.06-1.23 times as fast as
